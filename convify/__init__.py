@@ -1,0 +1,53 @@
+"""convify: rewrite PyTorch CNNs into all-convolutional networks.
+
+Max pooling becomes strided convolution (Springenberg et al., 2014, "Striving
+for Simplicity"); Linear heads become exact convolutions or global-average
+heads, so a classifier becomes fully convolutional.
+
+>>> import convify, torchvision
+>>> model = torchvision.models.vgg11().eval()
+>>> allconv = convify.replace_maxpool(model)
+>>> print(convify.report(allconv))
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ConvifyError
+from .report import Report, report
+
+__version__ = "0.1.0"
+
+# Heavy or optional parts (onnx, onnxruntime, training) load on first use, so
+# that `import convify` and `convify --help` stay fast.
+_LAZY = {
+    "replace_maxpool": "convify.api",
+    "replace_linear_head": "convify.api",
+    "convify": "convify.api",
+    "export_onnx": "convify.onnx",
+    "verify": "convify.verify",
+    "Verification": "convify.verify",
+    "load": "convify.checkpoint",
+    "save": "convify.checkpoint",
+    "distill": "convify.distill",
+    "History": "convify.distill",
+}
+
+__all__ = [
+    "replace_maxpool", "replace_linear_head", "convify", "report", "export_onnx", "verify", "load",
+    "distill", "Report", "Verification", "History", "ConvifyError", "save", "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convify' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

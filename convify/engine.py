@@ -1,0 +1,320 @@
+"""Applies a :class:`~convify.rewrites.base.Rewrite` to a whole model.
+
+``rewrite_model`` copies the model (unless ``inplace``), traces it, propagates
+shapes from the example input, asks the rewrite for its sites, filters them by
+``only``/``skip``, gives every call of a shared module its own name, applies
+the rewrite site by site and records everything in the model's report. When
+the model does not trace as a whole it falls back to rewriting the largest
+submodules that do trace, in place.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from . import graph as G
+from .errors import ConvifyError, ExampleInputError, RewriteError, TraceError
+from .report import Pass, Replaced, Skipped, Untraced, attach, report
+from .rewrites.base import Rewrite, Site
+
+ExampleInput = "torch.Tensor | tuple[torch.Tensor, ...] | None"
+
+
+@dataclass
+class _Collector:
+    replaced: list[Replaced] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    matched_patterns: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Filter:
+    only: tuple[str, ...] | None
+    skip: tuple[str, ...] | None
+
+    def reason(self, name: str, col: _Collector) -> str | None:
+        if self.only is not None:
+            pat = G.matches(name, self.only)
+            if pat is None:
+                return f"not matched by only={list(self.only)}"
+            col.matched_patterns.add(pat)
+        pat = G.matches(name, self.skip)
+        if pat is not None:
+            col.matched_patterns.add(pat)
+            return f"matched skip pattern {pat!r}"
+        return None
+
+
+def as_args(model: nn.Module, example_input: Any) -> tuple:
+    """The example input as a tuple of positional arguments (probed if None)."""
+    if example_input is None:
+        return (G.probe_input(model),)
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+        return tuple(example_input)
+    raise ExampleInputError(
+        f"example_input must be a tensor or a tuple of tensors, not {type(example_input).__name__}"
+    )
+
+
+def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
+                  only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
+                  inplace: bool = False) -> nn.Module:
+    """Apply ``rewrite`` everywhere in ``model``; see ``convify.replace_maxpool``."""
+    if not isinstance(model, nn.Module):
+        raise ConvifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError("TorchScript modules cannot be traced by torch.fx; rewrite the Python model "
+                         "before scripting it")
+    work = model if inplace else copy.deepcopy(model)
+    args = as_args(work, example_input)
+    col = _Collector()
+    filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
+    try:
+        gm = G.trace(work)
+    except TraceError as e:
+        col.untraced.append(Untraced("", _reason(e)))
+        result = _fallback(work, args, rewrite, filt, col)
+    else:
+        G.propagate_shapes(gm, *args)
+        if _rewrite_graph(gm, "", rewrite, filt, col):
+            result = gm
+        else:  # nothing changed: hand back the (copied) model as it is
+            result = work
+    result.training = model.training
+    for pat in (filt.only or ()) + (filt.skip or ()):
+        if pat not in col.matched_patterns:
+            col.notes.append(f"pattern {pat!r} matched no {rewrite.name} site")
+    new_pass = Pass(
+        rewrite=rewrite.name,
+        options={k: v for k, v in rewrite.options.items() if k != "calibration"},
+        replaced=tuple(col.replaced), skipped=tuple(col.skipped),
+        untraced=tuple(col.untraced), notes=tuple(dict.fromkeys(col.notes)),
+    )
+    attach(result, report(model).with_pass(new_pass))
+    return result
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    return text.split(": ", 1)[1] if text.startswith("torch.fx cannot trace") else text
+
+
+# --------------------------------------------------------------------------- one graph
+
+
+def _rewrite_graph(gm: fx.GraphModule, prefix: str, rewrite: Rewrite, filt: _Filter, col: _Collector,
+                   variants: Sequence[dict[fx.Node, G.TensorInfo | None]] = ()) -> bool:
+    """Rewrite the sites of one traced graph; returns whether anything changed."""
+    planned: list[Site] = []
+    for site in rewrite.find_sites(gm):
+        qual = G.join(prefix, site.name)
+        reason = site.skip_reason or _variant_reason(site, variants) or filt.reason(qual, col)
+        if reason:
+            inp, out = G.input_info(site.node), G.info(site.node)
+            col.skipped.append(Skipped(rewrite.name, qual, site.op, reason,
+                                       inp.shape if inp else None, out.shape if out else None))
+        else:
+            planned.append(site)
+    if not planned:
+        return False
+    _split_shared_modules(gm, planned, rewrite)
+    for site in planned:
+        try:
+            row = rewrite.apply(gm, site)
+        except ConvifyError:
+            raise
+        except Exception as e:
+            raise RewriteError(f"{rewrite.name} failed at {G.join(prefix, site.name)!r} "
+                               f"({site.node.format_node()}): {G.one_line(e)}") from e
+        col.replaced.append(dataclasses.replace(
+            row, name=G.join(prefix, row.name), module=G.join(prefix, row.module) if row.module else ""))
+    col.notes.extend(rewrite.finish(gm))
+    G.finalize(gm)
+    return True
+
+
+def _variant_reason(site: Site, variants: Sequence[dict[fx.Node, G.TensorInfo | None]]) -> str | None:
+    """A submodule called several times from untraceable code must see the
+    same channels at this site every time, or one new module cannot serve."""
+    if len(variants) < 2:
+        return None
+    arg = site.node.args[0] if site.node.args else None
+    if not isinstance(arg, fx.Node):
+        return None
+    channels = {v[arg].shape[1] for v in variants if v.get(arg) is not None and len(v[arg].shape) > 1}
+    if len(channels) > 1:
+        return (f"its module is called {len(variants)} times with {sorted(channels)} channels from code "
+                "torch.fx cannot trace; one new module cannot serve them all")
+    return None
+
+
+def _split_shared_modules(gm: fx.GraphModule, planned: list[Site], rewrite: Rewrite) -> None:
+    """Give each call of a shared module its own target, named like its site
+    (``pool``, ``pool@1``), so that every site can get its own new module."""
+    planned_targets = {s.node.target for s in planned if s.node.op == "call_module"}
+    by_target: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in planned_targets:
+            by_target[node.target].append(node)
+    for target, nodes in by_target.items():
+        if len(nodes) < 2:
+            continue
+        module = gm.get_submodule(target)
+        for k, node in enumerate(nodes[1:], start=1):
+            alias = G.free_name(gm, f"{target}@{k}")
+            G.set_submodule(gm, alias, module)
+            node.target = alias
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+class _CallRecorder(TorchFunctionMode):
+    """Records, on one forward pass, the inputs of every submodule and which
+    module's own code called a site function (e.g. ``F.max_pool2d``)."""
+
+    def __init__(self, root: nn.Module, is_site_function: Callable[[Callable], bool]):
+        super().__init__()
+        self.calls: dict[str, list[tuple[tuple, dict]]] = defaultdict(list)
+        self.site_calls: list[tuple[str, Callable]] = []
+        self._stack: list[str] = []
+        self._is_site_function = is_site_function
+        self._handles = []
+        for name, module in root.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post(name), always_call=True))
+
+    def _pre(self, name: str):
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            self.calls[name].append((args, kwargs))
+            self._stack.append(name)
+        return hook
+
+    def _post(self, name: str):
+        def hook(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+        return hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self._is_site_function(func):
+            self.site_calls.append((self._stack[-1] if self._stack else "", func))
+        return func(*args, **(kwargs or {}))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _record_calls(root: nn.Module, args: tuple, rewrite: Rewrite) -> _CallRecorder:
+    recorder = _CallRecorder(root, rewrite.is_site_function)
+    try:
+        with torch.no_grad(), G.eval_mode(root), recorder:
+            root(*args)
+    except Exception as e:
+        raise ExampleInputError(
+            f"the example input does not run through {type(root).__name__}: {G.one_line(e)}; "
+            "pass an example_input of the shape the model expects"
+        ) from e
+    finally:
+        recorder.remove()
+    return recorder
+
+
+def _fallback(root: nn.Module, args: tuple, rewrite: Rewrite, filt: _Filter, col: _Collector) -> nn.Module:
+    """Rewrite the largest traceable submodules of an untraceable model in place."""
+    recorder = _record_calls(root, args, rewrite)
+    traced_prefixes: list[str] = []
+    _visit(root, "", recorder, rewrite, filt, col, traced_prefixes)
+    for scope, func in recorder.site_calls:
+        if any(scope == p or scope.startswith(p + ".") for p in traced_prefixes):
+            continue
+        name = G.join(scope, rewrite.describe_function(func))
+        if any(s.name == name for s in col.skipped):
+            continue
+        col.skipped.append(Skipped(
+            rewrite.name, name, rewrite.describe_function(func),
+            f"called from the forward of {scope or type(root).__name__!r}, which torch.fx cannot trace; "
+            "make that forward traceable (or move the call into a submodule) to rewrite it"))
+    return root
+
+
+def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rewrite, filt: _Filter,
+           col: _Collector, traced_prefixes: list[str]) -> None:
+    for child_name, child in list(module.named_children()):
+        qual = G.join(prefix, child_name)
+        calls = recorder.calls.get(qual)
+        if not calls:
+            continue  # never runs in this model's forward
+        if rewrite.is_site_module(child):
+            gm = _wrap_leaf(child, child_name)
+            local_prefix = prefix
+        else:
+            try:
+                gm = G.trace(child)
+            except TraceError as e:
+                col.untraced.append(Untraced(qual, _reason(e)))
+                _visit(child, qual, recorder, rewrite, filt, col, traced_prefixes)
+                continue
+            local_prefix = qual
+        traced_prefixes.append(qual)
+        variants = _propagate_calls(gm, calls, qual)
+        first_row = len(col.replaced)
+        if not _rewrite_graph(gm, local_prefix, rewrite, filt, col, variants):
+            continue
+        gm.training = child.training
+        new = _unwrap(gm, child_name) if local_prefix == prefix else gm
+        if new is gm and local_prefix == prefix:  # the wrapper stays: its module sits one level down
+            col.replaced[first_row:] = [dataclasses.replace(r, module=G.join(qual, r.module.rsplit(".", 1)[-1]))
+                                        for r in col.replaced[first_row:]]
+        setattr(module, child_name, new)
+
+
+def _propagate_calls(gm: fx.GraphModule, calls: list[tuple[tuple, dict]], qual: str
+                     ) -> list[dict[fx.Node, G.TensorInfo | None]]:
+    """Shape-propagate every distinct call signature; the first one stays in
+    ``node.meta``, all of them are returned for the consistency check."""
+    seen: dict[tuple, tuple[tuple, dict]] = {}
+    for a, kw in calls:
+        key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else repr(t) for t in (*a, *kw.values()))
+        seen.setdefault(key, (a, kw))
+    variants = []
+    for a, kw in reversed(list(seen.values())):  # the first call is propagated last: it stays in meta
+        try:
+            G.propagate_shapes(gm, *a, **kw)
+        except ExampleInputError as e:
+            raise ExampleInputError(f"in submodule {qual!r}: {e}") from e
+        variants.append({n: G.info(n) for n in gm.graph.nodes})
+    return variants
+
+
+def _wrap_leaf(module: nn.Module, name: str) -> fx.GraphModule:
+    """A one-call graph around a site module called from untraceable code."""
+    root = nn.Module()
+    root.add_module(name, module)
+    graph = fx.Graph()
+    x = graph.placeholder("input")
+    graph.output(graph.call_module(name, (x,)))
+    gm = fx.GraphModule(root, graph, type(module).__name__)
+    gm.training = module.training
+    return gm
+
+
+def _unwrap(gm: fx.GraphModule, name: str) -> nn.Module:
+    """The new module itself when the rewritten wrapper is just one call of it."""
+    ops = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    if len(ops) == 1 and ops[0].op == "call_module" and not ops[0].kwargs and len(ops[0].args) == 1:
+        return gm.get_submodule(ops[0].target)
+    return gm

@@ -1,0 +1,383 @@
+"""Tracing, shape propagation and graph helpers shared by every rewrite.
+
+Nothing in here is specific to one rewrite: rewrites find their sites in a
+traced ``torch.fx.GraphModule`` whose nodes carry a :class:`TensorInfo` in
+``node.meta["convify"]`` (written by :class:`ShapeProp`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import ExampleInputError, TraceError
+
+META = "convify"
+
+_POOL_BASES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype and device of the tensor a node produced on the example input."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def _timm_leaf_modules() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm registers modules and functions its own FX tracer must not enter;
+    honouring them lets more timm models trace whole. Only looked up when timm
+    is already imported (by the user who built the model)."""
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import _fx  # type: ignore[attr-defined]
+    except Exception:  # older or newer timm without the registry
+        return (), ()
+    leaves = tuple(m for m in getattr(_fx, "_leaf_modules", ()) if isinstance(m, type))
+    funcs = tuple(getattr(_fx, "_autowrap_functions", ()))
+    return leaves, funcs
+
+
+class ConvifyTracer(fx.Tracer):
+    """``fx.Tracer`` that never walks into a pooling module.
+
+    A MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
+    -inf first) must stay one call_module node, so that the rewrite sees it as
+    the pooling it is and can refuse it, instead of finding the bare
+    ``F.max_pool2d`` inside it.
+    """
+
+    def __init__(self, extra_leaves: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.extra_leaves = extra_leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, _POOL_BASES):
+            return True
+        if self.extra_leaves and isinstance(m, self.extra_leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Trace ``module`` in the train/eval mode it is in.
+
+    Raises :class:`TraceError` with torch.fx's reason when it cannot be traced.
+    """
+    if isinstance(module, fx.GraphModule):
+        # Already a graph: reuse it (a second rewrite of a rewritten model).
+        return fx.GraphModule(module, module.graph.__deepcopy__(), class_name=module.__class__.__name__)
+    leaves, funcs = _timm_leaf_modules()
+    tracer = ConvifyTracer(leaves, funcs)
+    try:
+        graph = tracer.trace(module)
+    except Exception as e:  # FX raises anything: TraceError, TypeError, AssertionError...
+        raise TraceError(f"torch.fx cannot trace {type(module).__name__}: {one_line(e)}") from e
+    name = module.__class__.__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.training = module.training
+    return gm
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first}"[:200]
+
+
+# --------------------------------------------------------------------------- modes
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run in eval mode, then restore every submodule's own flag (a model in
+    train mode may hold frozen BatchNorms in eval: those stay as they were)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _info(value: Any) -> TensorInfo | None:
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(value.shape), value.dtype, value.device)
+    return None
+
+
+class ShapeProp(fx.Interpreter):
+    """Run the graph on an example input and record each node's output
+    :class:`TensorInfo` in ``node.meta["convify"]`` (None for non-tensors).
+
+    Runs under ``no_grad`` with every module in eval mode so that BatchNorm
+    statistics are not touched and batch size 1 works; shapes do not depend on
+    the mode, the graph's mode-dependent branches were fixed when it was traced.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            raise ExampleInputError(
+                f"the example input does not run through node {n.name!r} ({n.format_node()}): "
+                f"{one_line(e)}; pass an example_input of the shape the model expects"
+            ) from e
+        n.meta[META] = _info(result)
+        if isinstance(result, (tuple, list)):
+            n.meta[META + "_items"] = tuple(_info(v) for v in result)
+        return result
+
+
+def propagate_shapes(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad(), eval_mode(gm):
+        return ShapeProp(gm).run(*args, **kwargs) if not kwargs else _run_with_kwargs(gm, args, kwargs)
+
+
+def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = list(args)
+    for p in placeholders[len(args):]:
+        if p.target in kwargs:
+            bound.append(kwargs[p.target])
+        elif p.args:
+            bound.append(p.args[0])
+        else:
+            raise ExampleInputError(f"no value for input {p.target!r} of the traced forward")
+    return ShapeProp(gm).run(*bound)
+
+
+def info(node: fx.Node) -> TensorInfo | None:
+    """The recorded output of ``node`` (None when it was not a tensor or never ran)."""
+    value = node.meta.get(META)
+    return value if isinstance(value, TensorInfo) else None
+
+
+def input_info(node: fx.Node) -> TensorInfo | None:
+    first = node.args[0] if node.args else next(iter(node.kwargs.values()), None)
+    return info(first) if isinstance(first, fx.Node) else None
+
+
+# --------------------------------------------------------------------------- probe input
+
+_COMMON_SIZES = (224, 32, 28, 299, 64, 96, 128, 256)
+
+
+def first_conv(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m
+    return None
+
+
+def _float_like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except Exception:
+        return False
+    return True
+
+
+def _pretrained_size(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+        return tuple(int(d) for d in cfg["input_size"][1:])
+    return None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _flat_features(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> int | None:
+    """Features arriving at ``linear`` for input ``x`` (stops the forward there)."""
+    seen: list[int] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(int(args[0].shape[-1]))
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except _Stop:
+        pass
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+def _solve_for_linear(model: nn.Module, make: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+    """Find the size at which the first Linear receives its ``in_features``
+    (a LeNet on 32x32, a VGG-style net on 64x64...). Features grow with the
+    input size, so a binary search over sizes needs a handful of forwards."""
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:
+        return None
+    lo, hi = 1, 1024
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = _flat_features(model, linear, make(mid))
+        if got is None:  # too small to pass the feature extractor
+            lo = mid + 1
+        elif got < linear.in_features:
+            lo = mid + 1
+        else:
+            hi = mid
+    x = make(lo)
+    return x if _runs(model, x) else None
+
+
+def probe_input(model: nn.Module) -> torch.Tensor:
+    """A batch-1 input the model accepts, worked out from the model itself.
+
+    Channels and dimensionality come from the first convolution; the spatial
+    size from timm's ``pretrained_cfg`` when there is one, else the first of the
+    common sizes (224, 32, 28, 299, ...) that runs, else the size at which a
+    flatten-then-Linear head receives its ``in_features``.
+    """
+    conv = first_conv(model)
+    if conv is None:
+        raise ExampleInputError(
+            f"{type(model).__name__} has no convolution to read the input channels from; "
+            "pass example_input=torch.randn(1, C, H, W)"
+        )
+    dims = len(conv.kernel_size)
+    channels = conv.in_channels
+    dtype, device = _float_like(model)
+
+    def make(size: int | Sequence[int]) -> torch.Tensor:
+        spatial = (size,) * dims if isinstance(size, int) else tuple(size)
+        return torch.randn(1, channels, *spatial, dtype=dtype, device=device)
+
+    tried: list[str] = []
+    pre = _pretrained_size(model)
+    if pre is not None and len(pre) == dims + 1 and pre[0] == channels:
+        x = make(pre[1:])
+        if _runs(model, x):
+            return x
+        tried.append("x".join(map(str, pre[1:])))
+    sizes = _COMMON_SIZES if dims < 3 else (16, 32, 64, 112)
+    for size in sizes:
+        x = make(size)
+        if _runs(model, x):
+            return x
+        tried.append(str(size))
+    solved = _solve_for_linear(model, make)
+    if solved is not None:
+        return solved
+    raise ExampleInputError(
+        f"could not find an input {type(model).__name__} accepts (tried {channels} channels at sizes "
+        f"{', '.join(tried)} and solving for its first Linear); pass example_input="
+        f"torch.randn(1, {channels}, ...) of the size the model was built for"
+    )
+
+
+# --------------------------------------------------------------------------- names and modules
+
+
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
+
+def parent_name(target: str) -> tuple[str, str]:
+    *parent, name = target.rsplit(".", 1)
+    return (parent[0] if parent else ""), name
+
+
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Install ``module`` at dotted path ``target`` below ``root``, creating
+    empty parent containers where the graph module has none."""
+    parent_path, name = parent_name(target)
+    parent = root
+    for part in filter(None, parent_path.split(".")):
+        child = getattr(parent, part, None)
+        if not isinstance(child, nn.Module):
+            child = nn.Module()
+            parent.add_module(part, child)
+        parent = child
+    if name in parent._modules:
+        parent._modules[name] = module
+    else:
+        parent.add_module(name, module)
+
+
+def free_name(root: nn.Module, wanted: str) -> str:
+    """``wanted`` if no module or attribute lives there, else ``wanted@k``."""
+    if not _taken(root, wanted):
+        return wanted
+    k = 1
+    while _taken(root, f"{wanted}@{k}"):
+        k += 1
+    return f"{wanted}@{k}"
+
+
+def _taken(root: nn.Module, target: str) -> bool:
+    obj: Any = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def scope_of(node: fx.Node) -> str:
+    """Qualified name of the module whose forward made this call
+    (from the tracer's ``nn_module_stack``; '' at the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    return last[0] if isinstance(last, tuple) else str(last)
+
+
+def matches(name: str, patterns: Sequence[str] | None) -> str | None:
+    """The first glob pattern that ``name`` matches, if any."""
+    for pat in patterns or ():
+        if fnmatch.fnmatchcase(name, pat):
+            return pat
+    return None
+
+
+def as_patterns(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Graph hygiene after a rewrite: dead code, unused modules, lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

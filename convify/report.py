@@ -1,0 +1,187 @@
+"""Typed records of what a rewrite did: one row per site it looked at.
+
+Every site a rewrite finds ends as a :class:`Replaced` or a :class:`Skipped`
+row; modules that torch.fx could not trace are :class:`Untraced` rows. A
+:class:`Report` is a sequence of :class:`Pass` es, one per rewrite applied, so
+that ``convify.convify`` (pooling then head) reports both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch.nn as nn
+
+REPORT_ATTR = "_convify_report"
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """A site that was rewritten."""
+
+    rewrite: str
+    name: str
+    old: str
+    new: str
+    in_shape: Shape | None
+    out_shape: Shape | None
+    exact: bool
+    module: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A site that was looked at and left alone, with the reason."""
+
+    rewrite: str
+    name: str
+    op: str
+    reason: str
+    in_shape: Shape | None = None
+    out_shape: Shape | None = None
+
+
+@dataclass(frozen=True)
+class Untraced:
+    """A module whose forward torch.fx could not trace; convify rewrote
+    inside its traceable submodules instead."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one rewrite did to one model."""
+
+    rewrite: str
+    options: dict[str, Any] = field(default_factory=dict)
+    replaced: tuple[Replaced, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    untraced: tuple[Untraced, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Report:
+    """All passes applied to a model, oldest first.
+
+    >>> rep = convify.report(convify.replace_maxpool(model))
+    >>> print(rep)                      # a table
+    >>> [r.name for r in rep.replaced]  # ['maxpool']
+    """
+
+    passes: tuple[Pass, ...] = ()
+
+    @property
+    def replaced(self) -> tuple[Replaced, ...]:
+        return tuple(r for p in self.passes for r in p.replaced)
+
+    @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        return tuple(s for p in self.passes for s in p.skipped)
+
+    @property
+    def untraced(self) -> tuple[Untraced, ...]:
+        return tuple(u for p in self.passes for u in p.untraced)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(n for p in self.passes for n in p.notes)
+
+    @property
+    def last(self) -> Pass:
+        return self.passes[-1] if self.passes else Pass(rewrite="none")
+
+    @property
+    def exact(self) -> bool:
+        """True when every replaced site computes exactly what it replaced."""
+        return all(r.exact for r in self.replaced)
+
+    def with_pass(self, new: Pass) -> "Report":
+        return Report(self.passes + (new,))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [_pass_to_dict(p) for p in self.passes], "exact": self.exact}
+
+    def __str__(self) -> str:
+        if not self.passes:
+            return "convify report: no rewrite applied"
+        return "\n\n".join(format_pass(p) for p in self.passes)
+
+
+def _pass_to_dict(p: Pass) -> dict[str, Any]:
+    return {
+        "rewrite": p.rewrite,
+        "options": {k: _jsonable(v) for k, v in p.options.items()},
+        "replaced": [dataclasses.asdict(r) for r in p.replaced],
+        "skipped": [dataclasses.asdict(s) for s in p.skipped],
+        "untraced": [dataclasses.asdict(u) for u in p.untraced],
+        "notes": list(p.notes),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _shape(shape: Shape | None) -> str:
+    return "-" if shape is None else "x".join(str(d) for d in shape)
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A plain fixed-width table (no dependency, reads in logs and terminals)."""
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def format_pass(p: Pass) -> str:
+    opts = ", ".join(f"{k}={v!r}" for k, v in p.options.items())
+    title = f"convify {p.rewrite}({opts}): {len(p.replaced)} replaced, {len(p.skipped)} skipped"
+    parts = [title]
+    if p.replaced:
+        parts.append(format_table(
+            ["site", "old", "new", "in", "out", "exact"],
+            [[r.name, r.old, r.new, _shape(r.in_shape), _shape(r.out_shape), "yes" if r.exact else "no"]
+             for r in p.replaced],
+        ))
+    if p.skipped:
+        parts.append(format_table(
+            ["skipped site", "op", "reason"], [[s.name, s.op, s.reason] for s in p.skipped]
+        ))
+    if p.untraced:
+        parts.append(format_table(
+            ["untraceable module", "torch.fx said"], [[u.name or "<model>", u.reason] for u in p.untraced]
+        ))
+    parts += [f"note: {n}" for n in p.notes]
+    notes = sorted({r.note for r in p.replaced if r.note})
+    parts += [f"note: {n}" for n in notes]
+    return "\n".join(parts)
+
+
+def report(model: nn.Module) -> Report:
+    """The report of every convify rewrite applied to ``model`` (empty if none).
+
+    >>> rewritten = convify.replace_maxpool(torchvision.models.resnet18())
+    >>> print(convify.report(rewritten))
+    """
+    found = getattr(model, REPORT_ATTR, None)
+    return found if isinstance(found, Report) else Report()
+
+
+def attach(model: nn.Module, rep: Report) -> None:
+    # A plain attribute (not a buffer): it travels with deepcopy and pickle but
+    # never into the state_dict.
+    object.__setattr__(model, REPORT_ATTR, rep)

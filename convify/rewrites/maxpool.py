@@ -1,0 +1,377 @@
+"""Max pooling becomes a strided convolution (Springenberg et al., 2014).
+
+Sites: ``nn.MaxPool1d/2d/3d`` calls and the functional ``F.max_pool{1,2,3}d``
+and ``torch.max_pool{1,2,3}d`` calls, matched by identity. Modes:
+
+* ``conv``: ``ConvNd(C, C, k, stride=s, padding=p, dilation=d)``, the paper's
+  learnable pooling;
+* ``depthwise``: the same with ``groups=C``;
+* ``fold``: the Strided-CNN variant: the pool is dropped and its stride moves
+  onto the stride-1 convolution that produces its input.
+
+Generated code, before and after (``init="avg"``, ``ceil_mode=True``)::
+
+    maxpool = self.maxpool(relu)                       # MaxPool2d(3, 2, 1, ceil_mode=True)
+    pad = torch.nn.functional.pad(relu, (0, 1, 0, 1))  # the ceil_mode windows, made explicit
+    maxpool = self.maxpool(pad)                        # Conv2d(64, 64, 3, stride=2, padding=1)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import graph as G
+from .. import weights as W
+from ..report import Replaced
+from .base import Rewrite, Site, register
+
+_MODULE_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+# name, dimensions, whether it always returns indices
+_FUNCTIONS: dict[Callable, tuple[str, int, bool]] = {
+    F.max_pool1d: ("max_pool1d", 1, False),
+    F.max_pool2d: ("max_pool2d", 2, False),
+    F.max_pool3d: ("max_pool3d", 3, False),
+    torch.max_pool1d: ("max_pool1d", 1, False),
+    torch.max_pool2d: ("max_pool2d", 2, False),
+    torch.max_pool3d: ("max_pool3d", 3, False),
+    F.max_pool1d_with_indices: ("max_pool1d_with_indices", 1, True),
+    F.max_pool2d_with_indices: ("max_pool2d_with_indices", 2, True),
+    F.max_pool3d_with_indices: ("max_pool3d_with_indices", 3, True),
+    torch.max_pool1d_with_indices: ("max_pool1d_with_indices", 1, True),
+}
+_ADAPTIVE_FUNCTIONS = {
+    F.adaptive_max_pool1d: "adaptive_max_pool1d", F.adaptive_max_pool2d: "adaptive_max_pool2d",
+    F.adaptive_max_pool3d: "adaptive_max_pool3d",
+}
+_ARG_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
+    nn.Dropout2d, nn.Dropout3d, nn.modules.batchnorm._BatchNorm,
+)
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish,
+                          F.hardtanh, torch.sigmoid, torch.tanh, F.dropout, F.batch_norm}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    """The window of one max pooling, every field expanded to one value per dimension."""
+
+    dims: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    ceil_mode: bool
+    return_indices: bool
+
+    def describe(self, op: str) -> str:
+        parts = [f"k={_fmt(self.kernel)}", f"s={_fmt(self.stride)}"]
+        if any(self.padding):
+            parts.append(f"p={_fmt(self.padding)}")
+        if any(d != 1 for d in self.dilation):
+            parts.append(f"d={_fmt(self.dilation)}")
+        if self.ceil_mode:
+            parts.append("ceil_mode")
+        return f"{op}({', '.join(parts)})"
+
+    @property
+    def extra_pad(self) -> tuple[int, ...]:
+        """Right/bottom zeros that reproduce ceil_mode's output size."""
+        if not self.ceil_mode:
+            return (0,) * self.dims
+        return tuple(W.ceil_mode_extra_pad(k, s, p, d) for k, s, p, d in
+                     zip(self.kernel, self.stride, self.padding, self.dilation))
+
+
+def _fmt(values: tuple[int, ...]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+
+def _params(dims: int, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
+            return_indices: Any) -> PoolParams:
+    kernel = W.ntuple(kernel, dims)
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else W.ntuple(stride, dims)
+    return PoolParams(dims, kernel, stride, W.ntuple(padding, dims), W.ntuple(dilation, dims),
+                      bool(ceil_mode), bool(return_indices))
+
+
+def _call_arguments(node: fx.Node) -> dict[str, Any]:
+    bound = dict(zip(_ARG_NAMES, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _forward_is_stock(module: nn.Module) -> bool:
+    return type(module).forward in (nn.MaxPool1d.forward, nn.MaxPool2d.forward, nn.MaxPool3d.forward)
+
+
+def _module_dims(module: nn.Module) -> int | None:
+    for cls, dims in _MODULE_DIMS.items():
+        if isinstance(module, cls):
+            return dims
+    return None
+
+
+@register
+class ReplaceMaxPool(Rewrite):
+    """Options: ``mode`` ("conv", "depthwise", "fold"), ``init`` ("avg", "kaiming")."""
+
+    name = "maxpool"
+
+    def __init__(self, mode: str = "conv", init: str = "avg", **options: Any) -> None:
+        if mode not in ("conv", "depthwise", "fold"):
+            raise ValueError(f"mode must be 'conv', 'depthwise' or 'fold', not {mode!r}")
+        if init not in ("avg", "kaiming", "fit"):
+            raise ValueError(f"init must be 'avg', 'kaiming' or 'fit', not {init!r}")
+        super().__init__(mode=mode, init=init, **options)
+
+    # ------------------------------------------------------------------ finding
+
+    def is_site_module(self, module: nn.Module) -> bool:
+        return isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd))
+
+    def is_site_function(self, func: Callable) -> bool:
+        return func in _FUNCTIONS or func in _ADAPTIVE_FUNCTIONS
+
+    def describe_function(self, func: Callable) -> str:
+        return _FUNCTIONS[func][0] if func in _FUNCTIONS else _ADAPTIVE_FUNCTIONS.get(func, repr(func))
+
+    def find_sites(self, gm: fx.GraphModule) -> list[Site]:
+        sites: list[Site] = []
+        seen: dict[str, int] = {}
+
+        def name_for(base: str) -> str:
+            k = seen.get(base, 0)
+            seen[base] = k + 1
+            return base if k == 0 else f"{base}@{k}"
+
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                module = gm.get_submodule(node.target)
+                if self.is_site_module(module):
+                    sites.append(self._module_site(node, module, name_for(node.target)))
+            elif node.op == "call_function" and (node.target in _FUNCTIONS or node.target in _ADAPTIVE_FUNCTIONS):
+                base = G.join(G.scope_of(node), self.describe_function(node.target))
+                sites.append(self._function_site(node, name_for(base)))
+        for site in sites:
+            site.skip_reason = site.skip_reason or self._shape_reason(site) or self._indices_reason(site)
+        return sites
+
+    def _module_site(self, node: fx.Node, module: nn.Module, name: str) -> Site:
+        cls = type(module).__name__
+        dims = _module_dims(module)
+        if dims is None:
+            return Site(name, node, cls, skip_reason=(
+                "adaptive max pooling: its windows depend on the input size; convify replaces "
+                "fixed-window max pooling only"))
+        if not _forward_is_stock(module):
+            return Site(name, node, cls, skip_reason=(
+                f"{cls} subclasses MaxPool{dims}d with its own forward (it may pad or transform before "
+                "pooling, as timm's MaxPool2dSame pads with -inf); a strided convolution would not "
+                "compute the same borders"))
+        params = _params(dims, module.kernel_size, module.stride, module.padding, module.dilation,
+                         module.ceil_mode, module.return_indices)
+        return Site(name, node, params.describe(cls), params=params)
+
+    def _function_site(self, node: fx.Node, name: str) -> Site:
+        op = self.describe_function(node.target)
+        if node.target in _ADAPTIVE_FUNCTIONS:
+            return Site(name, node, op, skip_reason=(
+                "adaptive max pooling: its windows depend on the input size; convify replaces "
+                "fixed-window max pooling only"))
+        _, dims, with_indices = _FUNCTIONS[node.target]
+        args = _call_arguments(node)
+        dynamic = [k for k, v in args.items() if k != "input" and isinstance(v, fx.Node)]
+        if dynamic:
+            return Site(name, node, op, skip_reason=(
+                f"its {', '.join(dynamic)} is computed at run time; a convolution needs a fixed window"))
+        params = _params(dims, args.get("kernel_size"), args.get("stride"), args.get("padding", 0),
+                         args.get("dilation", 1), args.get("ceil_mode", False),
+                         with_indices or args.get("return_indices", False))
+        return Site(name, node, params.describe(f"F.{op}"), params=params)
+
+    def _shape_reason(self, site: Site) -> str | None:
+        if site.params is None:
+            return None
+        inp = G.input_info(site.node)
+        if inp is None:
+            return "no shape was recorded for its input (it did not run on the example input)"
+        if len(inp.shape) != site.params.dims + 2:
+            return (f"input of shape {tuple(inp.shape)} has no batch dimension; convify needs "
+                    f"(N, C, {'x'.join('*' * site.params.dims)}) to build a convolution")
+        if not inp.dtype.is_floating_point:
+            return f"input is {inp.dtype}; a convolution needs floating point"
+        return None
+
+    def _indices_reason(self, site: Site) -> str | None:
+        if site.params is None or not site.params.return_indices:
+            return None
+        users = list(site.node.users)
+        if all(_is_getitem(u, 0) for u in users):
+            return None  # only the values are used: replaceable
+        return ("return_indices=True and its indices are used (max unpooling, argmax); "
+                "a convolution has no indices")
+
+    # ------------------------------------------------------------------ applying
+
+    def apply(self, gm: fx.GraphModule, site: Site) -> Replaced:
+        params: PoolParams = site.params
+        if self.options["mode"] == "fold":
+            blocker = _fold_blocker(gm, site)
+            if blocker is None:
+                return _fold(gm, site)
+            return self._to_conv(gm, site, "conv", note=f"fold not possible at {site.name}: {blocker}; "
+                                                        "used mode='conv'")
+        return self._to_conv(gm, site, self.options["mode"])
+
+    def _to_conv(self, gm: fx.GraphModule, site: Site, mode: str, note: str = "") -> Replaced:
+        params: PoolParams = site.params
+        node = site.node
+        inp_node = node.args[0] if node.args else node.kwargs["input"]
+        inp, out = G.input_info(node), G.info(node) or (G.info(_values_node(node)) if params.return_indices else None)
+        channels = inp.shape[1]
+        depthwise = mode == "depthwise"
+        conv = _CONV[params.dims](channels, channels, params.kernel, stride=params.stride, padding=params.padding,
+                                  dilation=params.dilation, groups=channels if depthwise else 1, bias=True,
+                                  device=inp.device, dtype=inp.dtype)
+        self._initialize(conv, params, channels, depthwise)
+        if node.op == "call_module":
+            target = node.target
+            conv.train(gm.get_submodule(target).training)
+        else:
+            target = G.free_name(gm, site.name)
+            conv.train(gm.training)
+        G.set_submodule(gm, target, conv)
+
+        graph = gm.graph
+        with graph.inserting_before(node):
+            source = inp_node
+            extra = params.extra_pad
+            if any(extra):
+                pad = tuple(v for e in reversed(extra) for v in (0, e))
+                source = graph.call_function(F.pad, (source, pad))
+                source.meta = {}
+            new = graph.call_module(target, (source,))
+        new.meta = dict(node.meta)
+        if params.return_indices:
+            for user in list(node.users):
+                user.replace_all_uses_with(new)
+                graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        new_desc = f"{type(conv).__name__}({channels}, {channels}, k={_fmt(params.kernel)}, s={_fmt(params.stride)}"
+        if any(params.padding):
+            new_desc += f", p={_fmt(params.padding)}"
+        if any(d != 1 for d in params.dilation):
+            new_desc += f", d={_fmt(params.dilation)}"
+        if depthwise:
+            new_desc += f", groups={channels}"
+        if any(extra):
+            new_desc += f", +pad {_fmt(extra)}"
+        new_desc += ")"
+        init = self.options["init"]
+        notes = [n for n in (note, f"init={init}" if init != "avg" else "") if n]
+        return Replaced(self.name, site.name, site.op, new_desc, inp.shape, out.shape if out else None,
+                        exact=False, module=target, note="; ".join(notes))
+
+    def _initialize(self, conv: nn.Module, params: PoolParams, channels: int, depthwise: bool) -> None:
+        with torch.no_grad():
+            if self.options["init"] == "kaiming":
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
+            else:  # "avg", and the starting point of "fit"
+                conv.weight.copy_(W.average_weight(channels, params.kernel, depthwise=depthwise))
+            conv.bias.zero_()
+
+
+def _is_getitem(node: fx.Node, index: int) -> bool:
+    import operator
+    return node.op == "call_function" and node.target is operator.getitem and node.args[1] == index
+
+
+def _values_node(node: fx.Node) -> fx.Node:
+    return next(u for u in node.users if _is_getitem(u, 0))
+
+
+# ---------------------------------------------------------------------- fold
+
+
+def _is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _ELEMENTWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ELEMENTWISE_METHODS
+    return False
+
+
+def _fold_chain(gm: fx.GraphModule, site: Site) -> tuple[fx.Node | None, str | None]:
+    """The producing convolution node, or why there is none."""
+    params: PoolParams = site.params
+    node = site.node
+    cur = node.args[0] if node.args else node.kwargs.get("input")
+    while isinstance(cur, fx.Node):
+        if len(cur.users) != 1:
+            return None, f"{cur.name!r} between the convolution and the pool is also used elsewhere"
+        if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), nn.modules.conv._ConvNd):
+            return cur, None
+        if not _is_elementwise(gm, cur) or not cur.args or not isinstance(cur.args[0], fx.Node):
+            return None, f"its input comes from {cur.format_node()}, not from a convolution through elementwise ops"
+        cur = cur.args[0]
+    return None, "its input is not produced by a convolution"
+
+
+def _fold_blocker(gm: fx.GraphModule, site: Site) -> str | None:
+    params: PoolParams = site.params
+    if params.return_indices:
+        return "it returns indices"
+    producer, reason = _fold_chain(gm, site)
+    if producer is None:
+        return reason
+    conv = gm.get_submodule(producer.target)
+    if len(conv.kernel_size) != params.dims or isinstance(conv, nn.modules.conv._ConvTransposeNd):
+        return f"{producer.target} is a {type(conv).__name__}"
+    if any(s != 1 for s in conv.stride):
+        return f"{producer.target} already has stride {conv.stride}"
+    if isinstance(conv.padding, str):
+        return f"{producer.target} uses padding={conv.padding!r}"
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is conv]
+    if len(calls) > 1:
+        return f"{producer.target} is called at {len(calls)} places; a stride would change them all"
+    conv_in, pool_out = G.input_info(producer), G.info(site.node)
+    if conv_in is None or pool_out is None:
+        return "no shapes were recorded"
+    folded = tuple(W.conv_output_size(size, k, s, p, d) for size, k, s, p, d in zip(
+        conv_in.shape[2:], conv.kernel_size, params.stride, conv.padding, conv.dilation))
+    if folded != tuple(pool_out.shape[2:]):
+        return f"the strided convolution would give {folded} where the pool gives {tuple(pool_out.shape[2:])}"
+    return None
+
+
+def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
+    params: PoolParams = site.params
+    producer, _ = _fold_chain(gm, site)
+    conv = gm.get_submodule(producer.target)
+    old_stride = tuple(conv.stride)
+    conv.stride = params.stride
+    node = site.node
+    node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
+    gm.graph.erase_node(node)
+    inp, out = G.input_info(node), G.info(node)
+    size = "x".join(map(str, inp.shape[2:])) if inp else "?"
+    return Replaced(
+        "maxpool", site.name, site.op,
+        f"stride {old_stride}->{_fmt(params.stride)} on {producer.target}", inp.shape if inp else None,
+        out.shape if out else None, exact=False, module=producer.target,
+        note=(f"fold keeps the pool's output shape at the example size ({size}) and sizes congruent to it "
+              f"modulo the stride; at other sizes the folded shapes may differ"))

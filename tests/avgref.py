@@ -1,0 +1,46 @@
+"""Reference for ``init="avg"``: the original model with every max pooling
+computed as average pooling over the same window (zeros for ceil_mode's extra
+right/bottom windows), intercepted at the function level so that functional
+calls inside torchvision's own blocks (inception's F.max_pool2d) are caught."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from convify.weights import ceil_mode_extra_pad, ntuple
+
+_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, torch.max_pool1d: 1, torch.max_pool2d: 2,
+          torch.max_pool3d: 3}
+_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+class MaxAsAvg(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in _POOLS:
+            return func(*args, **kwargs)
+        self.count += 1
+        dims = _POOLS[func]
+        a = dict(zip(_NAMES, args)) | kwargs
+        k = ntuple(a["kernel_size"], dims)
+        s = a.get("stride")
+        s = k if s is None or (isinstance(s, (list, tuple)) and not s) else ntuple(s, dims)
+        p = ntuple(a.get("padding", 0), dims)
+        d = ntuple(a.get("dilation", 1), dims)
+        assert all(v == 1 for v in d), "avg reference has no dilation"
+        extra = [ceil_mode_extra_pad(*t) if a.get("ceil_mode") else 0 for t in zip(k, s, p, d)]
+        pad = tuple(v for pi, e in zip(reversed(p), reversed(extra)) for v in (pi, pi + e))
+        return _AVG[dims](F.pad(a["input"], pad), k, s, 0)
+
+
+def avg_reference(model, x):
+    mode = MaxAsAvg()
+    with torch.no_grad(), mode:
+        out = model(x)
+    return out, mode.count
