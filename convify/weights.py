@@ -86,3 +86,62 @@ def linear_to_conv_weight(weight: torch.Tensor, in_channels: int, spatial: Seque
 def linear_to_pointwise_weight(weight: torch.Tensor, dims: int) -> torch.Tensor:
     """A Linear's ``(K, C)`` weight as a 1x1 (x1) convolution weight."""
     return weight.reshape(*weight.shape, *([1] * dims))
+
+
+# --------------------------------------------------------------------------- least-squares fit (init="fit")
+
+
+def patches(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int]) -> torch.Tensor:
+    """im2col for 1-, 2- or 3-d inputs: ``(N, C, *spatial)`` -> ``(M, C, K)``.
+
+    Row ``m`` holds the zero-padded window that a convolution with these
+    parameters reads for output position ``m`` (batch-major, then spatial
+    positions in order); ``K = prod(kernel)`` taps in the order of a
+    convolution weight's trailing dimensions, so a dense weight
+    ``(C_out, C, *kernel)`` applies as ``rows.reshape(M, C*K) @ w.reshape(C_out, -1).T``.
+    """
+    dims = len(kernel)
+    pad = tuple(v for p in reversed(padding) for v in (p, p))
+    x = torch.nn.functional.pad(x, pad) if any(padding) else x
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # appends a window dimension
+        if d != 1:
+            x = x[..., ::d]
+    # (N, C, *out, *kernel) -> (N, *out, C, *kernel) -> (M, C, K)
+    n, c = x.shape[:2]
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    return x.permute(order).reshape(-1, c, math.prod(kernel))
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve ``(G + lam*D) w = B + lam*D*prior`` for ``w`` (batched over leading dims).
+
+    ``gram`` is ``X^T X`` (``(..., F, F)``), ``cross`` is ``X^T Y`` (``(..., F, O)``),
+    ``prior`` (``(..., F, O)``) is what the solution shrinks toward (the
+    average-pooling weights, so little data means little change). ``D`` is the
+    identity without its last entry (the bias column is not shrunk) and
+    ``lam = ridge * mean(diag(G))`` makes ``ridge`` scale-free. Cholesky in the
+    input dtype (use float64), falling back to a least-squares solve when the
+    matrix is not positive definite.
+    """
+    features = gram.shape[-1]
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    lam = ridge * diag.mean(-1).clamp_min(1e-12)
+    shrink = torch.ones(features, dtype=gram.dtype, device=gram.device)
+    shrink[-1] = 0.0
+    reg = lam[..., None, None] * torch.diag_embed(shrink.expand_as(diag))
+    lhs = gram + reg
+    rhs = cross + reg @ prior
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(lhs, rhs).solution
+
+
+def squared_residual(gram: torch.Tensor, cross: torch.Tensor, target_sq: torch.Tensor,
+                     w: torch.Tensor) -> torch.Tensor:
+    """``sum ||X w - Y||^2`` from the normal equations: ``tr(w^T G w) - 2 tr(w^T B) + sum Y^2``."""
+    quad = (w * (gram @ w)).sum((-2, -1))
+    lin = (w * cross).sum((-2, -1))
+    return (quad - 2 * lin + target_sq).clamp_min(0.0)

@@ -1,0 +1,309 @@
+"""``init="fit"``: the new convolutions reproduce the max pooling they replace.
+
+Max pooling is not linear, so no convolution computes it; this sets each new
+convolution's weights by ridge-regularized least squares so that, on the
+calibration activations, it comes as close to the original pooling as a linear
+map can. Sites are fitted one by one in the order the forward runs them, and
+the activations of site *i* come from the model whose sites *0..i-1* are
+already fitted: the target of site *i* is the original max pooling applied
+to the input the rewritten model feeds it, so later sites see the earlier
+replacements' outputs (their drift, not the original activations).
+
+Nothing is back-propagated. Per site, only the normal equations are kept
+(``X^T X`` and ``X^T Y``, accumulated batch by batch from the im2col patches of
+the site's input), so memory does not grow with the calibration set: a dense
+``C -> C`` convolution with a ``k x k`` window needs ``(C*k*k + 1)^2`` doubles
+(512 channels, 3x3: 4609^2 doubles = 170 MB), a depthwise one
+``C * (k*k + 1)^2``. The solve shrinks toward the average-pooling weights, so a
+small calibration set changes the average init only as far as the data
+supports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import graph as G
+from . import weights as W
+from .engine import rewrite_model
+from .errors import ConvifyError, ExampleInputError, RewriteError
+from .report import Pass, Replaced, Report, attach, report
+from .rewrites import get
+
+#: Ridge strength relative to the mean diagonal of ``X^T X`` (scale-free).
+RIDGE = 1e-4
+#: Rows of the patch matrix handled at once (bounds the float64 working set).
+_CHUNK_ELEMENTS = 1 << 24
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+@dataclass
+class _Site:
+    """One new convolution to fit: its report row, the pooling it replaced, the module."""
+
+    row: Replaced
+    params: Any  # convify.rewrites.maxpool.PoolParams
+    conv: nn.modules.conv._ConvNd
+
+
+@dataclass
+class _Normal:
+    """The accumulated normal equations of one site."""
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    target_sq: torch.Tensor | None = None
+    samples: int = 0
+
+
+def _recording_rewrite(mode: str) -> Any:
+    """The registered maxpool rewrite (``init="avg"``), extended to remember
+    the pooling parameters of every site it turns into a new convolution."""
+    base = get("maxpool")
+
+    class _RecordingMaxPool(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            self.records: list[Any] = []
+            self._made_conv = False
+
+        def apply(self, gm, site):  # noqa: ANN001, ANN201
+            self._made_conv = False
+            row = super().apply(gm, site)
+            self.records.append(site.params if self._made_conv else None)
+            return row
+
+        def _to_conv(self, gm, site, mode, note=""):  # noqa: ANN001, ANN201
+            self._made_conv = True
+            return super()._to_conv(gm, site, mode, note)
+
+    return _RecordingMaxPool(mode=mode, init="avg")
+
+
+def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | Sequence[str] | None,
+                skip: str | Sequence[str] | None, inplace: bool,
+                calibration: Iterable[Any] | None) -> nn.Module:
+    """``replace_maxpool(..., init="fit", calibration=batches)``: rewrite, then fit.
+
+    ``calibration`` is an iterable of input batches (tensors, or ``(input,
+    label, ...)`` tuples as a DataLoader yields; the labels are not used). It is
+    iterated once per site, so pass a list or a DataLoader, not a generator (a
+    one-shot iterator is read into a list first). A few hundred images are
+    usually enough. The report rows say ``init=fit`` and the relative
+    reconstruction error (RMS of conv - pool over RMS of pool) at each site,
+    next to what the average init gave.
+
+    >>> batches = [x for x, _ in itertools.islice(loader, 8)]
+    >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
+    >>> print(convify.report(allconv))   # ... pool: init=fit, reconstruction error 0.08 (avg init 0.41)
+    """
+    batches = _calibration_batches(calibration)
+    if example_input is None:
+        example_input = _as_input(batches[0])[:1]
+    rewrite = _recording_rewrite(mode)
+    result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
+    last = report(result).last
+    if len(last.replaced) != len(rewrite.records):
+        raise RewriteError(f"init='fit': the rewrite recorded {len(rewrite.records)} sites but reported "
+                           f"{len(last.replaced)}; please report this as a convify bug")
+    sites = [_Site(row, params, _conv_at(result, row)) for row, params in zip(last.replaced, rewrite.records)
+             if params is not None]
+    notes = list(last.notes)
+    if mode == "fold":
+        notes.append("init='fit' with mode='fold': a folded pool adds no weights (its stride moves onto the "
+                     "trained producing convolution), so only sites that fell back to a convolution are fitted")
+    fitted: dict[str, str] = {}
+    for site in _in_forward_order(result, sites, batches):
+        fitted[site.row.name] = _fit_site(result, site, batches)
+    rows = tuple(dataclasses.replace(r, note=_join(r.note, fitted[r.name])) if r.name in fitted else r
+                 for r in last.replaced)
+    new_pass = dataclasses.replace(last, options={**last.options, "init": "fit"}, replaced=rows,
+                                   notes=tuple(dict.fromkeys(notes)))
+    attach(result, Report(report(result).passes[:-1] + (new_pass,)))
+    return result
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def _calibration_batches(calibration: Iterable[Any] | None) -> Sequence[Any]:
+    if calibration is None:
+        raise ConvifyError("init='fit' needs calibration=, an iterable of input batches (a list of tensors "
+                           "or a DataLoader) to fit the new convolutions on; or use init='avg'")
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    if iter(calibration) is calibration:  # a generator or iterator: read it once, keep it
+        calibration = list(calibration)
+    first = next(iter(calibration), None)
+    if first is None:
+        raise ConvifyError("init='fit': calibration= yielded no batches; pass at least one input batch")
+    return calibration  # type: ignore[return-value]
+
+
+def _as_input(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ExampleInputError(f"init='fit': a calibration batch must be a tensor or an (input, label) pair, "
+                            f"not {type(batch).__name__}")
+
+
+def _like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return x.to(device=t.device, dtype=t.dtype if x.is_floating_point() else x.dtype)
+    return x
+
+
+def _run(model: nn.Module, batch: Any) -> None:
+    x = _like_model(model, _as_input(batch))
+    try:
+        model(x)
+    except Exception as e:
+        raise ExampleInputError(f"init='fit': a calibration batch of shape {tuple(x.shape)} does not run "
+                                f"through the model: {G.one_line(e)}") from e
+
+
+# --------------------------------------------------------------------------- sites
+
+
+def _conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
+    try:
+        conv = model.get_submodule(row.module)
+    except AttributeError as e:
+        raise RewriteError(f"init='fit': site {row.name!r} names module {row.module!r}, which the rewritten "
+                           "model does not have; please report this as a convify bug") from e
+    if not isinstance(conv, nn.modules.conv._ConvNd):
+        raise RewriteError(f"init='fit': module {row.module!r} of site {row.name!r} is a "
+                           f"{type(conv).__name__}, not a convolution")
+    return conv
+
+
+def _in_forward_order(model: nn.Module, sites: list[_Site], batches: Sequence[Any]) -> list[_Site]:
+    """Sites sorted by when the forward first calls them (one batch, no grad)."""
+    if len(sites) < 2:
+        return sites
+    order: dict[int, int] = {}
+
+    def first_call(i: int):  # noqa: ANN202
+        def hook(_m: nn.Module, _args: tuple) -> None:
+            order.setdefault(i, len(order))
+        return hook
+
+    handles = [s.conv.register_forward_pre_hook(first_call(i)) for i, s in enumerate(sites)]
+    try:
+        with torch.no_grad(), G.eval_mode(model):
+            _run(model, next(iter(batches)))
+    finally:
+        for h in handles:
+            h.remove()
+    return [sites[i] for i in sorted(range(len(sites)), key=lambda i: order.get(i, len(sites) + i))]
+
+
+def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any]) -> str:
+    """Accumulate the site's normal equations over the calibration batches,
+    solve, install the weights; returns the report note."""
+    normal = _Normal()
+    depthwise = site.conv.groups > 1
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        _accumulate(normal, site, args[0], depthwise)
+
+    handle = site.conv.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), G.eval_mode(model):
+            for batch in batches:
+                _run(model, batch)
+    finally:
+        handle.remove()
+    if normal.gram is None:
+        return "init=fit skipped: the calibration batches never reached this site; kept the average init"
+    with torch.no_grad():
+        prior = _weights_as_matrix(site.conv, depthwise, normal.gram.dtype, normal.gram.device)
+        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
+        before = _relative_error(normal, prior)
+        after = _relative_error(normal, solution)
+        _install(site.conv, solution, depthwise)
+    return (f"{site.row.name}: init=fit, reconstruction error {after:.3g} (avg init {before:.3g}) "
+            f"on {normal.samples} calibration samples")
+
+
+def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool) -> None:
+    """Add one batch arriving at the site's convolution to its normal equations."""
+    p = site.params
+    conv = site.conv
+    # The rewrite pads ceil_mode's extra windows with zeros before the conv;
+    # the original pooling saw the input without them.
+    extra = p.extra_pad
+    unpadded = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
+    target = _MAX_POOL[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
+    channels = x.shape[1]
+    target = target.movedim(1, -1).reshape(-1, channels)
+    rows = W.patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    if rows.shape[0] != target.shape[0]:
+        raise RewriteError(f"init='fit' at {site.row.name!r}: the convolution reads {rows.shape[0]} windows "
+                           f"where the pooling gives {target.shape[0]} outputs")
+    device = torch.device("cpu") if x.device.type == "mps" else x.device  # no float64 on MPS
+    chunk = max(1, _CHUNK_ELEMENTS // (rows.shape[1] * (rows.shape[2] + 1)))
+    for start in range(0, rows.shape[0], chunk):
+        r = rows[start:start + chunk].to(device=device, dtype=torch.float64)
+        y = target[start:start + chunk].to(device=device, dtype=torch.float64)
+        ones = torch.ones(r.shape[0], 1, dtype=r.dtype, device=device)
+        if depthwise:  # per channel: (C, M, K+1) features, (C, M, 1) targets
+            feats = torch.cat([r.transpose(0, 1), ones.expand(channels, -1, -1)], dim=-1)
+            gram = feats.transpose(1, 2) @ feats
+            cross = feats.transpose(1, 2) @ y.T.unsqueeze(-1)
+            sq = (y * y).sum(0)
+        else:  # (M, C*K+1) features, (M, C) targets
+            feats = torch.cat([r.reshape(r.shape[0], -1), ones], dim=1)
+            gram = feats.T @ feats
+            cross = feats.T @ y
+            sq = (y * y).sum()
+        if normal.gram is None:
+            normal.gram, normal.cross, normal.target_sq = gram, cross, sq
+        else:
+            normal.gram += gram
+            normal.cross += cross
+            normal.target_sq += sq
+    normal.samples += x.shape[0]
+
+
+def _weights_as_matrix(conv: nn.modules.conv._ConvNd, depthwise: bool, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor:
+    """The conv's weight and bias in the layout of the normal equations:
+    dense ``(C*K+1, C)``, depthwise ``(C, K+1, 1)``."""
+    w = conv.weight.detach().to(device=device, dtype=dtype)
+    b = conv.bias.detach().to(device=device, dtype=dtype)
+    out = w.shape[0]
+    if depthwise:
+        return torch.cat([w.reshape(out, -1), b[:, None]], dim=1).unsqueeze(-1)
+    return torch.cat([w.reshape(out, -1).T, b[None, :]], dim=0)
+
+
+def _install(conv: nn.modules.conv._ConvNd, solution: torch.Tensor, depthwise: bool) -> None:
+    out = conv.weight.shape[0]
+    if depthwise:
+        w, b = solution[:, :-1, 0], solution[:, -1, 0]
+    else:
+        w, b = solution[:-1].T, solution[-1]
+    conv.weight.copy_(w.reshape(conv.weight.shape).to(conv.weight))
+    conv.bias.copy_(b.reshape(out).to(conv.bias))
+
+
+def _relative_error(normal: _Normal, w: torch.Tensor) -> float:
+    """``||X w - Y|| / ||Y||`` over every calibration output at the site."""
+    sse = W.squared_residual(normal.gram, normal.cross, normal.target_sq, w).sum()
+    total = normal.target_sq.sum()
+    return float(math.sqrt(float(sse) / max(float(total), 1e-300)))

@@ -1,0 +1,198 @@
+"""init="fit": least-squares convolutions that imitate the max pooling they replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convify
+from convify import weights as W
+from convify.errors import ConvifyError
+from conftest import reinit
+
+
+class TwoPools(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p1 = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.p2 = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.p1(torch.relu(self.c1(x)))
+        x = self.p2(torch.relu(self.c2(x)))
+        return self.head(x).mean((2, 3))
+
+
+class Pool1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv1d(2, 6, 3, padding=1)
+        self.head = nn.Conv1d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.max_pool1d(torch.relu(self.c(x)), 3, 2, dilation=2)).mean(-1)
+
+
+class Pool3d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv3d(2, 4, 3, padding=1)
+        self.pool = nn.MaxPool3d(2)
+        self.head = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.c(x)))).mean((2, 3, 4))
+
+
+def _batches(seed: int, n: int, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _model_err(model: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        y = model(x)
+        return float((rewritten(x) - y).norm() / y.norm())
+
+
+def _site_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, _a, out: seen.append(out))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+@pytest.mark.parametrize("mode", ["conv", "depthwise"])
+def test_fit_lowers_reconstruction_error_against_avg(mode: str) -> None:
+    model = reinit(TwoPools()).eval()
+    calibration = _batches(0, 4, (16, 3, 15, 15))
+    held_out = torch.randn(32, 3, 15, 15, generator=torch.Generator().manual_seed(99))
+    avg = convify.replace_maxpool(model, mode=mode)
+    fit = convify.replace_maxpool(model, mode=mode, init="fit", calibration=calibration)
+    # First site: its input is the same in all three models, so compare it with the pooling directly.
+    pooled = _site_output(model, "p1", held_out)
+    err_avg = float((_site_output(avg, "p1", held_out) - pooled).norm() / pooled.norm())
+    err_fit = float((_site_output(fit, "p1", held_out) - pooled).norm() / pooled.norm())
+    assert err_fit < 0.6 * err_avg, (err_fit, err_avg)
+    # Whole model, on inputs the fit never saw.
+    assert _model_err(model, fit, held_out) < 0.5 * _model_err(model, avg, held_out)
+
+
+@pytest.mark.parametrize("model_cls, shape", [(Pool1d, (8, 2, 40)), (Pool3d, (4, 2, 8, 8, 8))])
+def test_fit_in_1d_and_3d(model_cls: type[nn.Module], shape: tuple[int, ...]) -> None:
+    model = reinit(model_cls()).eval()
+    fit = convify.replace_maxpool(model, init="fit", calibration=_batches(1, 3, shape))
+    avg = convify.replace_maxpool(model)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    assert _model_err(model, fit, x) < 0.7 * _model_err(model, avg, x)
+
+
+def test_later_sites_are_fitted_on_the_rewritten_activations() -> None:
+    """p2 is fitted on what the already-fitted p1 feeds it: the same as fitting
+    p1 alone, then p2 on top of that model, and not what fitting p2 on the
+    original activations gives."""
+    model = reinit(TwoPools()).eval()
+    calibration = _batches(2, 4, (16, 3, 15, 15))
+    sequential = convify.replace_maxpool(model, init="fit", calibration=calibration)
+    p1_first = convify.replace_maxpool(model, init="fit", calibration=calibration, only="p1")
+    then_p2 = convify.replace_maxpool(p1_first, init="fit", calibration=calibration, only="p2")
+    p2_alone = convify.replace_maxpool(model, init="fit", calibration=calibration, only="p2")
+    w = sequential.get_submodule("p2").weight
+    assert torch.allclose(w, then_p2.get_submodule("p2").weight, atol=1e-6)
+    assert not torch.allclose(w, p2_alone.get_submodule("p2").weight, atol=1e-3)
+
+
+def test_report_says_fit_and_the_error_per_site() -> None:
+    model = reinit(TwoPools()).eval()
+    fit = convify.replace_maxpool(model, init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
+    last = convify.report(fit).last
+    assert last.options["init"] == "fit"
+    assert [r.name for r in last.replaced] == ["p1", "p2"]
+    for row in last.replaced:
+        assert f"{row.name}: init=fit, reconstruction error" in row.note
+        assert "on 16 calibration samples" in row.note
+    assert "init=fit" in str(convify.report(fit))
+
+
+def test_fit_leaves_the_original_alone_and_respects_inplace() -> None:
+    model = reinit(TwoPools()).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convify.replace_maxpool(model, init="fit", calibration=_batches(0, 1, (4, 3, 15, 15)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.p1, nn.MaxPool2d)
+    train_model = reinit(TwoPools()).train()
+    out = convify.replace_maxpool(train_model, init="fit", calibration=_batches(0, 1, (4, 3, 15, 15)),
+                                  inplace=True)
+    assert out.training
+
+
+def test_calibration_forms() -> None:
+    model = reinit(TwoPools()).eval()
+    data = _batches(3, 3, (8, 3, 15, 15))
+    from_list = convify.replace_maxpool(model, init="fit", calibration=data)
+    from_generator = convify.replace_maxpool(model, init="fit", calibration=(x for x in data))
+    from_pairs = convify.replace_maxpool(model, init="fit",
+                                         calibration=[(x, torch.zeros(len(x), dtype=torch.long)) for x in data])
+    x = torch.randn(4, 3, 15, 15)
+    with torch.no_grad():
+        ref = from_list(x)
+        assert torch.allclose(from_generator(x), ref, atol=1e-6)
+        assert torch.allclose(from_pairs(x), ref, atol=1e-6)
+
+
+def test_fit_without_calibration_is_an_error() -> None:
+    with pytest.raises(ConvifyError, match="init='fit' needs calibration="):
+        convify.replace_maxpool(TwoPools(), init="fit")
+    with pytest.raises(ConvifyError, match="yielded no batches"):
+        convify.replace_maxpool(TwoPools(), init="fit", calibration=[])
+    with pytest.raises(ConvifyError, match="does not run through the model"):
+        convify.replace_maxpool(TwoPools(), torch.randn(1, 3, 15, 15), init="fit",
+                                calibration=[torch.randn(2, 5, 15, 15)])
+
+
+def test_fold_notes_that_folded_sites_have_nothing_to_fit() -> None:
+    model = reinit(TwoPools()).eval()
+    fit = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
+    rep = convify.report(fit)
+    assert any("a folded pool adds no weights" in n for n in rep.notes)
+    folded = [r for r in rep.replaced if r.new.startswith("stride")]
+    assert folded and all("init=fit" not in r.note for r in folded)
+
+
+# --------------------------------------------------------------------------- the pure math
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", [
+    ((3, 3), (2, 2), (1, 1), (1, 1)), ((2, 3), (1, 2), (0, 1), (2, 1)),
+])
+def test_patches_apply_like_a_convolution(kernel, stride, padding, dilation) -> None:
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    w = torch.randn(4, 3, *kernel, dtype=torch.float64)
+    ref = F.conv2d(x, w, None, stride, padding, dilation)
+    rows = W.patches(x, kernel, stride, padding, dilation)
+    got = (rows.reshape(rows.shape[0], -1) @ w.reshape(4, -1).T).reshape(2, *ref.shape[2:], 4).movedim(-1, 1)
+    assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_ridge_solve_is_least_squares_and_shrinks_toward_the_prior() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(200, 5, generator=g, dtype=torch.float64),
+                   torch.ones(200, 1, dtype=torch.float64)], 1)
+    y = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    prior = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    gram, cross = x.T @ x, x.T @ y
+    exact = torch.linalg.lstsq(x, y).solution
+    assert torch.allclose(W.ridge_solve(gram, cross, prior, 1e-12), exact, atol=1e-8)
+    heavy = W.ridge_solve(gram, cross, prior, 1e6)
+    assert torch.allclose(heavy[:-1], prior[:-1], atol=1e-3)
+    residual = W.squared_residual(gram, cross, (y * y).sum(), exact)
+    assert torch.allclose(residual, ((x @ exact - y) ** 2).sum())
