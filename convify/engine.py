@@ -93,6 +93,8 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
         else:  # nothing changed: hand back the (copied) model as it is
             result = work
     result.training = model.training
+    if not col.replaced and not col.skipped:
+        col.notes.append(f"no {rewrite.name} site found in the forward: nothing to rewrite")
     for pat in (filt.only or ()) + (filt.skip or ()):
         if pat not in col.matched_patterns:
             col.notes.append(f"pattern {pat!r} matched no {rewrite.name} site")
@@ -118,6 +120,7 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, rewrite: Rewrite, filt: _Fil
                    variants: Sequence[dict[fx.Node, G.TensorInfo | None]] = ()) -> bool:
     """Rewrite the sites of one traced graph; returns whether anything changed."""
     planned: list[Site] = []
+    col.skipped.extend(_sites_inside_leaves(gm, prefix, rewrite))
     for site in rewrite.find_sites(gm):
         qual = G.join(prefix, site.name)
         reason = site.skip_reason or _variant_reason(site, variants) or filt.reason(qual, col)
@@ -143,6 +146,24 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, rewrite: Rewrite, filt: _Fil
     col.notes.extend(rewrite.finish(gm))
     G.finalize(gm)
     return True
+
+
+def _sites_inside_leaves(gm: fx.GraphModule, prefix: str, rewrite: Rewrite) -> list[Skipped]:
+    """Site modules hidden inside a module the tracer kept opaque (timm's
+    registered leaves): reported, never silently left behind."""
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        leaf = gm.get_submodule(node.target)
+        if rewrite.is_site_module(leaf) or type(leaf).__module__.startswith("torch.nn"):
+            continue
+        for name, inner in leaf.named_modules():
+            if name and rewrite.is_site_module(inner):
+                rows.append(Skipped(rewrite.name, G.join(prefix, G.join(node.target, name)), type(inner).__name__,
+                                    f"inside {type(leaf).__name__}, which timm registers as a module torch.fx "
+                                    "must not enter; rewrite that module's class by hand"))
+    return rows
 
 
 def _variant_reason(site: Site, variants: Sequence[dict[fx.Node, G.TensorInfo | None]]) -> str | None:

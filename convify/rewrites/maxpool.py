@@ -216,7 +216,7 @@ class ReplaceMaxPool(Rewrite):
         if site.params is None or not site.params.return_indices:
             return None
         users = list(site.node.users)
-        if all(_is_getitem(u, 0) for u in users):
+        if all(_is_getitem(u, 0) or (u.op == "call_function" and not u.users) for u in users):
             return None  # only the values are used: replaceable
         return ("return_indices=True and its indices are used (max unpooling, argmax); "
                 "a convolution has no indices")
@@ -262,9 +262,10 @@ class ReplaceMaxPool(Rewrite):
                 source.meta = {}
             new = graph.call_module(target, (source,))
         new.meta = dict(node.meta)
-        if params.return_indices:
+        if params.return_indices:  # only the values are used (checked when the site was found)
             for user in list(node.users):
-                user.replace_all_uses_with(new)
+                if _is_getitem(user, 0):
+                    user.replace_all_uses_with(new)
                 graph.erase_node(user)
         else:
             node.replace_all_uses_with(new)

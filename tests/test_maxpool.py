@@ -1,0 +1,446 @@
+"""replace_maxpool: tiny models for each behaviour, then the torchvision zoo."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convify
+from avgref import avg_reference
+from conftest import assert_input_dependent, rel_err, reinit
+from convify.errors import ExampleInputError
+from zoo import MAXPOOL_ZOO, build
+
+
+def pools_left(model: nn.Module) -> list[str]:
+    """Every max pooling a forward pass still runs (modules and functional calls)."""
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.modules.pooling._MaxPoolNd)]
+    if isinstance(model, fx.GraphModule):
+        found += [n.name for n in model.graph.nodes if n.op == "call_function"
+                  and n.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
+                                   torch.max_pool3d)]
+    return found
+
+
+def check_avg(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    """Rewrite with avg init and compare against the avg-pool reference."""
+    out = convify.replace_maxpool(model, x[:1], **kw)
+    ref, count = avg_reference(model, x)
+    with torch.no_grad():
+        got = out(x)
+    assert count > 0
+    assert got.shape == ref.shape
+    assert rel_err(got, ref) <= 1e-5
+    return out
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+class SharedPool(nn.Module):
+    """One pool instance called after convolutions of different widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.conv2(self.pool(self.conv1(x))))
+
+
+def test_shared_pool_gets_one_conv_per_call_site():
+    model = SharedPool().eval()
+    out = check_avg(model, torch.randn(2, 3, 16, 16))
+    rows = convify.report(out).replaced
+    assert [r.name for r in rows] == ["pool", "pool@1"]
+    assert out.get_submodule("pool").weight.shape == (8, 8, 2, 2)
+    assert out.get_submodule("pool@1").weight.shape == (16, 16, 2, 2)
+    assert {"pool.weight", "pool@1.weight"} <= set(out.state_dict())
+    assert pools_left(out) == []
+
+
+def test_shared_pool_skip_one_site_keeps_the_pool_there():
+    model = SharedPool().eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), skip="pool@1")
+    rep = convify.report(out)
+    assert [r.name for r in rep.replaced] == ["pool"]
+    assert [(s.name, s.reason) for s in rep.skipped] == [("pool@1", "matched skip pattern 'pool@1'")]
+    assert isinstance(out.get_submodule("pool"), nn.Conv2d)
+    assert isinstance(out.get_submodule("pool@1"), nn.MaxPool2d)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = F.max_pool2d(model.conv2(F.avg_pool2d(model.conv1(x), 2)), 2)
+        assert rel_err(out(x), expected) <= 1e-6
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+
+    def forward(self, x):
+        a = F.max_pool2d(self.conv(x), 2)                                      # positional
+        b = F.max_pool2d(input=a, kernel_size=(3, 2), stride=(1, 2), padding=(1, 0))  # keywords
+        return torch.max_pool2d(b, 2, 2, 0, 1, True)                           # torch.* with ceil_mode
+
+
+def test_functional_calls_positional_and_keyword():
+    out = check_avg(Functional().eval(), torch.randn(2, 3, 21, 19))
+    rows = convify.report(out).replaced
+    assert [r.name for r in rows] == ["max_pool2d", "max_pool2d@1", "max_pool2d@2"]
+    assert [r.old for r in rows] == [
+        "F.max_pool2d(k=2, s=2)", "F.max_pool2d(k=3x2, s=1x2, p=1x0)", "F.max_pool2d(k=2, s=2, ceil_mode)"]
+    assert pools_left(out) == []
+
+
+@pytest.mark.parametrize("size", range(9, 20))
+@pytest.mark.parametrize("k,s,p", [(3, 2, 0), (3, 2, 1), (2, 2, 0), (3, 3, 1), (5, 3, 2)])
+def test_ceil_mode_keeps_shape_at_every_size(k, s, p, size):
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.MaxPool2d(k, s, p, ceil_mode=True)).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 2, 16, 16))
+    x = torch.randn(2, 2, size, size + 1)
+    ref, _ = avg_reference(model, x)
+    with torch.no_grad():
+        got = out(x)
+        assert got.shape == model(x).shape
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_padding_dilation_and_non_square_kernel_shapes():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d((3, 2), stride=(2, 1), padding=(1, 0),
+                                                          dilation=(2, 3))).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 17, 15))
+    conv = out.get_submodule("1")
+    assert (conv.kernel_size, conv.stride, conv.padding, conv.dilation) == ((3, 2), (2, 1), (1, 0), (2, 3))
+    x = torch.randn(2, 3, 23, 20)
+    with torch.no_grad():
+        h = model[0](x)
+        expected = F.conv2d(h, conv.weight, None, (2, 1), (1, 0), (2, 3))
+        assert out(x).shape == model(x).shape
+        assert rel_err(out(x), expected) <= 1e-6
+    # avg init: each output is the mean of its 6 dilated taps of its own channel
+    assert torch.allclose(conv.weight[0, 0], torch.full((3, 2), 1 / 6))
+    assert conv.weight[0, 1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_1d_and_3d(dims):
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.MaxPool1d, 3: nn.MaxPool3d}[dims]
+    model = nn.Sequential(conv(2, 5, 3), pool(3, 2, 1, ceil_mode=True), conv(5, 4, 1)).eval()
+    shape = (2, 2) + ((33,) if dims == 1 else (9, 10, 11))
+    out = check_avg(model, torch.randn(shape))
+    assert isinstance(out.get_submodule("1"), {1: nn.Conv1d, 3: nn.Conv3d}[dims])
+
+
+class Indices(nn.Module):
+    def __init__(self, use_indices: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+        self.use_indices = use_indices
+
+    def forward(self, x):
+        y, idx = self.pool(self.conv(x))
+        return self.unpool(y, idx) if self.use_indices else y * 2
+
+
+def test_return_indices_used_is_skipped_with_reason():
+    out = convify.replace_maxpool(Indices(True).eval(), torch.randn(1, 3, 8, 8))
+    rep = convify.report(out)
+    assert rep.replaced == ()
+    assert "indices are used" in rep.skipped[0].reason
+    assert pools_left(out) == ["pool"]
+
+
+def test_return_indices_unused_is_replaced():
+    model = Indices(False).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(out(x), F.avg_pool2d(model.conv(x), 2) * 2) <= 1e-6
+
+
+class SamePool(nn.MaxPool2d):
+    """Like timm's MaxPool2dSame: pads with -inf before pooling."""
+
+    def forward(self, x):
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=-float("inf")), self.kernel_size, self.stride)
+
+
+def test_maxpool_subclass_with_own_forward_is_skipped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SamePool(3, 2), nn.MaxPool2d(2)).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16))
+    rep = convify.report(out)
+    assert [r.name for r in rep.replaced] == ["2"]
+    assert [s.name for s in rep.skipped] == ["1"]
+    assert "own forward" in rep.skipped[0].reason
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.isfinite(out(x)).all()
+
+
+def test_timm_maxpool2d_same_is_skipped():
+    timm = pytest.importorskip("timm")
+    from timm.layers.pool2d_same import MaxPool2dSame
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2)).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 15, 15))
+    assert convify.report(out).replaced == ()
+    assert "MaxPool2dSame" in convify.report(out).skipped[0].reason
+
+
+class Untraceable(nn.Module):
+    """Control flow on a tensor value at the top level; traceable children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.features(x)
+        if x.sum() > -1e9:  # data-dependent: torch.fx cannot trace this
+            x = self.pool(x)
+        x = F.max_pool2d(x, 2)  # inside the untraceable forward itself
+        return self.head(x)
+
+
+def test_untraceable_model_falls_back_to_submodules():
+    model = Untraceable().eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = convify.replace_maxpool(model, x[:1])
+    rep = convify.report(out)
+    assert not isinstance(out, fx.GraphModule) and isinstance(out, Untraceable)
+    assert [r.name for r in rep.replaced] == ["features.2", "pool"]
+    assert rep.untraced[0].name == "" and "TraceError" in rep.untraced[0].reason or rep.untraced[0].reason
+    skipped = {s.name: s.reason for s in rep.skipped}
+    assert "max_pool2d" in skipped and "cannot trace" in skipped["max_pool2d"]
+    with torch.no_grad():
+        h = F.avg_pool2d(model.features[1](model.features[0](x)), 2)
+        expected = model.head(F.max_pool2d(F.avg_pool2d(h, 2), 2))
+        assert rel_err(out(x), expected) <= 1e-6
+    assert "Untraceable" in str(rep) and "features.2" in str(rep)
+
+
+def test_float64_and_dtype_of_new_weights():
+    model = SharedPool().double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    out = convify.replace_maxpool(model, x[:1])
+    assert out.get_submodule("pool").weight.dtype == torch.float64
+    with torch.no_grad():
+        ref, _ = avg_reference(model, x)
+        assert rel_err(out(x), ref) <= 1e-12
+
+
+def test_train_mode_is_kept_and_batchnorm_stats_untouched():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)).train()
+    before = copy.deepcopy(model.state_dict())
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 8, 8))
+    assert out.training and out.get_submodule("1").training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], out.state_dict()[k]) for k in before)
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)).train()
+    frozen[1].eval()  # a frozen BatchNorm inside a model in train mode
+    assert convify.replace_maxpool(frozen).get_submodule("1").training is False
+
+
+def test_input_not_mutated_and_shares_no_parameters():
+    model = SharedPool().eval()
+    state = copy.deepcopy(model.state_dict())
+    out = convify.replace_maxpool(model)
+    assert isinstance(model.pool, nn.MaxPool2d)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    ids = {id(p) for p in model.parameters()}
+    assert not ids & {id(p) for p in out.parameters()}
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_inplace_reuses_parameters():
+    model = Untraceable().eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 32, 32), inplace=True)
+    assert out is model and isinstance(model.pool, nn.Conv2d)
+
+
+def test_idempotent():
+    once = convify.replace_maxpool(SharedPool().eval())
+    twice = convify.replace_maxpool(once)
+    assert convify.report(twice).last.replaced == ()
+    assert len(convify.report(twice).passes) == 2
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(once(x), twice(x))
+
+
+def test_only_and_skip_globs():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2)).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 20, 20), only=["3"])
+    rep = convify.report(out)
+    assert [r.name for r in rep.replaced] == ["3"]
+    assert rep.skipped[0].name == "1" and "only" in rep.skipped[0].reason
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 20, 20), skip="nope*")
+    assert any("matched no maxpool site" in n for n in convify.report(out).notes)
+
+
+def test_depthwise_mode():
+    model = SharedPool().eval()
+    out = check_avg(model, torch.randn(2, 3, 16, 16), mode="depthwise")
+    conv = out.get_submodule("pool@1")
+    assert conv.groups == 16 and conv.weight.shape == (16, 1, 2, 2)
+
+
+class FoldNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool2 = nn.MaxPool2d(3, 2, 1)
+        self.pool3 = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = self.pool1(F.relu(self.bn(self.conv1(x))))
+        y = self.conv2(x)
+        x = self.pool2(y) + 0 * y.mean()  # y also used elsewhere: no fold
+        return self.pool3(x)               # produced by an add: no fold
+
+
+def test_fold_mode_moves_stride_onto_producer():
+    model = reinit(FoldNet()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = convify.replace_maxpool(model, x[:1], mode="fold")
+    rep = convify.report(out)
+    folded = rep.replaced[0]
+    assert folded.name == "pool1" and folded.module == "conv1" and "stride" in folded.new
+    assert out.get_submodule("conv1").stride == (2, 2)
+    assert "congruent" in folded.note
+    others = {r.name: r.note for r in rep.replaced[1:]}
+    assert "also used elsewhere" in others["pool2"] and "mode='conv'" in others["pool2"]
+    assert "not from a convolution" in others["pool3"]
+    with torch.no_grad():
+        assert out(x).shape == model(x).shape
+        h = F.relu(model.bn(F.conv2d(x, model.conv1.weight, model.conv1.bias, 2, 1)))
+        y = model.conv2(h)
+        expected = F.avg_pool2d(F.avg_pool2d(y, 3, 2, 1) + 0 * y.mean(), 2)
+        assert rel_err(out(x), expected) <= 1e-5
+    assert model.conv1.stride == (1, 1)
+
+
+def test_fold_refused_when_shape_would_change():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2)).eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), mode="fold")
+    row = convify.report(out).replaced[0]
+    assert "would give" in row.note and isinstance(out.get_submodule("2"), nn.Conv2d)
+
+
+def test_kaiming_init_is_fresh_and_scaled():
+    out = convify.replace_maxpool(SharedPool().eval(), init="kaiming")
+    w = out.get_submodule("pool@1").weight
+    assert float(w.detach().std()) == pytest.approx((1 / (16 * 4)) ** 0.5, rel=0.3)
+    assert w[0, 1].abs().sum() > 0
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(ValueError, match="mode must be"):
+        convify.replace_maxpool(SharedPool(), mode="max")
+    with pytest.raises(ValueError, match="init must be"):
+        convify.replace_maxpool(SharedPool(), init="zeros")
+
+
+# ---------------------------------------------------------------- example input
+
+
+class LeNet40(nn.Module):
+    """Accepts exactly 40x40 inputs (flatten into a Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 5)
+        self.fc = nn.Linear(4 * 18 * 18, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.max_pool2d(F.relu(self.conv(x)), 2), 1))
+
+
+def test_probe_input_is_solved_from_the_linear_head():
+    out = convify.replace_maxpool(LeNet40().eval())
+    assert convify.report(out).replaced[0].in_shape == (1, 4, 36, 36)
+
+
+def test_no_usable_input_asks_for_example_input():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.shape[-1] != 1001:
+                raise ValueError("wants 1001")
+            return F.max_pool2d(self.conv(x), 2)
+
+    with pytest.raises(ExampleInputError, match="pass example_input"):
+        convify.replace_maxpool(Odd())
+
+
+def test_wrong_example_input_names_the_node():
+    with pytest.raises(ExampleInputError, match="conv1"):
+        convify.replace_maxpool(SharedPool(), torch.randn(1, 5, 16, 16))
+
+
+# ---------------------------------------------------------------- torchvision zoo
+
+
+@pytest.mark.parametrize("name", list(MAXPOOL_ZOO))
+def test_zoo_matches_average_pool_reference(name):
+    size, kwargs = MAXPOOL_ZOO[name]
+    model = build(name, **kwargs)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    out = convify.replace_maxpool(model, x[:1])
+    assert isinstance(out, fx.GraphModule)
+    assert pools_left(out) == []
+    ref, count = avg_reference(model, x)
+    assert_input_dependent(ref)
+    with torch.no_grad():
+        got = out(x)
+        assert got.shape == model(x).shape
+    assert len(convify.report(out).replaced) == count
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_googlenet_train_mode_keeps_aux_outputs():
+    model = build("googlenet", aux_logits=True, init_weights=False).train()
+    out = convify.replace_maxpool(model, torch.randn(2, 3, 96, 96))
+    assert out.training
+    assert pools_left(out) == []
+    out.eval()  # the aux branches were fixed when the model was traced in train mode
+    with torch.no_grad():
+        logits, aux2, aux1 = out(torch.randn(2, 3, 96, 96))
+    assert logits.shape == aux1.shape == aux2.shape == (2, 1000)
+
+
+@pytest.mark.parametrize("name,size", [("vgg11", 64), ("bat_resnext26ts", 256)])
+def test_timm_models_plain_fx_cannot_trace(name, size):
+    """Plain symbolic_trace fails on these; convify honours timm's own leaf
+    registry (and falls back to submodules where that is not enough)."""
+    timm = pytest.importorskip("timm")
+    model = reinit(timm.create_model(name, pretrained=False, num_classes=10)).eval()
+    with pytest.raises(Exception):
+        fx.symbolic_trace(model)
+    x = torch.randn(2, 3, size, size)
+    out = convify.replace_maxpool(model, x[:1])
+    rep = convify.report(out)
+    assert rep.replaced and pools_left(out) == []
+    ref, _ = avg_reference(model, x)
+    with torch.no_grad():
+        assert rel_err(out(x), ref) <= 1e-5
