@@ -1,0 +1,449 @@
+"""Knowledge distillation of a rewritten model toward the original.
+
+The rewrite replaces max pooling (non-linear) by strided convolution (linear),
+so a trained model loses some accuracy; ``distill`` trains the rewritten
+*student* to reproduce the original *teacher*'s softened outputs (Hinton et
+al., 2015), plus the labels when the data has them.
+
+Runs unchanged under ``torchrun --nproc-per-node N``: when ``WORLD_SIZE > 1``
+it joins (or starts) the process group (gloo on CPU, nccl on CUDA), wraps the
+student in ``DistributedDataParallel``, shards a map-style dataset with
+``DistributedSampler``, averages the metrics over the ranks, and only rank 0
+writes checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
+
+from . import graph as G
+from .errors import CheckpointError, ConvifyError
+
+CHECKPOINT_NAME = "distill-checkpoint.pt"
+
+
+@dataclass
+class History:
+    """Per-epoch metrics of a :func:`distill` run (one entry per epoch, oldest first).
+
+    ``loss`` is the mean training loss; ``agreement`` the fraction of training
+    inputs on which the student's top-1 class equals the teacher's;
+    ``val_agreement`` / ``val_accuracy`` the same on ``val_data`` (accuracy only
+    when it has labels, else None); ``seconds`` the wall time of each epoch.
+    """
+
+    loss: list[float] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+    val_agreement: list[float | None] = field(default_factory=list)
+    val_accuracy: list[float | None] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+    def to_dict(self) -> dict[str, list]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list]) -> "History":
+        return cls(**{f.name: list(data.get(f.name, [])) for f in dataclasses.fields(cls)})
+
+    def __str__(self) -> str:
+        lines = ["epoch  loss      agreement  val_agreement  val_accuracy  seconds"]
+        for i in range(self.epochs):
+            va, acc = self.val_agreement[i], self.val_accuracy[i]
+            lines.append(f"{i + 1:<5}  {self.loss[i]:<8.4f}  {self.agreement[i]:<9.4f}  "
+                         f"{'-' if va is None else f'{va:.4f}':<13}  {'-' if acc is None else f'{acc:.4f}':<12}  "
+                         f"{self.seconds[i]:.1f}")
+        return "\n".join(lines)
+
+
+def distill(teacher: nn.Module, student: nn.Module, data: Any, *, epochs: int = 1, batch_size: int = 64,
+            lr: float = 1e-3, temperature: float = 4.0, alpha: float = 0.9, val_data: Any = None,
+            device: str | torch.device | None = None, progress: bool = True,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> History:
+    """Train ``student`` in place to imitate ``teacher``; returns the :class:`History`.
+
+    Args:
+        teacher: the original model; frozen and run in eval mode.
+        student: the rewritten model; trained in place with Adam and left in
+            the train/eval mode it came in, on ``device``.
+        data: a ``DataLoader`` or a map-style ``Dataset`` whose batches are
+            images, or ``(image, label)`` pairs. Without labels the loss is
+            pure distillation; with labels it is
+            ``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, label)``.
+        epochs: the total number of epochs (a resumed run continues up to it).
+        batch_size: used when ``data`` is a Dataset.
+        temperature, alpha: the softening temperature T and the weight of the
+            distillation term.
+        val_data: the same kinds as ``data``; measured after every epoch.
+        device: default: ``cuda`` (``cuda:LOCAL_RANK`` under torchrun) when
+            available, else ``cpu``. Both models are moved there.
+        progress: a progress bar with loss and agreement (only when stderr is
+            a terminal, only on rank 0).
+        checkpoint_dir: where rank 0 saves, after every epoch, the student,
+            the optimizer, the epoch and the history (``distill-checkpoint.pt``).
+        resume: continue from the checkpoint in ``checkpoint_dir`` when there is
+            one (a first run with ``resume=True`` starts from scratch).
+
+    >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
+    >>> history = convify.distill(model, allconv, train_set, epochs=2, val_data=test_set)
+    >>> history.agreement[-1], history.val_accuracy[-1]
+    """
+    _check_arguments(teacher, student, epochs, temperature, alpha, resume, checkpoint_dir)
+    ctx = _DistContext.start(device)
+    try:
+        return _Run(teacher, student, data, val_data, ctx, epochs=epochs, batch_size=batch_size, lr=lr,
+                    temperature=temperature, alpha=alpha, progress=progress,
+                    checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                    resume=resume).run()
+    finally:
+        ctx.stop()
+
+
+def _check_arguments(teacher: Any, student: Any, epochs: int, temperature: float, alpha: float, resume: bool,
+                     checkpoint_dir: Any) -> None:
+    for name, m in (("teacher", teacher), ("student", student)):
+        if not isinstance(m, nn.Module):
+            raise ConvifyError(f"distill: {name} must be a torch.nn.Module, not {type(m).__name__}")
+    if teacher is student:
+        raise ConvifyError("distill: teacher and student are the same module; pass the rewritten copy as student")
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ConvifyError("distill: the student has no trainable parameters (all requires_grad=False)")
+    if epochs < 1:
+        raise ConvifyError(f"distill: epochs must be at least 1, not {epochs}")
+    if temperature <= 0:
+        raise ConvifyError(f"distill: temperature must be positive, not {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ConvifyError(f"distill: alpha weighs distillation against labels and must be in [0, 1], not {alpha}")
+    if resume and checkpoint_dir is None:
+        raise ConvifyError("distill: resume=True needs checkpoint_dir= (the folder the checkpoints are in)")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _DistContext:
+    """Where this process trains, and whether it is one of several ranks."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device: str | torch.device | None) -> "_DistContext":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() and world > 1 else (
+                "cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None and world > 1:
+            dev = torch.device("cuda", local_rank)
+        if world <= 1:
+            return cls(dev)
+        owns = False
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            owns = True
+        return cls(dev, dist.get_rank(), dist.get_world_size(), owns)
+
+    def stop(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over the ranks (identity in one process)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+class _Strided(Sampler[int]):
+    """Every ``world``-th index from ``rank``: an exact split for evaluation
+    (DistributedSampler pads with repeats so that ranks get equal shares)."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.indices = range(rank, size, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _loader(data: Any, ctx: _DistContext, batch_size: int, *, train: bool) -> DataLoader:
+    """A DataLoader over ``data``, sharded over the ranks when distributed."""
+    if isinstance(data, DataLoader):
+        if not ctx.distributed:
+            return data
+        dataset, batch_size = data.dataset, data.batch_size or batch_size
+        options = {"num_workers": data.num_workers, "collate_fn": data.collate_fn, "pin_memory": data.pin_memory}
+    elif isinstance(data, Dataset):
+        dataset, options = data, {}
+    else:
+        raise ConvifyError(f"distill: data must be a torch DataLoader or Dataset, not {type(data).__name__}; "
+                           "wrap tensors in torch.utils.data.TensorDataset")
+    if isinstance(dataset, IterableDataset):
+        if ctx.distributed:
+            raise ConvifyError("distill under torchrun needs a map-style Dataset (with __len__ and __getitem__) "
+                               "to shard with DistributedSampler; an IterableDataset cannot be split")
+        return data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=batch_size)
+    if not ctx.distributed:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=train, **options)
+    sampler = (DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True) if train
+               else _Strided(len(dataset), ctx.rank, ctx.world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
+
+
+def _split(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``images`` or ``(images, labels, ...)`` -> images, labels (None when absent)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True), None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        if labels is not None and (labels.is_floating_point() or labels.dim() != 1):
+            labels = None  # not class indices (e.g. a mask or a target image): distill only
+        return batch[0].to(device, non_blocking=True), labels.to(device) if labels is not None else None
+    raise ConvifyError(f"distill: a batch must be a tensor of images or an (images, labels) pair, "
+                       f"not {type(batch).__name__}")
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """Classifier logits from a model output (timm/torchvision may return tuples)."""
+    if isinstance(output, torch.Tensor):
+        return output.flatten(1) if output.dim() > 2 else output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return _logits(output[0])
+    raise ConvifyError(f"distill: the model returned {type(output).__name__}; distill needs class logits")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``
+    (the KL term alone when there are no labels).
+
+    >>> distillation_loss(torch.zeros(2, 3), torch.zeros(2, 3), None, 4.0, 0.9)
+    tensor(0.)
+    """
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    if labels is None:
+        return kd
+    return alpha * kd + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    def __init__(self, teacher: nn.Module, student: nn.Module, data: Any, val_data: Any, ctx: _DistContext, *,
+                 epochs: int, batch_size: int, lr: float, temperature: float, alpha: float, progress: bool,
+                 checkpoint_dir: Path | None, resume: bool) -> None:
+        self.teacher, self.student, self.ctx = teacher, student, ctx
+        self.epochs, self.temperature, self.alpha = epochs, temperature, alpha
+        self.progress = progress and ctx.main and sys.stderr.isatty()
+        self.checkpoint_dir, self.resume = checkpoint_dir, resume
+        self.train_loader = _loader(data, ctx, batch_size, train=True)
+        self.val_loader = _loader(val_data, ctx, batch_size, train=False) if val_data is not None else None
+        teacher.to(ctx.device)
+        student.to(ctx.device)
+        self.optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+        self.history = History()
+
+    def run(self) -> History:
+        student_flags = [(m, m.training) for m in self.student.modules()]
+        teacher_flags = [(m, m.training) for m in self.teacher.modules()]
+        teacher_grads = [(p, p.requires_grad) for p in self.teacher.parameters()]
+        try:
+            self.teacher.eval().requires_grad_(False)
+            start = self._load_checkpoint()  # before DDP wraps the student: every rank loads the same state
+            trained = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            ) if self.ctx.distributed else self.student
+            for epoch in range(start, self.epochs):
+                began = time.perf_counter()
+                loss, agreement = self._train_epoch(trained, epoch)
+                val_agreement, val_accuracy = self._evaluate()
+                self._record(loss, agreement, val_agreement, val_accuracy, time.perf_counter() - began)
+                self._save_checkpoint(epoch)
+        finally:
+            for m, flag in student_flags + teacher_flags:
+                m.training = flag
+            for p, flag in teacher_grads:
+                p.requires_grad_(flag)
+        return self.history
+
+    def _record(self, loss: float, agreement: float, val_agreement: float | None, val_accuracy: float | None,
+                seconds: float) -> None:
+        h = self.history
+        h.loss.append(loss)
+        h.agreement.append(agreement)
+        h.val_agreement.append(val_agreement)
+        h.val_accuracy.append(val_accuracy)
+        h.seconds.append(seconds)
+
+    def _train_epoch(self, trained: nn.Module, epoch: int) -> tuple[float, float]:
+        sampler = getattr(self.train_loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        self.student.train()
+        loss_sum = agree = seen = 0.0
+        bar = _bar(self.train_loader, f"distill {epoch + 1}/{self.epochs}", self.progress)
+        for batch in bar:
+            x, labels = _split(batch, self.ctx.device)
+            with torch.no_grad():
+                teacher_logits = _logits(self.teacher(x))
+            student_logits = _logits(trained(x))
+            loss = distillation_loss(student_logits, teacher_logits.to(student_logits.dtype), labels,
+                                     self.temperature, self.alpha)
+            if not torch.isfinite(loss):
+                raise ConvifyError(f"distill: the loss became {loss.item()} in epoch {epoch + 1}; "
+                                   "lower lr= or check the inputs")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            n = x.shape[0]
+            loss_sum += float(loss.detach()) * n
+            agree += float((student_logits.argmax(1) == teacher_logits.argmax(1)).sum())
+            seen += n
+            if self.progress:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", agreement=f"{agree / seen:.3f}")
+        loss_sum, agree, seen = self.ctx.sum([loss_sum, agree, seen])
+        if seen == 0:
+            raise ConvifyError("distill: the training data yielded no batches")
+        return loss_sum / seen, agree / seen
+
+    def _evaluate(self) -> tuple[float | None, float | None]:
+        if self.val_loader is None:
+            return None, None
+        agree = correct = seen = labelled = 0.0
+        with torch.no_grad(), G.eval_mode(self.student):
+            for batch in self.val_loader:
+                x, labels = _split(batch, self.ctx.device)
+                pred = _logits(self.student(x)).argmax(1)
+                agree += float((pred == _logits(self.teacher(x)).argmax(1)).sum())
+                seen += x.shape[0]
+                if labels is not None:
+                    correct += float((pred == labels).sum())
+                    labelled += labels.shape[0]
+        agree, correct, seen, labelled = self.ctx.sum([agree, correct, seen, labelled])
+        return (agree / seen if seen else None), (correct / labelled if labelled else None)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir is not None else None
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        path = self._checkpoint_path()
+        if path is None or not self.ctx.main:
+            return
+        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "epoch": epoch, "epochs": self.epochs, "history": self.history.to_dict()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+        except OSError as e:
+            raise CheckpointError(f"distill: cannot write the checkpoint {path}: {e}") from e
+
+    def _load_checkpoint(self) -> int:
+        """The epoch to start from (0 unless resuming from a checkpoint)."""
+        path = self._checkpoint_path()
+        if not self.resume or path is None or not path.exists():
+            return 0
+        try:
+            state = torch.load(path, map_location=self.ctx.device, weights_only=True)
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.history = History.from_dict(state["history"])
+            return int(state["epoch"]) + 1
+        except Exception as e:
+            raise CheckpointError(f"distill: cannot resume from {path}: {type(e).__name__}: {e}; "
+                                  "delete it to start over, or pass the student it was saved from") from e
+
+
+def load_checkpoint(path: str | os.PathLike, student: nn.Module | None = None) -> dict[str, Any]:
+    """Read a distillation checkpoint; load its weights into ``student`` when given.
+
+    Returns the dict with ``student`` (state dict), ``optimizer``, ``epoch`` and
+    ``history`` (a :class:`History`).
+
+    >>> state = convify.distill.load_checkpoint("ckpt/distill-checkpoint.pt", allconv)
+    >>> state["history"].agreement
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the distillation checkpoint {path}: {type(e).__name__}: {e}") from e
+    state["history"] = History.from_dict(state.get("history", {}))
+    if student is not None:
+        try:
+            student.load_state_dict(state["student"])
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint {path} does not fit this student: {e}") from e
+    return state
+
+
+def _bar(loader: DataLoader, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm  # noqa: PLC0415  (only on a terminal)
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _CallableModule(types.ModuleType):
+    """``convify.distill`` is both this module and its function: importing the
+    submodule (``from convify.distill import History``) makes Python bind the
+    module to the package attribute that ``convify.__init__`` lazily serves as
+    the function, so the module forwards calls to the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> History:
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+__all__ = ["History", "distill", "distillation_loss", "load_checkpoint", "CHECKPOINT_NAME"]

@@ -1,0 +1,211 @@
+"""convify.distill: knowledge distillation of the rewritten model toward the original."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import convify
+from convify.distill import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
+from convify.errors import ConvifyError
+from conftest import reinit
+
+
+class Small(nn.Module):
+    def __init__(self, classes: int = 5) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.p2 = nn.MaxPool2d(2)
+        self.head = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.p1(torch.relu(self.c1(x)))
+        x = self.p2(torch.relu(self.c2(x)))
+        return self.head(x).mean((2, 3))
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _agreement(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((teacher(x).argmax(1) == student(x).argmax(1)).float().mean())
+
+
+def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    teacher = reinit(Small(), seed).eval()
+    student = convify.replace_maxpool(teacher, init="kaiming")
+    torch.manual_seed(seed)
+    with torch.no_grad():  # a poor start, so that there is something to recover
+        for name in ("p1", "p2"):
+            student.get_submodule(name).weight.normal_(0, 0.3)
+    return teacher, student
+
+
+def test_distillation_raises_agreement_on_unlabelled_images() -> None:
+    teacher, student = _pair()
+    train, held_out = _images(256, 1), _images(256, 2)
+    before = _agreement(teacher, student, held_out)
+    torch.manual_seed(0)
+    history = convify.distill(teacher, student, TensorDataset(train), epochs=3, batch_size=32, lr=3e-3,
+                              val_data=TensorDataset(held_out), device="cpu", progress=False)
+    after = _agreement(teacher, student, held_out)
+    assert after > before + 0.2, (before, after)
+    assert after > 0.75, after
+    assert history.epochs == 3
+    assert history.val_agreement[-1] == pytest.approx(after)
+    assert history.val_accuracy == [None] * 3  # no labels, no accuracy
+    assert history.loss[-1] < history.loss[0]
+
+
+def test_labels_give_validation_accuracy_and_cross_entropy() -> None:
+    teacher, student = _pair(1)
+    x = _images(128, 3)
+    with torch.no_grad():
+        labels = teacher(x).argmax(1)
+    loader = DataLoader(TensorDataset(x, labels), batch_size=32, shuffle=True)
+    history = convify.distill(teacher, student, loader, val_data=TensorDataset(x, labels), device="cpu",
+                              progress=False)
+    assert history.val_accuracy[0] == pytest.approx(history.val_agreement[0])  # labels are the teacher's
+    assert 0.0 <= history.val_accuracy[0] <= 1.0
+
+
+def test_loss_is_kl_times_t_squared_plus_weighted_cross_entropy() -> None:
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 1, 2, 0])
+    assert float(distillation_loss(t, t, None, 4.0, 0.9)) == pytest.approx(0.0, abs=1e-6)
+    kd = torch.nn.functional.kl_div(torch.log_softmax(s / 2, 1), torch.softmax(t / 2, 1), reduction="batchmean") * 4
+    ce = torch.nn.functional.cross_entropy(s, labels)
+    assert float(distillation_loss(s, t, None, 2.0, 0.7)) == pytest.approx(float(kd), rel=1e-5)
+    assert float(distillation_loss(s, t, labels, 2.0, 0.7)) == pytest.approx(float(0.7 * kd + 0.3 * ce), rel=1e-5)
+
+
+def test_teacher_is_frozen_and_modes_are_restored() -> None:
+    teacher, student = _pair(2)
+    teacher.train()
+    student.eval()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    convify.distill(teacher, student, TensorDataset(_images(64, 4)), batch_size=16, device="cpu", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert teacher.training and not student.training
+    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+
+
+def test_checkpoints_and_resume(tmp_path: Path) -> None:
+    teacher, student = _pair(3)
+    data = TensorDataset(_images(64, 5))
+    first = convify.distill(teacher, student, data, epochs=1, batch_size=16, device="cpu", progress=False,
+                            checkpoint_dir=tmp_path)
+    saved = load_checkpoint(tmp_path)
+    assert saved["epoch"] == 0 and saved["history"].loss == first.loss
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in saved["student"].items())
+
+    _, fresh = _pair(3)
+    resumed = convify.distill(teacher, fresh, data, epochs=2, batch_size=16, device="cpu", progress=False,
+                              checkpoint_dir=tmp_path, resume=True)
+    assert resumed.epochs == 2 and resumed.loss[0] == first.loss[0]
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    # Resuming a finished run trains nothing more and loads the finished weights.
+    _, again = _pair(3)
+    done = convify.distill(teacher, again, data, epochs=2, batch_size=16, device="cpu", progress=False,
+                           checkpoint_dir=tmp_path, resume=True)
+    assert done.loss == resumed.loss
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in again.state_dict().items())
+
+
+def test_resume_from_a_checkpoint_of_another_model_names_the_file(tmp_path: Path) -> None:
+    teacher, student = _pair(4)
+    data = TensorDataset(_images(32, 6))
+    convify.distill(teacher, student, data, batch_size=16, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    other = convify.replace_maxpool(Small(classes=3))
+    with pytest.raises(ConvifyError, match=f"cannot resume from .*{CHECKPOINT_NAME}"):
+        convify.distill(Small(classes=3), other, data, epochs=2, device="cpu", progress=False,
+                        checkpoint_dir=tmp_path, resume=True)
+
+
+def test_argument_errors() -> None:
+    teacher, student = _pair()
+    data = TensorDataset(_images(8, 0))
+    with pytest.raises(ConvifyError, match="alpha .* must be in"):
+        convify.distill(teacher, student, data, alpha=1.5, progress=False)
+    with pytest.raises(ConvifyError, match="resume=True needs checkpoint_dir"):
+        convify.distill(teacher, student, data, resume=True, progress=False)
+    with pytest.raises(ConvifyError, match="must be a torch DataLoader or Dataset"):
+        convify.distill(teacher, student, [_images(8, 0)], progress=False, device="cpu")
+    with pytest.raises(ConvifyError, match="the same module"):
+        convify.distill(teacher, teacher, data, progress=False)
+
+
+def test_history_round_trips() -> None:
+    h = History([1.0], [0.5], [None], [None], [2.0])
+    assert History.from_dict(h.to_dict()) == h
+    assert "epoch" in str(h)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+_WORKER = textwrap.dedent('''
+    import os, sys
+    import torch
+    import torch.nn as nn
+    from torch.utils.data import TensorDataset
+    import convify
+
+    def build():
+        torch.manual_seed(0)
+        teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        return teacher, convify.replace_maxpool(teacher, init="kaiming")
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        out = sys.argv[1]
+        teacher, student = build()
+        g = torch.Generator().manual_seed(1)
+        data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g))
+        history = convify.distill(teacher, student, data, epochs=2, batch_size=8, device="cpu", progress=False,
+                                  val_data=data, checkpoint_dir=os.path.join(out, "ckpt"))
+        rank = os.environ["RANK"]
+        torch.save({"state": student.state_dict(), "history": history.to_dict()},
+                   os.path.join(out, f"rank{rank}.pt"))
+''')
+
+
+def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CHECKPOINT_NAME]  # rank 0 only
+
+    spec = importlib.util.spec_from_file_location("distill_worker", script)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    _, student = worker.build()
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    state = load_checkpoint(tmp_path / "ckpt", student)
+    assert state["epoch"] == 1 and state["history"].epochs == 2
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, ranks[0]["state"][k]) and torch.equal(v, ranks[1]["state"][k])  # DDP kept them equal
+    assert any(not torch.equal(initial[k], v) for k, v in student.state_dict().items())
+    # The metrics were reduced over both ranks: each rank reports the same numbers.
+    same = ("loss", "agreement", "val_agreement", "val_accuracy")
+    assert {k: ranks[0]["history"][k] for k in same} == {k: ranks[1]["history"][k] for k in same}
+    with torch.no_grad():
+        assert student(torch.randn(2, 1, 8, 8)).shape == (2, 3)
