@@ -1,0 +1,566 @@
+"""The ``convify`` command line (also ``python -m convify``).
+
+::
+
+    convify inspect --arch torchvision:resnet18 --weights resnet18.pth
+    convify rewrite --arch torchvision:resnet18 --weights resnet18.pth -o allconv.pt --onnx allconv.onnx
+    convify verify allconv.pt --head none
+    convify export allconv.pt -o allconv.onnx --dynamic-spatial
+
+Exit codes: 0 success (also when there was nothing to rewrite), 1 a failed
+rewrite or verification, 2 bad usage or unreadable input. Errors are one line
+on stderr (``--debug`` adds the traceback); reports go to stdout, notes to
+stderr, so ``--json`` output can be piped.
+
+Each subcommand is one ``Command`` row in :data:`COMMANDS`: a function that
+adds its arguments and one that runs it. Heavy modules (the rewrite engine,
+onnx, onnxruntime) are imported inside the commands that need them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from .errors import CheckpointError, ConvifyError, ExampleInputError, RewriteError
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from .checkpoint import ModelSource
+    from .report import Report
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ConvifyError):
+    """Options that contradict each other or name nothing."""
+
+
+# --------------------------------------------------------------------------- arguments shared by commands
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a file, or --arch with optional --weights)")
+    g.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a convify checkpoint, a pickled nn.Module (with --trust-pickle), or with --arch the "
+                        "weights file")
+    g.add_argument("--arch", metavar="SPEC",
+                   help="torchvision:NAME, timm:NAME or package.module:factory")
+    g.add_argument("--arch-kwargs", action="append", metavar="KEY=VALUE",
+                   help="a builder argument, the value a Python literal (repeatable): num_classes=10")
+    g.add_argument("--weights", metavar="FILE",
+                   help="a state_dict for --arch: .pt/.pth (read with weights_only=True) or .safetensors")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow a file holding pickled Python objects (a whole nn.Module); loading it runs "
+                        "code from the file")
+    g.add_argument("--trust-code", action="store_true",
+                   help="allow a convify checkpoint whose recipe imports package.module:factory")
+    g.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="example input shape (default: the checkpoint's, else worked out from the model)")
+
+
+def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rewrite (defaults: those of convify.convify)")
+    g.add_argument("--pool", choices=["conv", "depthwise", "fold", "none"], default="conv",
+                   help="max pooling becomes a dense strided conv, a depthwise one, or is folded into the "
+                        "conv before it (default: conv)")
+    g.add_argument("--head", choices=["conv", "gap", "none"], default="conv",
+                   help="Linear heads become exact convolutions, or a 1x1 conv + global average (default: conv)")
+    g.add_argument("--init", choices=["avg", "kaiming"], default="avg",
+                   help="weights of the new pooling convolutions (default: avg, i.e. average pooling)")
+    g.add_argument("--dense", action="store_true",
+                   help="fully convolutional: larger inputs give a map of scores")
+    g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
+    g.add_argument("--skip", action="append", metavar="GLOB", help="leave sites matching GLOB alone (repeatable)")
+
+
+def _output_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help=what)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification (export to ONNX, run in onnxruntime, compare)")
+    g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider (default: cpu)")
+    g.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="pass a rewrite that is not exact only if top-1 agreement reaches FRACTION")
+    g.add_argument("--atol", type=float, help="absolute tolerance (default: convify.verify's)")
+    g.add_argument("--rtol", type=float, help="relative tolerance (default: convify.verify's)")
+
+
+def _json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _add_inspect(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    _rewrite_arguments(p)
+    _json_argument(p)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """A dry run: rewrite in memory, print what would be replaced and skipped."""
+    shape = _given_shape(args)
+    options = _rewrite_options(args)
+    with _Progress(2) as progress:
+        with progress.step("loading the model"):
+            src = _open_model(args)
+            shape = _resolve_shape(src, shape)
+        with progress.step("rewriting in memory"):
+            rewritten = _rewrite(src, options, shape)
+    rep = _report(rewritten, src)
+    summary = _summary(src, rewritten, options, shape)
+    if args.json:
+        _print_json({**summary, "report": rep.to_dict()})
+    else:
+        print(_headline(summary))
+        print(rep)
+    _note_if_nothing(rep, src)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- rewrite
+
+
+def _add_rewrite(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    _rewrite_arguments(p)
+    _output_arguments(p, "the convify checkpoint to write (a pickled module for --trust-pickle input)")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="also export the rewritten model to ONNX")
+    p.add_argument("--verify", action="store_true",
+                   help="verify the rewrite through onnxruntime first; write nothing if it fails")
+    _verify_arguments(p)
+    _json_argument(p)
+
+
+def run_rewrite(args: argparse.Namespace) -> int:
+    """Rewrite MODEL and write OUT (and OUT.onnx); never over an input, never a partial file."""
+    from . import checkpoint as ck  # noqa: PLC0415
+
+    shape = _given_shape(args)
+    options = _rewrite_options(args)
+    inputs = [args.model, args.weights]
+    ck.check_output(args.output, force=args.force, inputs=inputs)
+    if args.onnx:
+        ck.check_output(args.onnx, force=args.force, inputs=inputs + [args.output])
+    steps = 3 + bool(args.verify) + bool(args.onnx)
+    with _Progress(steps) as progress:
+        with progress.step("loading the model"):
+            src = _open_model(args)
+            shape = _resolve_shape(src, shape)
+        with progress.step("rewriting"):
+            rewritten = _rewrite(src, options, shape)
+        verification = None
+        if args.verify:
+            with progress.step("verifying through onnxruntime"):
+                verification = _verify(src.model, rewritten, shape, args)
+        if verification is not None and not verification.passed:
+            _emit(args, src, rewritten, options, shape, verification=verification, written=[])
+            _note("verification failed: nothing written")
+            return EXIT_FAILED
+        with progress.step("writing"):
+            written = _write(args, src, rewritten, options, shape, progress)
+    _emit(args, src, rewritten, options, shape, verification=verification, written=written)
+    for path in written:
+        _note(f"wrote {path}")
+    if src.pickled:
+        _note(f"{args.output} is a whole pickled module (no recipe can rebuild an unnamed class): loading it "
+              "runs code from the file and needs the same trust as its source (--trust-pickle, "
+              "torch.load(..., weights_only=False))")
+    _note_if_nothing(_report(rewritten, src), src)
+    return EXIT_OK
+
+
+def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],
+           shape: tuple[int, ...], progress: "_Progress") -> list[str]:
+    """The checkpoint goes to a temp file; the ONNX export (itself atomic)
+    runs before the rename, so a failed export leaves no checkpoint either."""
+    import torch  # noqa: PLC0415
+
+    from . import checkpoint as ck  # noqa: PLC0415
+
+    if src.pickled:
+        payload: Any = rewritten
+    else:
+        recipe = ck.make_recipe(arch=src.arch, input_shape=shape, arch_kwargs=src.arch_kwargs, rewrite=options,
+                                before=src.history)
+        payload = ck.to_checkpoint(rewritten, recipe)
+    written = [args.output]
+
+    def write(tmp: Any) -> None:
+        torch.save(payload, tmp)
+        if args.onnx:
+            progress.set("exporting to ONNX")
+            _export(rewritten, args.onnx, shape)
+            written.append(args.onnx)
+
+    ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
+    return written
+
+
+def _emit(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],
+          shape: tuple[int, ...], *, verification: Any, written: list[str]) -> None:
+    rep = _report(rewritten, src)
+    summary = _summary(src, rewritten, options, shape)
+    if args.json:
+        _print_json({**summary, "report": rep.to_dict(), "verification": _verification_dict(verification),
+                     "written": written})
+        return
+    print(_headline(summary))
+    print(rep)
+    if verification is not None:
+        print()
+        print(verification)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    _output_arguments(p, "the .onnx file to write")
+    p.add_argument("--dynamic-spatial", action="store_true", help="make height and width dynamic too")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                   help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export MODEL as it is (typically a convify checkpoint) to one ONNX file."""
+    from . import checkpoint as ck  # noqa: PLC0415
+
+    shape = _given_shape(args)
+    ck.check_output(args.output, force=args.force, inputs=[args.model, args.weights])
+    with _Progress(2) as progress:
+        with progress.step("loading the model"):
+            src = _open_model(args)
+            shape = _resolve_shape(src, shape)
+        with progress.step("exporting to ONNX"):
+            path = _export(src.model, args.output, shape, dynamic_spatial=args.dynamic_spatial,
+                           opset=args.opset, exporter=args.exporter)
+    _note(f"wrote {path}")
+    return EXIT_OK
+
+
+def _export(model: "nn.Module", path: str, shape: tuple[int, ...], **options: Any) -> Any:
+    from . import export_onnx  # noqa: PLC0415  (onnx and the exporter load here, not before)
+
+    return export_onnx(model, path, _random_input(model, shape), **options)
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    _rewrite_arguments(p)
+    _verify_arguments(p)
+    _json_argument(p)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Rewrite in memory and verify the rewrite against MODEL; writes nothing."""
+    shape = _given_shape(args)
+    options = _rewrite_options(args)
+    with _Progress(3) as progress:
+        with progress.step("loading the model"):
+            src = _open_model(args)
+            shape = _resolve_shape(src, shape)
+        with progress.step("rewriting in memory"):
+            rewritten = _rewrite(src, options, shape)
+        with progress.step("verifying through onnxruntime"):
+            verification = _verify(src.model, rewritten, shape, args)
+    rep = _report(rewritten, src)
+    if args.json:
+        _print_json({**_summary(src, rewritten, options, shape), "report": rep.to_dict(),
+                     "verification": _verification_dict(verification)})
+    else:
+        print(verification)
+    _note_if_nothing(rep, src)
+    return EXIT_OK if verification.passed else EXIT_FAILED
+
+
+def _verify(original: "nn.Module", rewritten: "nn.Module", shape: tuple[int, ...], args: argparse.Namespace) -> Any:
+    from . import verify  # noqa: PLC0415  (onnx, onnxruntime)
+
+    return verify(original, rewritten, _random_input(original, shape), provider=args.provider,
+                  atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
+
+
+def _verification_dict(verification: Any) -> dict[str, Any] | None:
+    if verification is None:
+        return None
+    to_dict = getattr(verification, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    return {"passed": bool(verification.passed), "table": str(verification)}
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Rewrite, export and verify a small model, printing each step."""
+    try:
+        from . import demo  # noqa: PLC0415
+    except ModuleNotFoundError as e:
+        if e.name != "convify.demo":
+            raise
+        raise UsageError("the demo is not part of this installation of convify") from e
+    code = demo.main(args)
+    return EXIT_OK if code is None else int(code)
+
+
+# --------------------------------------------------------------------------- the command table
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, one-line help, its arguments and its body."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("inspect", "dry run: what would be rewritten and skipped, with shapes", _add_inspect, run_inspect),
+    Command("rewrite", "rewrite a model and write a convify checkpoint (and ONNX)", _add_rewrite, run_rewrite),
+    Command("export", "export a model or convify checkpoint to ONNX", _add_export, run_export),
+    Command("verify", "rewrite in memory and verify it through onnxruntime; writes nothing", _add_verify,
+            run_verify),
+    Command("demo", "rewrite, export and verify a small model, step by step", _add_demo, run_demo),
+)
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser: one subparser per row of ``commands``."""
+    from . import __version__  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="convify",
+        description="Rewrite PyTorch CNNs into all-convolutional networks: max pooling becomes strided "
+                    "convolution, Linear heads become convolutions.",
+        epilog="exit codes: 0 success, 1 a failed rewrite or verification, 2 bad usage or unreadable input",
+    )
+    parser.add_argument("--version", action="version", version=f"convify {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in commands:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # stdout closed early (`| head`): not an error of convify's
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("convify: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # every error ends as one line and an exit code
+        if args.debug:
+            traceback.print_exc()
+        code, text = _classify(e)
+        print(f"convify: error: {text}", file=sys.stderr)
+        return code
+
+
+def _classify(e: Exception) -> tuple[int, str]:
+    text = " ".join(str(e).split())
+    if isinstance(e, (CheckpointError, ExampleInputError, UsageError)):
+        return EXIT_USAGE, text
+    if isinstance(e, ConvifyError):
+        return EXIT_FAILED, text
+    return EXIT_FAILED, f"unexpected {type(e).__name__}: {text[:300]} (rerun with --debug for the traceback)"
+
+
+# --------------------------------------------------------------------------- steps shared by commands
+
+
+def _given_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    if not args.input_shape:
+        return None
+    from .checkpoint import parse_input_shape  # noqa: PLC0415
+
+    try:
+        return parse_input_shape(args.input_shape)
+    except CheckpointError as e:
+        raise CheckpointError(f"--input-shape: {e}") from e
+
+
+def _rewrite_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"pool": None if args.pool == "none" else args.pool, "head": None if args.head == "none" else args.head,
+            "init": args.init, "dense": args.dense, "only": args.only, "skip": args.skip}
+
+
+def _open_model(args: argparse.Namespace) -> "ModelSource":
+    from .checkpoint import open_model, parse_arch_kwargs  # noqa: PLC0415
+
+    return open_model(args.model, arch=args.arch, arch_kwargs=parse_arch_kwargs(args.arch_kwargs),
+                      weights=args.weights, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
+
+
+def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The given shape (checked by one forward pass), the checkpoint's, or one
+    worked out from the model."""
+    import torch  # noqa: PLC0415
+
+    from .checkpoint import example_input  # noqa: PLC0415
+
+    if given is None and src.input_shape is not None:
+        return tuple(src.input_shape)
+    if given is None:
+        from .graph import probe_input  # noqa: PLC0415
+
+        try:
+            return tuple(probe_input(src.model).shape)
+        except ExampleInputError as e:
+            raise ExampleInputError(f"could not work out an input shape for {src.label}: {e}; "
+                                    "pass --input-shape N,C,H,W") from e
+    try:
+        with torch.no_grad():
+            src.model(example_input(src.model, given))
+    except Exception as e:
+        raise ExampleInputError(f"{src.label} does not run on an input of shape {_shape_text(given)}: "
+                                f"{_one_line(e)}; pass the --input-shape it expects") from e
+    return given
+
+
+def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...]) -> "nn.Module":
+    from .checkpoint import apply_rewrite  # noqa: PLC0415
+
+    try:
+        return apply_rewrite(src.model, options, shape)
+    except ConvifyError:
+        raise
+    except Exception as e:
+        raise RewriteError(f"rewriting {src.label} failed: {_one_line(e)}") from e
+
+
+def _random_input(model: "nn.Module", shape: tuple[int, ...]) -> "torch.Tensor":
+    import torch  # noqa: PLC0415
+
+    from .checkpoint import example_input  # noqa: PLC0415
+
+    like = example_input(model, shape)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
+
+
+def _report(model: "nn.Module", src: "ModelSource | None" = None) -> "Report":
+    """The model's report; with ``src``, only the passes this run added (a
+    convify checkpoint arrives with the passes it was made with)."""
+    from .report import Report, report  # noqa: PLC0415
+
+    rep = report(model)
+    if src is None:
+        return rep
+    return Report(rep.passes[len(report(src.model).passes):])
+
+
+def _summary(src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any], shape: tuple[int, ...]
+             ) -> dict[str, Any]:
+    return {
+        "model": src.label,
+        "arch": str(src.arch) if src.arch is not None else None,
+        "input_shape": list(shape),
+        "rewrite": options,
+        "parameters": {"before": _count(src.model), "after": _count(rewritten)},
+        "replaced": len(_report(rewritten, src).replaced),
+        "nothing_to_rewrite": not _report(rewritten, src).replaced,
+    }
+
+
+def _headline(summary: dict[str, Any]) -> str:
+    opts = " ".join(f"{k}={v}" for k, v in summary["rewrite"].items() if v not in (None, False))
+    params = summary["parameters"]
+    return (f"{summary['model']}  input {_shape_text(summary['input_shape'])}  {opts}  "
+            f"parameters {params['before']:,} -> {params['after']:,}")
+
+
+def _count(model: "nn.Module") -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _note_if_nothing(rep: "Report", src: "ModelSource") -> None:
+    if not rep.replaced:
+        _note(f"nothing to rewrite in {src.label}: no max pooling or Linear head was replaced "
+              f"({len(rep.skipped)} sites skipped, see the report)")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _note(text: str) -> None:
+    print(f"convify: {text}", file=sys.stderr)
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+class _Progress:
+    """Step-by-step progress on stderr, shown only on a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.bar: Any = None
+
+    def __enter__(self) -> "_Progress":
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # noqa: PLC0415
+
+            self.bar = tqdm(total=self.total, file=sys.stderr, leave=False,
+                            bar_format="convify: {desc} [{n_fmt}/{total_fmt}] {elapsed}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def set(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(desc)
+
+    @contextlib.contextmanager
+    def step(self, desc: str) -> Iterator[None]:
+        self.set(desc)
+        yield
+        if self.bar is not None:
+            self.bar.update()
