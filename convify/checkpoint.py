@@ -597,6 +597,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        os.chmod(tmp, _file_mode(out))  # mkstemp makes 0600; the user expects their usual mode
         write(tmp)
         if out.exists() and not force:  # appeared while we worked
             raise CheckpointError(f"{out} exists: pass --force (force=True) to replace it")
@@ -608,6 +609,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
             raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from e
         raise
     return out
+
+
+def _file_mode(out: Path) -> int:
+    if out.exists():
+        return out.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _plain(value: Any, where: str) -> Any:

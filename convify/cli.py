@@ -95,6 +95,13 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, help="relative tolerance (default: convify.verify's)")
 
 
+def _onnx_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ONNX export")
+    g.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                   help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
+    g.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
+
 def _json_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
@@ -140,6 +147,7 @@ def _add_rewrite(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="verify the rewrite through onnxruntime first; write nothing if it fails")
     _verify_arguments(p)
+    _onnx_arguments(p)
     _json_argument(p)
 
 
@@ -201,7 +209,7 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
         torch.save(payload, tmp)
         if args.onnx:
             progress.set("exporting to ONNX")
-            _export(rewritten, args.onnx, shape)
+            _export(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset)
             written.append(args.onnx)
 
     ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
@@ -230,9 +238,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     _output_arguments(p, "the .onnx file to write")
     p.add_argument("--dynamic-spatial", action="store_true", help="make height and width dynamic too")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
-                   help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
+    _onnx_arguments(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -265,6 +271,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     _rewrite_arguments(p)
     _verify_arguments(p)
+    _onnx_arguments(p)
     _json_argument(p)
 
 
@@ -294,7 +301,8 @@ def _verify(original: "nn.Module", rewritten: "nn.Module", shape: tuple[int, ...
     from . import verify  # noqa: PLC0415  (onnx, onnxruntime)
 
     return verify(original, rewritten, _random_input(original, shape), provider=args.provider,
-                  atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement)
+                  atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement, exporter=args.exporter,
+                  opset=args.opset)
 
 
 def _verification_dict(verification: Any) -> dict[str, Any] | None:
@@ -321,7 +329,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if e.name != "convify.demo":
             raise
         raise UsageError("the demo is not part of this installation of convify") from e
-    code = demo.main(args)
+    code = demo.main()
     return EXIT_OK if code is None else int(code)
 
 

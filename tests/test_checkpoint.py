@@ -1,0 +1,335 @@
+"""convify.checkpoint in-process: spec parsing, reading files without running
+their code, state_dict wrappers, key mismatches, atomic writes, and the
+save -> load round trip."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import convify
+from convify import checkpoint as ck
+from convify.errors import CheckpointError
+from cli_factories import WritesAFile, tiny_net
+from conftest import rel_err, reinit
+
+SHAPE = (1, 3, 16, 16)
+TINY = "cli_factories:tiny_net"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("spec, kind, name", [
+    ("torchvision:resnet18", "torchvision", "resnet18"),
+    ("timm:resnet50", "timm", "resnet50"),
+    ("cli_factories:tiny_net", "import", "cli_factories:tiny_net"),
+    ("pkg.sub.mod:Factory.build", "import", "pkg.sub.mod:Factory.build"),
+])
+def test_parse_arch(spec, kind, name):
+    arch = ck.parse_arch(spec)
+    assert (arch.kind, arch.name, str(arch)) == (kind, name, spec)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("resnet18", r"did you mean torchvision:resnet18"),
+    ("torchvision:", "names no model"),
+    ("pkg.mod", "package.module:factory"),
+    ("a b:c", "cannot read architecture"),
+])
+def test_parse_arch_refuses(spec, match):
+    with pytest.raises(CheckpointError, match=match):
+        ck.parse_arch(spec)
+
+
+def test_parse_arch_kwargs_reads_literals():
+    got = ck.parse_arch_kwargs(["num_classes=10", "dropout=0.5", "aux_logits=False", "name='x'",
+                                "sizes=[1, 2]", "norm=None"])
+    assert got == {"num_classes": 10, "dropout": 0.5, "aux_logits": False, "name": "x", "sizes": [1, 2],
+                   "norm": None}
+
+
+@pytest.mark.parametrize("item, match", [
+    ("num_classes", "write key=value"),
+    ("=3", "write key=value"),
+    ("variant=small", "Python literal"),
+    ("x=__import__('os')", "Python literal"),
+])
+def test_parse_arch_kwargs_refuses(item, match):
+    with pytest.raises(CheckpointError, match=match):
+        ck.parse_arch_kwargs([item])
+
+
+@pytest.mark.parametrize("text, shape", [("1,3,64,64", (1, 3, 64, 64)), ("2x3x8x9", (2, 3, 8, 9)),
+                                         (" 1, 3, 32 ", (1, 3, 32)), ([1, 3, 5, 5], (1, 3, 5, 5))])
+def test_parse_input_shape(text, shape):
+    assert ck.parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["1,3,a,4", "1,3", "1,3,0,4", "1,3,-2,4", ""])
+def test_parse_input_shape_refuses(text):
+    with pytest.raises(CheckpointError, match="malformed input shape"):
+        ck.parse_input_shape(text)
+
+
+def test_build_arch_errors_name_the_fix():
+    with pytest.raises(CheckpointError, match="did you mean resnet18"):
+        ck.build_arch("torchvision:resnet81")
+    with pytest.raises(CheckpointError, match=r"building torchvision:resnet18\(num_clases=10\) failed"):
+        ck.build_arch("torchvision:resnet18", {"num_clases": 10})
+    with pytest.raises(CheckpointError, match="not a torch.nn.Module"):
+        ck.build_arch("cli_factories:not_a_model")
+    with pytest.raises(CheckpointError, match="cannot import 'no_such_module_xyz'"):
+        ck.build_arch("no_such_module_xyz:f")
+    with pytest.raises(CheckpointError, match="has no attribute 'nope'"):
+        ck.build_arch("cli_factories:nope")
+
+
+def test_build_arch_is_in_eval_mode_with_kwargs():
+    model = ck.build_arch(TINY, {"num_classes": 4})
+    assert not model.training and model[-1].out_features == 4
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def test_unwrap_opens_wrappers_and_prefixes():
+    sd = tiny_net().state_dict()
+    wrapped = {"epoch": 3, "optimizer": {"lr": 0.1},
+               "state_dict": {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}}}
+    got = ck.unwrap(wrapped)
+    assert list(got) == list(sd)
+    assert all(got[k] is sd[k] for k in sd)
+
+
+def test_unwrap_refuses_what_holds_no_state_dict():
+    with pytest.raises(CheckpointError, match=r"keys \['epoch', 'lr'\] and no state_dict"):
+        ck.unwrap({"epoch": 3, "lr": 0.1}, "x.pt")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        ck.unwrap([1, 2], "x.pt")
+
+
+def test_read_file_refuses_unreadable_files(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "garbage.pt").write_bytes(b"hello, not a checkpoint\n")
+    torch.save(tiny_net().state_dict(), tmp_path / "good.pt")
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:500])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    cases = {"missing.pt": "no such model file", "empty.pt": "is empty", "garbage.pt": "truncated or corrupt",
+             "trunc.pt": "truncated or corrupt", "bad.safetensors": "not a readable safetensors", ".": "is a folder"}
+    for name, match in cases.items():
+        with pytest.raises(CheckpointError, match=match):
+            ck.read_file(tmp_path / name)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, and still what people have
+def test_read_file_refuses_torchscript(tmp_path):
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    torch.jit.save(scripted, tmp_path / "ts.pt")
+    with pytest.raises(CheckpointError, match="TorchScript archive: torch.fx cannot trace"):
+        ck.read_file(tmp_path / "ts.pt", trust_pickle=True)
+
+
+def test_read_file_reads_safetensors_and_legacy_format(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = tiny_net().state_dict()
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("w.safetensors", "legacy.pt"):
+        got = ck.read_file(tmp_path / name)
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def _evil(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
+    marker = tmp_path / f"pwned_{fmt}"
+    path = tmp_path / f"evil_{fmt}.pt"
+    if fmt == "zip":
+        torch.save({"state_dict": WritesAFile(str(marker))}, path)
+    elif fmt == "legacy":
+        torch.save({"x": WritesAFile(str(marker))}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(WritesAFile(str(marker)), protocol=4))
+    assert not marker.exists()
+    return path, marker
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "raw"])
+def test_malicious_pickle_never_runs_without_trust(tmp_path, fmt):
+    path, marker = _evil(tmp_path, fmt)
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(.*open.*\).*runs code.*--trust-pickle"):
+        ck.read_file(path)
+    assert not marker.exists()
+
+
+def test_malicious_pickle_runs_with_trust(tmp_path):
+    """The control: the same file does run code once trusted, so the test above can fail."""
+    path, marker = _evil(tmp_path, "zip")
+    ck.read_file(path, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    torch.save(tiny_net(), tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=r"torch.nn.modules.*--trust-pickle"):
+        ck.open_model(tmp_path / "m.pt")
+    src = ck.open_model(tmp_path / "m.pt", trust_pickle=True)
+    assert src.pickled and isinstance(src.model, nn.Sequential) and not src.model.training
+
+
+# --------------------------------------------------------------------------- weights that do not fit
+
+
+def test_mismatch_lists_missing_unexpected_and_shapes():
+    model = tiny_net()
+    sd = dict(tiny_net(num_classes=3).state_dict())
+    del sd["0.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as info:
+        ck.load_weights(model, sd, source="w.pt", target=TINY)
+    text = str(info.value)
+    assert "1 missing (0.weight)" in text
+    assert "1 unexpected (extra.weight)" in text
+    assert "10.weight [3, 16] in file vs [10, 16] in model" in text
+    assert "--arch-kwargs" in text
+
+
+def test_lightning_prefix_and_missing_num_batches_tracked_fit():
+    src = reinit(tiny_net(), seed=1)
+    sd = {f"model.{k}": v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    model = tiny_net()
+    ck.load_weights(model, sd, source="w.ckpt", target=TINY)
+    assert torch.equal(model[0].weight, src[0].weight)
+
+
+def test_open_model_errors():
+    with pytest.raises(CheckpointError, match="no model given"):
+        ck.open_model()
+    with pytest.raises(CheckpointError, match="--weights needs --arch"):
+        ck.open_model(weights="w.pt")
+    with pytest.raises(CheckpointError, match="either as MODEL or with --weights"):
+        ck.open_model("a.pt", arch=TINY, weights="b.pt")
+
+
+def test_state_dict_without_arch_asks_for_arch(tmp_path):
+    torch.save(tiny_net().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=r"holds a state_dict \(\d+ tensors\) but no architecture.*--arch"):
+        ck.open_model(tmp_path / "w.pt")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_check_output_refusals(tmp_path):
+    existing = tmp_path / "out.pt"
+    existing.write_bytes(b"keep")
+    with pytest.raises(CheckpointError, match="exists: pass --force"):
+        ck.check_output(existing)
+    with pytest.raises(CheckpointError, match="refusing to write over the input"):
+        ck.check_output(existing, force=True, inputs=[str(tmp_path / "." / "out.pt")])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ck.check_output(tmp_path / "nope" / "out.pt")
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        ck.check_output(existing / "out.pt")
+    with pytest.raises(CheckpointError, match="is a folder"):
+        ck.check_output(tmp_path, force=True)
+    assert ck.check_output(existing, force=True) == existing
+
+
+def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ck.atomic_write(out, fail, force=True)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+    ck.atomic_write(out, lambda tmp: tmp.write_bytes(b"new"), force=True)
+    assert out.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+@pytest.fixture
+def rewritten():
+    model = reinit(tiny_net(), seed=2).eval()
+    options = {"head": "conv", "pool": "conv", "init": "kaiming"}
+    return model, ck.apply_rewrite(model, options, SHAPE), options
+
+
+def test_save_load_round_trip(tmp_path, rewritten):
+    _model, new, options = rewritten
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options)
+    raw = torch.load(out, weights_only=True)
+    assert raw["format"] == "convify" and raw["version"] == convify.__version__
+    assert raw["arch"] == TINY and raw["input_shape"] == list(SHAPE)
+    assert raw["rewrite"] == {**ck.REWRITE_DEFAULTS, **options}
+    assert [r.rewrite for r in convify.report(new).replaced] == ["maxpool", "maxpool", "head"]
+    with pytest.raises(CheckpointError, match=r"calling cli_factories:tiny_net, code chosen by whoever wrote.*trust"):
+        convify.load(out)
+    back = convify.load(out, trust_code=True)
+    assert not back.training
+    x = torch.randn(4, *SHAPE[1:])
+    with torch.no_grad():
+        want, got = new(x), back(x)
+    assert rel_err(got, want) <= 1e-6
+    assert convify.report(back).replaced  # it is the rewritten model, report included
+
+
+def test_save_refuses_a_recipe_that_does_not_rebuild(tmp_path, rewritten):
+    _model, new, _options = rewritten
+    with pytest.raises(CheckpointError, match="does not rebuild this model"):
+        convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite={"head": None})
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_chained_rewrites_round_trip(tmp_path):
+    """A checkpoint rewritten again records both rewrites and rebuilds through both."""
+    model = reinit(tiny_net(), seed=3).eval()
+    first = ck.apply_rewrite(model, {"head": None}, SHAPE)
+    convify.save(first, tmp_path / "a.pt", arch=TINY, input_shape=SHAPE, rewrite={"head": None})
+    src = ck.open_model(tmp_path / "a.pt", trust_code=True)
+    assert src.input_shape == SHAPE and src.history[0]["head"] is None
+    second = ck.apply_rewrite(src.model, {"pool": None}, SHAPE)
+    convify.save(second, tmp_path / "b.pt", arch=TINY, input_shape=SHAPE, rewrite={"pool": None},
+                 before=src.history)
+    back = convify.load(tmp_path / "b.pt", trust_code=True)
+    x = torch.randn(2, *SHAPE[1:])
+    with torch.no_grad():
+        assert rel_err(back(x), second(x)) <= 1e-6
+        assert rel_err(back(x), model(x)) > 1e-3  # the pooling rewrite is not exact: compared for real
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.Linear)) for m in back.modules())
+
+
+def test_load_refuses_a_plain_state_dict(tmp_path):
+    torch.save(tiny_net().state_dict(), tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="not a convify checkpoint"):
+        convify.load(tmp_path / "w.pt")
+
+
+def test_load_refuses_weights_that_do_not_fit_the_recipe(tmp_path, rewritten):
+    _model, new, options = rewritten
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options, check=False)
+    raw = torch.load(out, weights_only=True)
+    raw["arch_kwargs"] = {"num_classes": 3}
+    torch.save(raw, out)
+    with pytest.raises(CheckpointError, match="do not fit the model its recipe rebuilds"):
+        convify.load(out, trust_code=True)
+
+
+def test_checkpoint_zip_holds_no_code(tmp_path, rewritten):
+    _model, new, options = rewritten
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options)
+    with zipfile.ZipFile(out) as z:
+        assert not any("/code/" in n for n in z.namelist())
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(out) == []
