@@ -145,9 +145,57 @@ class ShapeProp(fx.Interpreter):
         return result
 
 
+@contextlib.contextmanager
+def meta_weights(module: nn.Module) -> Iterator[None]:
+    """Swap every parameter and buffer for a data-less meta tensor while the
+    block runs. Shapes come out the same and convolutions cost nothing: shape
+    propagation on densenet121 at 224 drops from a real forward (~0.1-7 s on a
+    busy 2-core machine) to ~0.2 s of interpreter overhead."""
+    from torch.nn.utils.stateless import _reparametrize_module  # noqa: PLC0415
+
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in [*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)]}
+    with _reparametrize_module(module, state):
+        yield
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 def propagate_shapes(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+    """Record every node's output shape, dtype and device for this input.
+
+    Tries meta tensors first (no arithmetic); anything that needs real data
+    (``.item()``, a tensor attribute that is not a buffer) reruns for real.
+    """
+    device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    try:
+        with torch.no_grad(), eval_mode(gm), meta_weights(gm):
+            _run(gm, tuple(map(_to_meta, args)), {k: _to_meta(v) for k, v in kwargs.items()})
+    except Exception:
+        pass
+    else:
+        for n in gm.graph.nodes:
+            _relocate(n, device)
+        return None
     with torch.no_grad(), eval_mode(gm):
-        return ShapeProp(gm).run(*args, **kwargs) if not kwargs else _run_with_kwargs(gm, args, kwargs)
+        return _run(gm, args, kwargs)
+
+
+def _relocate(n: fx.Node, device: torch.device | None) -> None:
+    """Meta shapes stand for tensors on the example input's device."""
+    found = n.meta.get(META)
+    if isinstance(found, TensorInfo) and device is not None:
+        n.meta[META] = TensorInfo(found.shape, found.dtype, device)
+    items = n.meta.get(META + "_items")
+    if items and device is not None:
+        n.meta[META + "_items"] = tuple(TensorInfo(i.shape, i.dtype, device) if i else None for i in items)
+
+
+def _run(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    return ShapeProp(gm).run(*args) if not kwargs else _run_with_kwargs(gm, args, kwargs)
 
 
 def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
@@ -194,6 +242,14 @@ def _float_like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` accepts ``x``: on meta tensors when that works (free),
+    else for real."""
+    try:
+        with torch.no_grad(), eval_mode(model), meta_weights(model):
+            model(x.to("meta"))
+        return True
+    except Exception:
+        pass
     try:
         with torch.no_grad(), eval_mode(model):
             model(x)

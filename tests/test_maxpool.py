@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from avgref import avg_reference
+from convify.reference import avg_reference
 from conftest import assert_input_dependent, rel_err, reinit
 from convify.errors import ExampleInputError
 from zoo import MAXPOOL_ZOO, build
