@@ -211,16 +211,23 @@ def _state_bytes(model: nn.Module) -> int:
 def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
                    exporter: str, large: bool, verbose: bool) -> tuple[str, str | None, tuple[str, ...]]:
     if exporter == "legacy":
-        caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose=verbose)
+        try:
+            caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose,
+                                     verbose=verbose)
+        except Exception as e:
+            raise ExportError(
+                f"could not export {type(model).__name__} to ONNX with the legacy exporter: {G.one_line(e)}; "
+                "try exporter='dynamo', or export_onnx(..., verbose=True) for the exporter's own messages") from e
         return "legacy", None, caught
     try:
-        caught = _export_quietly(_export_dynamo, model, args, staged, spec, opset, large, verbose=verbose)
+        caught = _export_quietly(_export_dynamo, model, args, staged, spec, opset, large, verbose, verbose=verbose)
         return "dynamo", None, caught
     except Exception as dynamo_error:  # any exporter failure: fall back, then say so
         reason = G.one_line(dynamo_error)
         _clear(staged)
         try:
-            caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose=verbose)
+            caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose,
+                                     verbose=verbose)
         except Exception as legacy_error:
             raise ExportError(
                 f"could not export {type(model).__name__} to ONNX: the dynamo exporter failed ({reason}) "
@@ -287,23 +294,23 @@ def _quiet_loggers() -> Iterator[None]:
 
 
 def _export_dynamo(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
-                   large: bool) -> None:
+                   large: bool, verbose: bool) -> None:
     with G.eval_mode(model):
         torch.onnx.export(
             model, args, str(staged), dynamo=True, external_data=large, opset_version=opset,
             input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamic_shapes=spec.dynamo_dynamic_shapes(), verbose=False,
+            dynamic_shapes=spec.dynamo_dynamic_shapes(), verbose=None if verbose else False,
         )
 
 
 def _export_legacy(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
-                   large: bool) -> None:
+                   large: bool, verbose: bool) -> None:
     # The legacy exporter decides on external data by itself (above 2 GB).
     with G.eval_mode(model):
         torch.onnx.export(
             model, args, str(staged), dynamo=False, opset_version=opset,
             input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamic_axes=spec.legacy_dynamic_axes(), verbose=False,
+            dynamic_axes=spec.legacy_dynamic_axes(), verbose=verbose,
         )
 
 
@@ -324,6 +331,7 @@ def _finish(staged: Path, spec: _AxesSpec, large: bool) -> Path | None:
         raise ExportError(f"the exporter reported success but wrote no file at {staged}")
     proto = onnx.load(str(staged), load_external_data=True)
     _check_dynamic(proto, spec)
+    _name_dynamic_axes(proto, spec)
     for f in staged.parent.iterdir():
         f.unlink()
     data: Path | None = None
@@ -358,6 +366,29 @@ def _check_dynamic(proto: Any, spec: _AxesSpec) -> None:
                 f"input {name!r} was exported with a fixed size on axes {pinned} that were asked to be dynamic "
                 f"({[axes[a] for a in pinned]}); the model's forward fixes them (a flatten into a Linear, a "
                 "reshape to constants): rewrite its head first, or export with dynamic_spatial=False")
+
+
+def _name_dynamic_axes(proto: Any, spec: _AxesSpec) -> None:
+    """Give the dynamo exporter's symbols (``s77``) the names the legacy exporter
+    uses (``batch``, ``height``, ``width``), wherever one symbol means one axis."""
+    wanted: dict[str, set[str]] = {}
+    by_name = {i.name: i for i in proto.graph.input}
+    for name, axes in zip(spec.input_names, spec.input_axes):
+        value = by_name.get(name)
+        if value is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for axis, label in axes.items():
+            if axis < len(dims) and dims[axis].dim_param:
+                wanted.setdefault(dims[axis].dim_param, set()).add(label)
+    rename = {sym: labels.pop() for sym, labels in wanted.items() if len(labels) == 1 and sym not in
+              {label for ls in wanted.values() for label in ls}}
+    if not rename:
+        return
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 def input_names(path: str | os.PathLike) -> list[str]:
