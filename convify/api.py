@@ -1,12 +1,15 @@
 """The rewrite entry points behind ``convify.replace_maxpool`` and friends."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .engine import rewrite_model
+from .engine import as_args, rewrite_model
+from .report import Report, attach, report
 from .rewrites import get
 
 Patterns = "str | Sequence[str] | None"
@@ -45,3 +48,92 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
                            calibration=calibration)
     rewrite = get("maxpool")(mode=mode, init=init)
     return rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
+
+
+def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: str = "conv", dense: bool = False,
+                        only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
+                        inplace: bool = False) -> nn.Module:
+    """Turn every Linear classifier head of ``model`` into convolutions.
+
+    A head is a Linear fed by a flattened spatial map (``torch.flatten``,
+    ``nn.Flatten``, ``view``/``reshape``, optionally behind global or adaptive
+    average pooling or ``x.mean([2, 3])``), with further Linears and
+    elementwise ops up to a model output. Linears that feed back into a
+    feature map (squeeze-excitation, attention, MLP blocks) are left alone.
+
+    Args:
+        model: any ``nn.Module``; it is not modified unless ``inplace=True``.
+        example_input: a tensor (or tuple of tensors) at the size the head was
+            built for; worked out from the model when omitted.
+        mode: ``"conv"``: the first Linear becomes an ``HxW`` convolution on the
+            unflattened map, the others 1x1 convolutions; exact. ``"gap"``: a
+            1x1 convolution and global average pooling (Network in Network);
+            exact for GAP -> Linear heads, an initialization for MLP heads.
+        dense: also drop what pins the input size (the final flatten, global
+            average pooling, adaptive pooling that is an identity at the
+            example size), so a larger input gives an ``(N, K, H', W')`` map.
+        only, skip: glob patterns over head names (the first Linear's module
+            path: ``"fc"``, ``"classifier.*"``).
+        inplace: rewrite ``model`` itself instead of a deep copy.
+
+    Returns:
+        A ``torch.fx.GraphModule`` when the model traces as a whole, else the
+        model copy with its traceable submodules rewritten; see ``convify.report``.
+
+    >>> fcn = convify.replace_linear_head(torchvision.models.alexnet().eval(), torch.randn(1, 3, 224, 224),
+    ...                                   dense=True)
+    >>> fcn(torch.randn(1, 3, 451, 451)).shape
+    torch.Size([1, 1000, 8, 8])
+    """
+    rewrite = get("head")(mode=mode, dense=dense)
+    result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
+    _note_when_headless(model, result)
+    return result
+
+
+def _note_when_headless(model: nn.Module, result: nn.Module) -> None:
+    """Say so in the report when the head pass found nothing to look at."""
+    rep = report(result)
+    last = rep.last
+    if last.rewrite != "head" or last.replaced or last.skipped:
+        return
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if linears == 0:
+        note = (f"no Linear head: {type(model).__name__} has no nn.Linear (its classifier is already "
+                "convolutional); nothing to do")
+    else:
+        note = (f"no Linear head: none of the {linears} nn.Linear layers of {type(model).__name__} reads a "
+                "flattened feature map on its way to an output (attention, squeeze-excitation and token "
+                "MLPs are left alone)")
+    attach(result, Report(rep.passes[:-1] + (dataclasses.replace(last, notes=last.notes + (note,)),)))
+
+
+def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "conv", head: str | None = "conv",
+            init: str = "avg", dense: bool = False, only: str | Sequence[str] | None = None,
+            skip: str | Sequence[str] | None = None) -> nn.Module:
+    """Both rewrites: max pooling to strided convolutions, then Linear heads to convolutions.
+
+    Args:
+        pool: ``mode`` of :func:`replace_maxpool` (``"conv"``, ``"depthwise"``,
+            ``"fold"``), or None to keep the poolings.
+        head: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``), or
+            None to keep the head.
+        init: how the pooling convolutions start (see :func:`replace_maxpool`).
+        dense, only, skip: as in :func:`replace_linear_head`; ``only``/``skip``
+            patterns apply to both passes.
+
+    The returned model's ``convify.report`` has one pass per rewrite applied.
+
+    >>> allconv = convify.convify(torchvision.models.vgg11().eval(), torch.randn(1, 3, 224, 224))
+    >>> print(convify.report(allconv))
+    """
+    example = as_args(model, example_input)
+    result = model
+    if pool is not None:
+        result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip)
+    if head is not None:
+        result = replace_linear_head(result, example, mode=head, dense=dense, only=only, skip=skip,
+                                     inplace=pool is not None)
+    elif result is model:
+        result = copy.deepcopy(model)
+    return result

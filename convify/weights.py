@@ -145,3 +145,17 @@ def squared_residual(gram: torch.Tensor, cross: torch.Tensor, target_sq: torch.T
     quad = (w * (gram @ w)).sum((-2, -1))
     lin = (w * cross).sum((-2, -1))
     return (quad - 2 * lin + target_sq).clamp_min(0.0)
+
+
+def linear_to_gap_weight(weight: torch.Tensor, in_channels: int, spatial: Sequence[int]) -> torch.Tensor:
+    """Pointwise weight ``(K, C, 1, ...)`` of a global-average head standing in
+    for a Linear on a flattened ``(C, *spatial)`` map: the Linear's weight
+    summed over the positions.
+
+    On a map that is constant over its positions the pointwise convolution
+    followed by global average pooling computes exactly what the Linear did;
+    for a ``1x1`` map it is the Linear itself.
+    """
+    kernel = linear_to_conv_weight(weight, in_channels, spatial)
+    dims = tuple(range(2, kernel.dim()))
+    return kernel.sum(dim=dims, keepdim=True) if dims else kernel
