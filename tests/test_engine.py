@@ -1,0 +1,82 @@
+"""The shared rewrite mechanism: fallback details, leaf reporting, filters."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convify
+from convify.engine import rewrite_model
+from convify.errors import ConvifyError, ExampleInputError
+from convify.rewrites import REGISTRY, get
+
+
+class TwiceFromUntraceable(nn.Module):
+    def __init__(self, second: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, second, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        x = self.pool(self.a(x))
+        assert x.sum().item() == x.sum().item()  # keeps torch.fx out
+        return self.pool(self.b(x))
+
+
+def test_pool_called_twice_from_untraceable_code_with_same_channels_is_replaced():
+    model = TwiceFromUntraceable(4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    out = convify.replace_maxpool(model, x[:1])
+    assert isinstance(out.pool, nn.Conv2d)
+    with torch.no_grad():
+        want = F.avg_pool2d(model.b(F.avg_pool2d(model.a(x), 2)), 2)
+        assert torch.allclose(out(x), want, atol=1e-6)
+
+
+def test_pool_called_twice_from_untraceable_code_with_other_channels_is_skipped():
+    out = convify.replace_maxpool(TwiceFromUntraceable(6).eval(), torch.randn(1, 3, 16, 16))
+    rep = convify.report(out)
+    assert rep.replaced == ()
+    assert "[4, 6] channels" in rep.skipped[0].reason
+    assert isinstance(out.pool, nn.MaxPool2d)
+
+
+def test_pool_inside_an_opaque_leaf_is_reported():
+    timm = pytest.importorskip("timm")
+    from timm.layers import _fx
+
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            return self.pool(self.conv(x))
+
+    _fx._leaf_modules.add(Opaque)
+    try:
+        out = convify.replace_maxpool(nn.Sequential(Opaque(), nn.MaxPool2d(2)).eval(), torch.randn(1, 3, 8, 8))
+    finally:
+        _fx._leaf_modules.discard(Opaque)
+    rep = convify.report(out)
+    assert [r.name for r in rep.replaced] == ["1"]
+    assert rep.skipped[0].name == "0.pool" and "timm registers" in rep.skipped[0].reason
+
+
+def test_registry_and_errors():
+    assert "maxpool" in REGISTRY
+    with pytest.raises(KeyError, match="known: .*maxpool"):
+        get("nope")
+    with pytest.raises(ConvifyError, match="expected a torch.nn.Module"):
+        rewrite_model("resnet", get("maxpool")())
+    with pytest.raises(ExampleInputError, match="tensor or a tuple of tensors"):
+        convify.replace_maxpool(nn.Conv2d(3, 3, 1), example_input=[1, 2])
+
+
+def test_torchscript_is_refused_with_reason():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2)))
+    with pytest.raises(ConvifyError, match="TorchScript"):
+        convify.replace_maxpool(scripted)

@@ -1,0 +1,43 @@
+"""Report rows, tables and JSON."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn as nn
+
+import convify
+from convify.report import Pass, Replaced, Report, Skipped, Untraced, format_table
+
+
+def test_table_and_dict_cover_every_row():
+    rep = Report((Pass("maxpool", {"mode": "conv"},
+                       replaced=(Replaced("maxpool", "features.2", "MaxPool2d(k=2, s=2)", "Conv2d(8, 8, k=2, s=2)",
+                                          (1, 8, 4, 4), (1, 8, 2, 2), False, "features.2"),),
+                       skipped=(Skipped("maxpool", "pool", "MaxPool2d", "indices are used"),),
+                       untraced=(Untraced("", "TraceError: control flow"),),
+                       notes=("a note",)),))
+    text = str(rep)
+    for needle in ["1 replaced, 1 skipped", "features.2", "1x8x4x4", "indices are used", "<model>",
+                   "control flow", "note: a note"]:
+        assert needle in text
+    data = json.loads(json.dumps(rep.to_dict()))
+    assert data["passes"][0]["replaced"][0]["in_shape"] == [1, 8, 4, 4]
+    assert data["passes"][0]["skipped"][0]["reason"] == "indices are used"
+    assert data["exact"] is False
+
+
+def test_report_of_plain_model_is_empty_and_passes_accumulate():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)).eval()
+    assert convify.report(model).passes == ()
+    once = convify.replace_maxpool(model, torch.randn(1, 3, 8, 8))
+    twice = convify.replace_maxpool(once, torch.randn(1, 3, 8, 8))
+    assert [p.rewrite for p in convify.report(twice).passes] == ["maxpool", "maxpool"]
+    assert len(convify.report(twice).replaced) == 1
+    assert "nothing to rewrite" in str(convify.report(twice))
+
+
+def test_format_table_aligns_columns():
+    table = format_table(["a", "bb"], [["xxx", "y"], ["z", "wwww"]])
+    lines = table.splitlines()
+    assert lines[0].index("bb") == lines[2].index("y") == lines[3].index("wwww")

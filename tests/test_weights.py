@@ -1,0 +1,54 @@
+"""Pure weight and shape math, checked against PyTorch itself."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convify import weights as W
+
+
+@pytest.mark.parametrize("k,s,p,d", [t for t in itertools.product([1, 2, 3, 4, 5], [1, 2, 3], [0, 1, 2], [1, 2])
+                                     if 2 * t[2] <= t[0]])
+def test_ceil_mode_extra_pad_matches_pooling_at_every_length(k, s, p, d):
+    for n in range(max(1, d * (k - 1) + 1 - 2 * p), 40):
+        x = torch.zeros(1, 1, n)
+        out = F.max_pool1d(x, k, s, p, d, ceil_mode=True).shape[-1]
+        assert W.pool_output_size(n, k, s, p, d, True) == out
+        assert W.conv_output_size(n, k, s, p, d, W.ceil_mode_extra_pad(k, s, p, d)) == out
+
+
+def test_naive_stride_minus_one_padding_is_wrong():
+    # k=2, s=2, p=1 at n=3: the naive extra pad s-1=1 adds a window that starts in the right padding
+    n, k, s, p = 3, 2, 2, 1
+    out = F.max_pool1d(torch.zeros(1, 1, n), k, s, p, ceil_mode=True).shape[-1]
+    assert W.conv_output_size(n, k, s, p, 1, s - 1) != out
+    assert W.conv_output_size(n, k, s, p, 1, W.ceil_mode_extra_pad(k, s, p, 1)) == out
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_average_weight_computes_average_pooling(depthwise):
+    x = torch.randn(2, 5, 11, 9, dtype=torch.float64)
+    w = W.average_weight(5, (3, 2), depthwise=depthwise, dtype=torch.float64)
+    got = F.conv2d(x, w, stride=(2, 1), padding=(1, 0), groups=5 if depthwise else 1)
+    want = F.avg_pool2d(x, (3, 2), (2, 1), (1, 0), count_include_pad=True)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_linear_to_conv_weight_is_exact():
+    lin = torch.nn.Linear(4 * 3 * 5, 7).double()
+    x = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    w = W.linear_to_conv_weight(lin.weight, 4, (3, 5))
+    got = F.conv2d(x, w, lin.bias).flatten(1)
+    assert torch.allclose(got, lin(x.flatten(1)), atol=1e-12)
+    with pytest.raises(ValueError, match="60 input features"):
+        W.linear_to_conv_weight(lin.weight, 5, (3, 5))
+
+
+def test_ntuple():
+    assert W.ntuple(3, 2) == (3, 3)
+    assert W.ntuple([2], 3) == (2, 2, 2)
+    with pytest.raises(ValueError, match="expected 2 values"):
+        W.ntuple((1, 2, 3), 2)
