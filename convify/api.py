@@ -31,7 +31,9 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
             same window), ``"kaiming"`` (fresh), or ``"fit"`` (least squares
             against the pooling on ``calibration`` batches).
         only, skip: glob patterns over site names (``"maxpool"``, ``"features.*"``).
-        inplace: rewrite ``model`` itself instead of a deep copy.
+        inplace: skip the deep copy: the result reuses ``model``'s modules and
+            parameters (an untraceable model is rewritten in place); use the
+            returned model, not ``model``, afterwards.
 
     Returns:
         A ``torch.fx.GraphModule`` when the model traces as a whole, else the
@@ -74,7 +76,9 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
             example size), so a larger input gives an ``(N, K, H', W')`` map.
         only, skip: glob patterns over head names (the first Linear's module
             path: ``"fc"``, ``"classifier.*"``).
-        inplace: rewrite ``model`` itself instead of a deep copy.
+        inplace: skip the deep copy: the result reuses ``model``'s modules and
+            parameters (an untraceable model is rewritten in place); use the
+            returned model, not ``model``, afterwards.
 
     Returns:
         A ``torch.fx.GraphModule`` when the model traces as a whole, else the

@@ -77,7 +77,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError("TorchScript modules cannot be traced by torch.fx; rewrite the Python model "
                          "before scripting it")
-    work = model if inplace else copy.deepcopy(model)
+    work = model if inplace else _copy(model)
     args = as_args(work, example_input)
     col = _Collector()
     filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
@@ -106,6 +106,14 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     )
     attach(result, report(model).with_pass(new_pass))
     return result
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise ConvifyError(f"{type(model).__name__} cannot be deep-copied ({G.one_line(e)}); pass inplace=True "
+                           "to rewrite it without a copy") from e
 
 
 def _reason(e: BaseException) -> str:
