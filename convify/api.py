@@ -114,7 +114,8 @@ def _note_when_headless(model: nn.Module, result: nn.Module) -> None:
 
 def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "conv", head: str | None = "conv",
             init: str = "avg", dense: bool = False, only: str | Sequence[str] | None = None,
-            skip: str | Sequence[str] | None = None) -> nn.Module:
+            skip: str | Sequence[str] | None = None,
+            calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
     """Both rewrites: max pooling to strided convolutions, then Linear heads to convolutions.
 
     Args:
@@ -123,6 +124,7 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
         head: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``), or
             None to keep the head.
         init: how the pooling convolutions start (see :func:`replace_maxpool`).
+        calibration: input batches for ``init="fit"`` (see :func:`replace_maxpool`).
         dense, only, skip: as in :func:`replace_linear_head`; ``only``/``skip``
             patterns apply to both passes.
 
@@ -134,7 +136,8 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
     example = as_args(model, example_input)
     result = model
     if pool is not None:
-        result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip)
+        result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip,
+                                 calibration=calibration)
     if head is not None:
         result = replace_linear_head(result, example, mode=head, dense=dense, only=only, skip=skip,
                                      inplace=pool is not None)

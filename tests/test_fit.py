@@ -196,3 +196,25 @@ def test_ridge_solve_is_least_squares_and_shrinks_toward_the_prior() -> None:
     assert torch.allclose(heavy[:-1], prior[:-1], atol=1e-3)
     residual = W.squared_residual(gram, cross, (y * y).sum(), exact)
     assert torch.allclose(residual, ((x @ exact - y) ** 2).sum())
+
+
+def test_convify_passes_calibration_to_the_pool_fit() -> None:
+    class WithLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 6, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(6 * 4 * 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.pool(torch.relu(self.c(x))), 1))
+
+    model = reinit(WithLinear()).eval()
+    calibration = _batches(4, 3, (8, 3, 8, 8))
+    fit = convify.convify(model, torch.randn(1, 3, 8, 8), init="fit", calibration=calibration)
+    avg = convify.convify(model, torch.randn(1, 3, 8, 8))
+    rep = convify.report(fit)
+    assert [p.rewrite for p in rep.passes] == ["maxpool", "head"]
+    assert rep.passes[0].options["init"] == "fit"
+    x = torch.randn(16, 3, 8, 8)
+    assert _model_err(model, fit, x) < 0.7 * _model_err(model, avg, x)
