@@ -136,7 +136,8 @@ def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     if not isinstance(text, str):
         parts: Sequence[Any] = list(text)
     else:
-        parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
+        body = text.strip().strip("()[]")
+        parts = [p.strip() for p in body.split("," if "," in body else "x")]
     try:
         shape = tuple(int(p) for p in parts)
     except (TypeError, ValueError) as e:

@@ -1,0 +1,292 @@
+"""The ``convify`` command line, driven as a user runs it: ``python -m convify``
+in a subprocess, one per behaviour. Inputs are written in-process; outputs are
+read back and compared with the same rewrite done in-process."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import convify
+from convify import checkpoint as ck
+from cli_factories import WritesAFile, all_conv_net, tiny_net
+from conftest import rel_err, reinit
+
+TESTS = Path(__file__).resolve().parent
+TINY = ["--arch", "cli_factories:tiny_net", "--input-shape", "1,3,16,16"]
+R18 = ["--arch", "torchvision:resnet18", "--arch-kwargs", "num_classes=10", "--input-shape", "1,3,64,64"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "convify", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, match: str, code: int = 2) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("convify: error: "), lines[0]
+    assert re.search(match, lines[0]), lines[0]
+    assert proc.stdout == ""
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def r18_weights(tmp_path_factory) -> Path:
+    """A resnet18 (10 classes) state_dict as DDP training scripts save it."""
+    folder = tmp_path_factory.mktemp("weights")
+    model = reinit(torchvision.models.resnet18(num_classes=10), seed=0)
+    path = folder / "r18_ddp.pth"
+    torch.save({"epoch": 7, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def r18_rewritten_in_process(weights: Path, **options) -> torch.nn.Module:
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    model.load_state_dict(ck.unwrap(torch.load(weights, weights_only=True)))
+    return convify.convify(model, torch.zeros(1, 3, 64, 64), **options)
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def test_help_lists_commands_and_import_pulls_no_onnx(tmp_path):
+    proc = run("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for command in ("inspect", "rewrite", "export", "verify", "demo"):
+        assert command in proc.stdout
+    imports = subprocess.run([sys.executable, "-X", "importtime", "-c", "import convify.cli"],
+                             capture_output=True, text=True, cwd=tmp_path).stderr
+    modules = {line.split("|")[-1].strip() for line in imports.splitlines() if "|" in line}
+    heavy = {m for m in modules if m.split(".")[0] in ("onnx", "onnxruntime", "onnxscript", "torchvision", "timm")}
+    assert "convify.cli" in modules and not heavy
+
+
+# --------------------------------------------------------------------------- each MODEL form
+
+
+def test_rewrite_torchvision_checkpoint_and_load_it_back(tmp_path, r18_weights):
+    out = tmp_path / "r18_allconv.pt"
+    proc = run("rewrite", *R18, "--weights", str(r18_weights), "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"maxpool\s+MaxPool2d", proc.stdout) and "head" in proc.stdout
+    # not a terminal: no progress bars, only convify's own notes
+    assert all(line.startswith("convify: ") for line in proc.stderr.strip().splitlines()), proc.stderr
+    raw = torch.load(out, weights_only=True)
+    assert raw["arch"] == "torchvision:resnet18" and raw["arch_kwargs"] == {"num_classes": 10}
+    assert raw["input_shape"] == [1, 3, 64, 64] and raw["rewrite"] == ck.REWRITE_DEFAULTS
+    back = convify.load(out)
+    want = r18_rewritten_in_process(r18_weights)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(back(x), want(x)) <= 1e-5
+    assert listing(tmp_path) == ["r18_allconv.pt"]
+
+
+def test_existing_output_is_refused_without_force(tmp_path):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"precious")
+    proc = run("rewrite", *TINY, "-o", str(out), cwd=tmp_path)
+    assert_one_line_error(proc, r"out\.pt exists: pass --force")
+    assert out.read_bytes() == b"precious" and listing(tmp_path) == ["out.pt"]
+
+
+def test_inspect_safetensors_weights_as_json_writes_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(reinit(torchvision.models.resnet18(num_classes=10)).state_dict(), tmp_path / "r18.safetensors")
+    proc = run("inspect", *R18, "--weights", "r18.safetensors", "--json", "--head", "gap", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["input_shape"] == [1, 3, 64, 64] and doc["rewrite"]["head"] == "gap"
+    replaced = {p["rewrite"]: [r["name"] for r in p["replaced"]] for p in doc["report"]["passes"]}
+    assert replaced["maxpool"] == ["maxpool"] and replaced["head"]
+    assert listing(tmp_path) == ["r18.safetensors"]
+
+
+def test_import_path_model_checkpoint_needs_trust_code_to_load(tmp_path):
+    proc = run("rewrite", *TINY, "-o", "tiny.pt", "--onnx", "tiny.onnx", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(tmp_path) == ["tiny.onnx", "tiny.pt"]
+    refused = run("inspect", "tiny.pt", cwd=tmp_path)
+    assert_one_line_error(refused, r"calling cli_factories:tiny_net, code chosen by whoever wrote the file.*--trust-code")
+    proc = run("export", "tiny.pt", "--trust-code", "-o", "again.onnx", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    import onnxruntime as ort
+
+    model = convify.load(tmp_path / "tiny.pt", trust_code=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+    for name in ("tiny.onnx", "again.onnx"):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert rel_err(torch.from_numpy(got), want) <= 1e-4
+
+
+def test_pickled_module_needs_trust_pickle_and_gives_a_pickled_module(tmp_path):
+    model = reinit(tiny_net(), seed=1).eval()
+    torch.save(model, tmp_path / "whole.pt")
+    refused = run("rewrite", "whole.pt", "--input-shape", "1,3,16,16", "-o", "out.pt", cwd=tmp_path)
+    assert_one_line_error(refused, r"pickled Python objects.*runs code from the file.*--trust-pickle")
+    proc = run("rewrite", "whole.pt", "--trust-pickle", "--input-shape", "1,3,16,16", "-o", "out.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs the same trust" in proc.stderr
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    want = ck.apply_rewrite(model, {}, (1, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(out(x), want(x)) <= 1e-6
+
+
+def test_malicious_pickle_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": WritesAFile(str(marker))}, tmp_path / "evil.pt")
+    proc = run("rewrite", "evil.pt", "-o", "out.pt", cwd=tmp_path)
+    assert_one_line_error(proc, r"evil\.pt holds pickled Python objects \(.*open\).*--trust-pickle")
+    assert not marker.exists() and listing(tmp_path) == ["evil.pt"]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_is_refused_with_the_reason(tmp_path):
+    torch.jit.save(torch.jit.script(tiny_net()), tmp_path / "scripted.pt")
+    proc = run("inspect", "scripted.pt", "--trust-pickle", cwd=tmp_path)
+    assert_one_line_error(proc, r"TorchScript archive: torch\.fx cannot trace")
+
+
+@pytest.mark.skipif(sys.modules.get("timm") is None and __import__("importlib").util.find_spec("timm") is None,
+                    reason="timm not installed")
+def test_timm_architecture(tmp_path):
+    proc = run("inspect", "--arch", "timm:resnet10t", "--input-shape", "1,3,64,64", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["arch"] == "timm:resnet10t" and doc["replaced"] >= 1
+
+
+def test_nothing_to_rewrite_is_not_an_error(tmp_path):
+    proc = run("rewrite", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "-o", "same.pt",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to rewrite" in proc.stderr
+    back = convify.load(tmp_path / "same.pt", trust_code=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(back(x), all_conv_net()(x)) <= 1e-6
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _write_bad_inputs(folder: Path) -> None:
+    (folder / "empty.pt").write_bytes(b"")
+    torch.save(tiny_net().state_dict(), folder / "good.pt")
+    (folder / "trunc.pt").write_bytes((folder / "good.pt").read_bytes()[:700])
+    (folder / "corrupt.pt").write_bytes(b"\x80\x02this is not a pickle at all" * 10)
+    (folder / "a_folder").mkdir()
+    (folder / "a_file").write_bytes(b"x")
+
+
+# The bad inputs the issue names, each in its own process as a user meets them.
+BAD_INPUTS = {
+    "missing file": (["inspect", "nope.pt"], r"nope\.pt: no such model file"),
+    "empty file": (["inspect", "empty.pt"], r"empty\.pt is empty"),
+    "truncated file": (["inspect", "--arch", "cli_factories:tiny_net", "trunc.pt"], r"trunc\.pt .*truncated or corrupt"),
+    "corrupt file": (["inspect", "corrupt.pt"], r"corrupt\.pt .*truncated or corrupt"),
+    "a folder": (["inspect", "a_folder"], r"a_folder is a folder"),
+    "unknown architecture": (["inspect", "--arch", "torchvision:resnet81"], r"unknown torchvision .*resnet18"),
+    "weights do not fit": (["inspect", "--arch", "cli_factories:tiny_net", "--arch-kwargs", "num_classes=3",
+                            "--weights", "good.pt"],
+                           r"do not fit cli_factories:tiny_net: 2 of another shape \(10\.weight \[10, 16\] in file"),
+    "malformed input shape": (["inspect", *TINY[:2], "--input-shape", "1,3,x16"], r"--input-shape: malformed"),
+    "output folder missing": (["rewrite", *TINY, "-o", "no/such/out.pt"], r"folder no/such does not exist"),
+}
+
+# More of the same, run in-process through convify.cli.main to keep the suite fast.
+MORE_BAD_INPUTS = {
+    "state_dict without arch": (["inspect", "good.pt"], r"state_dict .* but no architecture.*--arch"),
+    "input shape the model refuses": (["inspect", *TINY[:2], "--input-shape", "1,1,16,16"],
+                                      r"does not run on an input of shape 1x1x16x16.*--input-shape"),
+    "bad arch kwargs": (["inspect", *TINY, "--arch-kwargs", "num_classes=ten"], r"Python literal"),
+    "unknown builder argument": (["inspect", *TINY, "--arch-kwargs", "classes=3"],
+                                 r"building cli_factories:tiny_net\(classes=3\) failed: TypeError"),
+    "output folder is a file": (["rewrite", *TINY, "-o", "a_file/out.pt"], r"a_file is not a folder"),
+    "output over the input": (["rewrite", *TINY, "--weights", "good.pt", "-o", "./good.pt", "--force"],
+                              r"refusing to write over the input good\.pt"),
+    "onnx output over the checkpoint": (["rewrite", *TINY, "-o", "x.pt", "--onnx", "x.pt"],
+                                        r"refusing to write over the input x\.pt"),
+    "weights twice": (["inspect", *TINY, "good.pt", "--weights", "good.pt"], r"either as MODEL or with --weights"),
+    "weights without arch": (["inspect", "--weights", "good.pt"], r"--weights needs --arch"),
+    "no model": (["inspect"], r"no model given"),
+}
+
+
+def _snapshot(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    _write_bad_inputs(tmp_path)
+    before = _snapshot(tmp_path)
+    args, match = BAD_INPUTS[case]
+    proc = run(*args, cwd=tmp_path)
+    assert_one_line_error(proc, match)
+    assert "Traceback" not in proc.stderr
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", list(MORE_BAD_INPUTS))
+def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys, case):
+    from convify.cli import main
+
+    _write_bad_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    args, match = MORE_BAD_INPUTS[case]
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), match)
+    assert _snapshot(tmp_path) == before
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "--debug", "--arch", "torchvision:resnet81"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CheckpointError" in err
+    assert err.strip().splitlines()[-1].startswith("convify: error: unknown torchvision architecture")
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def test_failed_verification_exits_1_and_writes_nothing(tmp_path):
+    # fresh (kaiming) pooling weights cannot keep every top-1 decision
+    proc = run("rewrite", *TINY, "--init", "kaiming", "--verify", "--min-agreement", "1.0", "--exporter", "legacy",
+               "-o", "out.pt", "--onnx", "out.onnx", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAILED" in proc.stdout and "nothing written" in proc.stderr
+    assert listing(tmp_path) == []
+
+
+def test_verify_json_passes_an_exact_head_rewrite(tmp_path):
+    proc = run("verify", *TINY, "--pool", "none", "--json", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["verification"]["passed"] is True
+    assert [p["rewrite"] for p in doc["report"]["passes"]][-1] == "head"
+    assert listing(tmp_path) == []
