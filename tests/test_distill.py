@@ -209,3 +209,48 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert {k: ranks[0]["history"][k] for k in same} == {k: ranks[1]["history"][k] for k in same}
     with torch.no_grad():
         assert student(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- command line
+
+_TINY = textwrap.dedent('''
+    import torch.nn as nn
+
+    def build(classes=2):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(4, classes, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+''')
+
+
+def test_cli_distill_on_an_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from convify import checkpoint as ck
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tinynet_for_distill.py").write_text(_TINY)
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            pixels = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / cls / f"{i}.png")
+    sys.modules.pop("tinynet_for_distill", None)
+    torch.manual_seed(0)
+    teacher = ck.build_arch("tinynet_for_distill:build")
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    arch = ["--arch", "tinynet_for_distill:build", "--trust-code", "--weights", "teacher.pt",
+            "--input-shape", "1,3,12,12", "--init", "kaiming"]
+    assert main(["rewrite", *arch, "-o", "rewritten.pt"]) == 0
+    code = main(["distill", "rewritten.pt", "--teacher", "teacher.pt", "--data", "images", "-o", "distilled.pt",
+                 "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--trust-code"])
+    assert code == 0
+    distilled = ck.load(tmp_path / "distilled.pt", trust_code=True)
+    rewritten = ck.load(tmp_path / "rewritten.pt", trust_code=True)
+    assert any(not torch.equal(v, rewritten.state_dict()[k]) for k, v in distilled.state_dict().items())
+    assert distilled(torch.randn(1, 3, 12, 12)).shape == (1, 2)
+    # A flat folder of images: no labels, pure distillation.
+    assert main(["distill", "rewritten.pt", "--teacher", "teacher.pt", "--data", "images/a", "-o", "flat.pt",
+                 "--batch-size", "4", "--device", "cpu", "--trust-code", "--json"]) == 0
+    assert (tmp_path / "flat.pt").exists()
