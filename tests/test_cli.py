@@ -82,8 +82,8 @@ def test_rewrite_torchvision_checkpoint_and_load_it_back(tmp_path, r18_weights):
     proc = run("rewrite", *R18, "--weights", str(r18_weights), "-o", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"maxpool\s+MaxPool2d", proc.stdout) and "head" in proc.stdout
-    # not a terminal: no progress bars, only convify's own notes
-    assert all(line.startswith("convify: ") for line in proc.stderr.strip().splitlines()), proc.stderr
+    # not a terminal: no progress bars, only the note of what was written
+    assert proc.stderr.strip().splitlines() == [f"convify: wrote {out}"]
     raw = torch.load(out, weights_only=True)
     assert raw["arch"] == "torchvision:resnet18" and raw["arch_kwargs"] == {"num_classes": 10}
     assert raw["input_shape"] == [1, 3, 64, 64] and raw["rewrite"] == ck.REWRITE_DEFAULTS
@@ -177,9 +177,11 @@ def test_timm_architecture(tmp_path):
 
 def test_nothing_to_rewrite_is_not_an_error(tmp_path):
     proc = run("rewrite", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "-o", "same.pt",
-               cwd=tmp_path)
+               "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "nothing to rewrite" in proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["nothing_to_rewrite"] is True and doc["written"] == ["same.pt"]
     back = convify.load(tmp_path / "same.pt", trust_code=True)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -290,3 +292,31 @@ def test_verify_json_passes_an_exact_head_rewrite(tmp_path):
     assert doc["verification"]["passed"] is True
     assert [p["rewrite"] for p in doc["report"]["passes"]][-1] == "head"
     assert listing(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs a pseudo-terminal")
+def test_progress_shows_on_a_terminal(tmp_path):
+    """The other half of 'quiet when not a terminal' (checked in the tests above)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal of 120 columns on stdout and stderr
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(tmp_path)
+        os.execvpe(sys.executable, [sys.executable, "-m", "convify", "inspect", *TINY, "--json"], env)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    assert b"convify: rewriting in memory [1/2]" in out
