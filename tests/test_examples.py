@@ -1,0 +1,71 @@
+"""Every example under examples/ runs with --quick (synthetic data, no system package) and writes what it says.
+
+Each example runs as a subprocess, the way a user runs it, into a temporary
+folder; the committed artefacts in examples/ are left alone.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ARTEFACTS = ("all_cnn_fashion_mnist.png", "all_cnn_fashion_mnist.md", "dense_heatmap.png", "class_activation_map.png")
+
+
+def run_example(name: str, out: Path) -> str:
+    """Run ``examples/<name> --quick`` into ``out``; returns its stdout, fails with its output on an error."""
+    env = dict(os.environ, MPLBACKEND="Agg", FASHION_MNIST_DIR=str(out / "no-dataset-here"))
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), "--quick", "--threads", "1", "--out", str(out)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def assert_small_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert 5_000 < len(data) < 200_000, f"{path}: {len(data)} bytes"
+
+
+def test_all_cnn_fashion_mnist(tmp_path: Path) -> None:
+    stdout = run_example("all_cnn_fashion_mnist.py", tmp_path)
+    assert "synthetic stand-in" in stdout
+    assert_small_png(tmp_path / "all_cnn_fashion_mnist.png")
+    table = (tmp_path / "all_cnn_fashion_mnist.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "%" in line]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "Model C (max pooling)", "Strided-CNN-C (fold)", "All-CNN-C (conv)", "Model C -> All-CNN, distilled"]
+    macs = {r.split("|")[1].strip(): int(r.split("|")[4].replace(",", "")) for r in rows}
+    # fold computes the first block's second convolution at the pooled size; conv adds the pooling convolutions
+    assert macs["Strided-CNN-C (fold)"] < macs["Model C (max pooling)"] < macs["All-CNN-C (conv)"]
+    assert macs["All-CNN-C (conv)"] == macs["Model C -> All-CNN, distilled"]
+
+
+def test_dense_heatmap(tmp_path: Path) -> None:
+    stdout = run_example("dense_heatmap.py", tmp_path)
+    assert_small_png(tmp_path / "dense_heatmap.png")
+    assert "maps (10, 22, 22)" in stdout
+    hits = re.search(r"item's class: (\d+)/(\d+)", stdout)
+    assert hits, stdout
+    assert int(hits[1]) > 0.5 * int(hits[2]), stdout  # the stand-in is easy: chance would be 10%
+
+
+def test_class_activation_map(tmp_path: Path) -> None:
+    stdout = run_example("class_activation_map.py", tmp_path)
+    assert_small_png(tmp_path / "class_activation_map.png")
+    errors = [float(e) for e in re.findall(r"relative error (\S+)", stdout)]
+    assert len(errors) == 2, stdout
+    assert max(errors) <= 1e-5, stdout  # mode="gap" is exact on a GAP -> Linear head, and so is each CAM's mean
+
+
+@pytest.mark.parametrize("name", ARTEFACTS)
+def test_committed_artefacts_are_small(name: str) -> None:
+    path = EXAMPLES / name
+    assert path.is_file(), f"{path} missing: run the example without --quick to make it"
+    if name.endswith(".png"):
+        assert_small_png(path)
