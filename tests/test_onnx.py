@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
+import convify.api
 import convify.onnx as conv_onnx
 from conftest import assert_input_dependent, reinit, rel_err
 from convify.errors import ExportError
@@ -289,3 +290,24 @@ def test_multiple_inputs_and_outputs(tmp_path):
     for g, w in zip(got, model(x3, y3)):
         assert rel_err(g, w.detach()) <= 1e-5
     assert np.isfinite(got[0].numpy()).all()
+
+
+@pytest.mark.skipif(not hasattr(convify.api, "replace_linear_head"), reason="replace_linear_head is not there yet")
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_dense_convify_runs_at_odd_sizes_in_onnxruntime(tmp_path, exporter):
+    """convify(dense=True) on a ceil_mode-pool classifier: one fully convolutional
+    graph whose score map follows the input size, odd sizes included."""
+    model = tiny()
+    fcn = convify.convify(model, torch.randn(1, 3, 16, 16), dense=True)
+    path = convify.export_onnx(fcn, tmp_path / "fcn.onnx", torch.randn(1, 3, 16, 16), exporter=exporter,
+                               dynamic_spatial=True)
+    census = op_census(path)
+    assert not {"MaxPool", "Gemm", "MatMul"} & set(census), census
+    shapes = set()
+    for n, h, w in ((1, 16, 16), (2, 17, 23), (1, 31, 31)):
+        x = torch.randn(n, 3, h, w)
+        (got,) = run_ort(path, x)
+        want = fcn(x).detach()
+        assert got.shape == want.shape and rel_err(got, want) <= 1e-5, (h, w)
+        shapes.add(tuple(got.shape[2:]))
+    assert len(shapes) == 3, "the score map should follow the input size"

@@ -284,6 +284,15 @@ def test_conv_head_is_exact_and_leaves_no_gemm():
 
 
 @needs_head
+def test_a_dense_head_is_compared_through_its_mean_over_positions():
+    model = tiny()
+    dense = convify.replace_linear_head(model, X, dense=True)
+    v = convify.verify(model, dense, X, exporter="legacy", min_agreement=1.0)
+    assert v.passed and v.equivalence.rel <= 1e-5, str(v)
+    assert "averaged over its positions" in str(v)
+
+
+@needs_head
 def test_census_catches_a_head_gemm_that_is_still_there():
     model = tiny()
     liar = exact_copy_claiming(model, "head")
