@@ -60,8 +60,6 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "ne
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LISTED = 8  # keys shown per kind of mismatch in one error line
 
-PathLike = "str | os.PathLike[str]"
-
 
 # --------------------------------------------------------------------------- architecture specs
 

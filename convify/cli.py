@@ -162,23 +162,24 @@ def run_rewrite(args: argparse.Namespace) -> int:
     ck.check_output(args.output, force=args.force, inputs=inputs)
     if args.onnx:
         ck.check_output(args.onnx, force=args.force, inputs=inputs + [args.output])
-    steps = 3 + bool(args.verify) + bool(args.onnx)
-    with _Progress(steps) as progress:
+    written: list[str] = []
+    verification = None
+    with _Progress(3 + bool(args.verify)) as progress:
         with progress.step("loading the model"):
             src = _open_model(args)
             shape = _resolve_shape(src, shape)
         with progress.step("rewriting"):
             rewritten = _rewrite(src, options, shape)
-        verification = None
         if args.verify:
             with progress.step("verifying through onnxruntime"):
                 verification = _verify(src.model, rewritten, shape, args)
-        if verification is not None and not verification.passed:
-            _emit(args, src, rewritten, options, shape, verification=verification, written=[])
-            _note("verification failed: nothing written")
-            return EXIT_FAILED
-        with progress.step("writing"):
-            written = _write(args, src, rewritten, options, shape, progress)
+        if verification is None or verification.passed:
+            with progress.step("writing"):
+                written = _write(args, src, rewritten, options, shape, progress)
+    if not written:
+        _emit(args, src, rewritten, options, shape, verification=verification, written=[])
+        _note("verification failed: nothing written")
+        return EXIT_FAILED
     _emit(args, src, rewritten, options, shape, verification=verification, written=written)
     for path in written:
         _note(f"wrote {path}")

@@ -121,7 +121,8 @@ def test_import_path_model_checkpoint_needs_trust_code_to_load(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert listing(tmp_path) == ["tiny.onnx", "tiny.pt"]
     refused = run("inspect", "tiny.pt", cwd=tmp_path)
-    assert_one_line_error(refused, r"calling cli_factories:tiny_net, code chosen by whoever wrote the file.*--trust-code")
+    assert_one_line_error(refused, r"calling cli_factories:tiny_net, code chosen by whoever wrote the file.*"
+                                   r"--trust-code")
     proc = run("export", "tiny.pt", "--trust-code", "-o", "again.onnx", "--exporter", "legacy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     import onnxruntime as ort
@@ -204,7 +205,8 @@ def _write_bad_inputs(folder: Path) -> None:
 BAD_INPUTS = {
     "missing file": (["inspect", "nope.pt"], r"nope\.pt: no such model file"),
     "empty file": (["inspect", "empty.pt"], r"empty\.pt is empty"),
-    "truncated file": (["inspect", "--arch", "cli_factories:tiny_net", "trunc.pt"], r"trunc\.pt .*truncated or corrupt"),
+    "truncated file": (["inspect", "--arch", "cli_factories:tiny_net", "trunc.pt"],
+                       r"trunc\.pt .*truncated or corrupt"),
     "corrupt file": (["inspect", "corrupt.pt"], r"corrupt\.pt .*truncated or corrupt"),
     "a folder": (["inspect", "a_folder"], r"a_folder is a folder"),
     "unknown architecture": (["inspect", "--arch", "torchvision:resnet81"], r"unknown torchvision .*resnet18"),
