@@ -124,7 +124,8 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
         head: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``), or
             None to keep the head.
         init: how the pooling convolutions start (see :func:`replace_maxpool`).
-        calibration: input batches for ``init="fit"`` (see :func:`replace_maxpool`).
+        calibration: input batches for ``init="fit"`` (see :func:`replace_maxpool`); with
+            ``head="gap"`` they also fit the heads that ``gap`` cannot make exact.
         dense, only, skip: as in :func:`replace_linear_head`; ``only``/``skip``
             patterns apply to both passes.
 
@@ -134,6 +135,8 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
     >>> print(convify.report(allconv))
     """
     example = as_args(model, example_input)
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)  # a one-shot iterator: both passes read it
     result = model
     if pool is not None:
         result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip,
@@ -141,6 +144,9 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
     if head is not None:
         result = replace_linear_head(result, example, mode=head, dense=dense, only=only, skip=skip,
                                      inplace=pool is not None)
+        if head == "gap" and init == "fit" and calibration is not None:
+            from .fit import fit_gap_heads  # noqa: PLC0415
+            result = fit_gap_heads(model, result, calibration)
     elif result is model:
         result = copy.deepcopy(model)
     return result

@@ -307,3 +307,93 @@ def _relative_error(normal: _Normal, w: torch.Tensor) -> float:
     sse = W.squared_residual(normal.gram, normal.cross, normal.target_sq, w).sum()
     total = normal.target_sq.sum()
     return float(math.sqrt(float(sse) / max(float(total), 1e-300)))
+
+
+# --------------------------------------------------------------------------- gap heads
+
+
+def fit_gap_heads(original: nn.Module, rewritten: nn.Module, calibration: Iterable[Any]) -> nn.Module:
+    """Least-squares fit of the first 1x1 convolution of every ``mode="gap"``
+    head that is not exact (a Linear that read a flattened ``C x H x W`` map, or
+    one behind non-affine ops), in place; returns ``rewritten``.
+
+    Global average pooling commutes with the 1x1 convolution, so the head's
+    first layer computes ``W @ mean_hw(x) + b``: a ``(C + 1)``-feature least
+    squares whose target is the original Linear's output on the same batch
+    (so it also absorbs the pooling rewrite's drift). The report rows get the
+    reconstruction error before and after. On spatially stationary inputs the
+    summed weights are already about optimal; the fit gains where the maps
+    have spatial structure (centred objects, as in real images).
+
+    >>> allconv = convify.convify(vgg, x, head="gap", init="fit", calibration=batches)
+    """
+    batches = _calibration_batches(calibration)
+    rep = report(rewritten)
+    passes = list(rep.passes)
+    for index, p in enumerate(passes):
+        if p.rewrite != "head" or p.options.get("mode") != "gap":
+            continue
+        rows = tuple(_fit_gap_row(original, rewritten, row, batches) if not row.exact else row
+                     for row in p.replaced)
+        passes[index] = dataclasses.replace(p, options={**p.options, "init": "fit"}, replaced=rows)
+    attach(rewritten, Report(tuple(passes)))
+    return rewritten
+
+
+def _fit_gap_row(original: nn.Module, rewritten: nn.Module, row: Replaced, batches: Sequence[Any]) -> Replaced:
+    try:
+        linear = original.get_submodule(row.name)
+        conv = rewritten.get_submodule(row.module)
+    except AttributeError:
+        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the head's Linear or "
+                                                              "its new convolution could not be found by name"))
+    if not isinstance(linear, nn.Linear) or not isinstance(conv, nn.modules.conv._ConvNd):
+        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: expected a Linear "
+                                                              "replaced by a 1x1 convolution"))
+    normal = _Normal()
+    for batch in batches:
+        targets, inputs = _capture(original, linear, batch, "output"), _capture(rewritten, conv, batch, "input")
+        if len(targets) != len(inputs):
+            return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the Linear ran "
+                                                                  f"{len(targets)} times, its convolution "
+                                                                  f"{len(inputs)} times"))
+        for y, x in zip(targets, inputs):
+            feats = x.flatten(2).mean(-1).double()
+            feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
+            _add(normal, feats.T @ feats, feats.T @ y.double().reshape(len(feats), -1),
+                 (y.double() ** 2).sum(), len(feats))
+    if normal.gram is None:
+        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the calibration "
+                                                              "batches never reached this head"))
+    with torch.no_grad():
+        prior = _weights_as_matrix(conv, False, torch.float64, normal.gram.device)
+        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
+        before, after = _relative_error(normal, prior), _relative_error(normal, solution)
+        _install(conv, solution, False)
+    return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit, reconstruction error {after:.3g} "
+                                                          f"(summed-weight init {before:.3g}) on {normal.samples} "
+                                                          "calibration samples"))
+
+
+def _capture(model: nn.Module, module: nn.Module, batch: Any, what: str) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    if what == "input":
+        handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()) and None)
+    else:
+        handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()) and None)
+    try:
+        with torch.no_grad(), G.eval_mode(model):
+            _run(model, batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _add(normal: _Normal, gram: torch.Tensor, cross: torch.Tensor, sq: torch.Tensor, samples: int) -> None:
+    if normal.gram is None:
+        normal.gram, normal.cross, normal.target_sq = gram, cross, sq
+    else:
+        normal.gram += gram
+        normal.cross += cross
+        normal.target_sq += sq
+    normal.samples += samples

@@ -218,3 +218,46 @@ def test_convify_passes_calibration_to_the_pool_fit() -> None:
     assert rep.passes[0].options["init"] == "fit"
     x = torch.randn(16, 3, 8, 8)
     assert _model_err(model, fit, x) < 0.7 * _model_err(model, avg, x)
+
+
+class FlatHead(nn.Module):
+    """A VGG-style head: Linear on the flattened map, then an MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.pool(torch.relu(self.c(x))), 1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _structured(n: int, seed: int) -> torch.Tensor:
+    """Images with spatial structure (a fixed pattern at a random strength,
+    plus noise), like centred objects. On spatially stationary inputs the
+    summed weights are already the least-squares optimum of a gap head."""
+    pattern = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 1, 1, generator=g) * pattern + 0.5 * torch.randn(n, 3, 8, 8, generator=g)
+
+
+def test_convify_fits_gap_heads_that_are_not_exact() -> None:
+    model = reinit(FlatHead()).eval()
+    example = torch.randn(1, 3, 8, 8)
+    calibration = (_structured(16, s) for s in range(1, 5))  # one-shot: both passes must still see it
+    fit = convify.convify(model, example, head="gap", init="fit", calibration=calibration)
+    avg = convify.convify(model, example, head="gap")
+    head_pass = convify.report(fit).passes[1]
+    assert head_pass.rewrite == "head" and head_pass.options["init"] == "fit"
+    row = head_pass.replaced[0]
+    assert not row.exact and "fc1: init=fit, reconstruction error" in row.note
+    x = _structured(128, 99)
+    assert _model_err(model, fit, x) < 0.8 * _model_err(model, avg, x)
+    # The head alone (pooling kept): the fit beats the summed-weight init on unseen inputs.
+    calibration = [_structured(16, s) for s in range(1, 5)]
+    head_fit = convify.convify(model, example, pool=None, head="gap", init="fit", calibration=calibration)
+    head_avg = convify.convify(model, example, pool=None, head="gap")
+    assert _model_err(model, head_fit, x) < 0.8 * _model_err(model, head_avg, x)
