@@ -19,7 +19,7 @@ direct convolution gives) to show why convify's head convolution runs as a
 GEMM on CPU.
 
     python benchmarks/dense.py                 # alexnet and vgg11, 2 threads
-    python benchmarks/dense.py --models alexnet --repeats 5
+    python benchmarks/dense.py --models alexnet --repeats 20
 
 Writes the table to benchmarks/RESULTS-dense.md.
 """
@@ -144,18 +144,20 @@ def table(results: list[dict[str, object]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["alexnet", "vgg11"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved runs per model (default: 10 for alexnet, 3 for the others)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS-dense.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results = [measure(name, args.repeats) for name in args.models]
+    repeats = {name: args.repeats or (10 if name == "alexnet" else 3) for name in args.models}
+    results = [measure(name, repeats[name]) for name in args.models]
     text = table(results)
     cpu = platform.processor() or platform.machine()
     intro = (f"## Dense evaluation ({IMAGE}x{IMAGE} image, {NATIVE}x{NATIVE} crops at the map's stride, "
              f"all crops in one batch)\n\n"
              f"`python benchmarks/dense.py` on {cpu}, {args.threads} threads, torch {torch.__version__}; "
-             f"best of {args.repeats} interleaved runs. time/MAC is the time ratio over the "
+             f"best of {', '.join(f'{n}: {r}' for n, r in repeats.items())} interleaved runs. time/MAC is the time ratio over the "
              "multiply-accumulate ratio (target: at least 80%). Weights are random (default init); "
              "max dev / max compares the score map with the crops' outputs at the same positions.\n\n")
     args.out.write_text(intro + text + "\n")

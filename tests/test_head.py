@@ -537,6 +537,19 @@ def test_zoo_vgg11_is_exact_and_says_why_it_is_not_dense_at_32(vgg11: nn.Module)
     assert new.get_submodule("classifier.0").kernel_size == (7, 7)
     dense = convify.replace_linear_head(vgg11, x, dense=True)
     assert "AdaptiveAvgPool2d((7, 7)) resamples 1x1 to 7x7" in convify.report(dense).replaced[0].note
+    gap = convify.replace_linear_head(vgg11, x, mode="gap")
+    rep = convify.report(gap)
+    assert not rep.exact and "cannot be exact" in rep.replaced[0].note
+    assert gap.get_submodule("classifier.0").kernel_size == (1, 1)
+
+
+def test_zoo_alexnet_gap_head_is_marked_not_exact() -> None:
+    model = build("alexnet")
+    x = torch.randn(2, 3, 127, 127)  # a 3x3 map resampled to 6x6: not constant over the positions
+    new = convify.replace_linear_head(model, x, mode="gap")
+    rep = convify.report(new)
+    assert not rep.exact and "cannot be exact" in rep.replaced[0].note
+    assert rel_err(run(new, x), run(model, x)) > 1e-3
 
 
 def test_zoo_googlenet_aux_heads_in_train_mode() -> None:
@@ -568,3 +581,31 @@ def test_zoo_resnet18_dense_map_mean() -> None:
     got = run(new, x)
     assert got.shape == (2, 1000, 3, 3)
     assert rel_err(got.mean((2, 3)), run(model, x)) <= TOL
+
+
+# --------------------------------------------------------------------------- HeadConv2d
+
+
+@pytest.mark.parametrize("n,size,kernel", [(1, 9, 3), (3, 9, 3), (3, 4, 4), (2, 6, 1), (1, 6, 1), (40, 5, 5)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_conv_as_matmul_equals_conv2d(n: int, size: int, kernel: int, bias: bool) -> None:
+    from convify.rewrites.head import conv2d_as_matmul
+
+    g = torch.Generator().manual_seed(n * size + kernel)
+    x = torch.randn(n, 8, size, size, generator=g)
+    w = torch.randn(5, 8, kernel, kernel, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    want = F.conv2d(x, w, b)
+    got = conv2d_as_matmul(x, w, b)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert rel_err(got, want) <= TOL
+
+
+def test_head_conv_exports_as_a_convolution() -> None:
+    model = tiny(LeNet("torch.flatten"))
+    new = convify.replace_linear_head(model, torch.randn(1, 1, 32, 32))
+    assert type(new.get_submodule("fc1")).__name__ == "HeadConv2d"
+    program = torch.export.export(new, (torch.randn(1, 1, 32, 32),))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("conv2d" in t for t in targets) == 5
+    assert not any(op in t for t in targets for op in ("addmm", "aten.mm", "matmul", "linear"))

@@ -129,15 +129,10 @@ class HeadConv2d(nn.Conv2d):
 def _plain_convolution_wanted(x: torch.Tensor) -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return True
-    if torch.compiler.is_compiling() or _fx_tracing():
+    if torch.compiler.is_compiling():
         return True
-    return not isinstance(x, torch.Tensor) or type(x) is not torch.Tensor or x.device.type != "cpu"
-
-
-def _fx_tracing() -> bool:
-    trace = fx._symbolic_trace
-    check = getattr(trace, "is_fx_tracing_symbolic_tracing", None) or trace.is_fx_tracing
-    return bool(check())
+    # a torch.fx Proxy, or a fake/functional tensor of an exporter: record a plain convolution
+    return type(x) is not torch.Tensor or x.device.type != "cpu"
 
 
 def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -518,7 +513,7 @@ class ReplaceLinearHead(Rewrite):
         exact, exact_note = self._exactness(gm, head, mode, dense, removed)
         if exact_note:
             notes.append(exact_note)
-        in_node = head.map_node if head.map_node is not None else head.pool.source
+        in_node = head.pool.source if removed or head.map_node is None else head.map_node
         return Replaced(self.name, site.name, site.op, self._describe_new(gm, head, kernel, mode, dense),
                         _shape(in_node),
                         self._out_shape(gm, head, kernel, mode, dense, removed), exact=exact,
