@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch.nn as nn
+if TYPE_CHECKING:  # `import convify` (and `convify --help`) must not pay for importing torch
+    import torch.nn as nn
 
 REPORT_ATTR = "_convify_report"
 
@@ -171,7 +172,7 @@ def format_pass(p: Pass) -> str:
     return "\n".join(parts)
 
 
-def report(model: nn.Module) -> Report:
+def report(model: "nn.Module") -> Report:
     """The report of every convify rewrite applied to ``model`` (empty if none).
 
     >>> rewritten = convify.replace_maxpool(torchvision.models.resnet18())
@@ -181,7 +182,7 @@ def report(model: nn.Module) -> Report:
     return found if isinstance(found, Report) else Report()
 
 
-def attach(model: nn.Module, rep: Report) -> None:
+def attach(model: "nn.Module", rep: Report) -> None:
     # A plain attribute (not a buffer): it travels with deepcopy and pickle but
     # never into the state_dict.
     object.__setattr__(model, REPORT_ATTR, rep)
