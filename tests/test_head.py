@@ -609,3 +609,22 @@ def test_head_conv_exports_as_a_convolution() -> None:
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert sum("conv2d" in t for t in targets) == 5
     assert not any(op in t for t in targets for op in ("addmm", "aten.mm", "matmul", "linear"))
+
+
+def test_one_linear_shared_by_two_heads_gets_two_sites() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.fc(self.a(x).mean((2, 3))), self.fc(self.b(x).mean((2, 3)))
+
+    model = tiny(Shared())
+    x = torch.randn(2, 3, 6, 6)
+    new = convify.replace_linear_head(model, x)
+    assert sorted(r.name for r in convify.report(new).replaced) == ["fc", "fc@1"]
+    for got, want in zip(run(new, x), run(model, x)):
+        assert rel_err(got, want) <= TOL
+    assert linears(new) == []

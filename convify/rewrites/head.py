@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -168,10 +168,6 @@ _MIN_POSITIONS = 16  # from here on a GEMM per image is as fast as one over all 
 
 
 # --------------------------------------------------------------------------- op recognition
-
-
-def _node_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
 
 
 def _is_stock_linear(module: nn.Module) -> bool:
@@ -349,9 +345,6 @@ class ReplaceLinearHead(Rewrite):
             raise ValueError(f"dense must be True or False, not {dense!r}")
         super().__init__(mode=mode, dense=dense, **options)
 
-    def is_site_function(self, func: Callable) -> bool:
-        return False
-
     # ------------------------------------------------------------------ finding
 
     def find_sites(self, gm: fx.GraphModule) -> list[Site]:
@@ -364,6 +357,9 @@ class ReplaceLinearHead(Rewrite):
             site = self._site_at(gm, node, order)
             if site is None:
                 continue
+            calls = sum(s.name == site.name or s.name.startswith(site.name + "@") for s in sites)
+            if calls:  # a Linear called by several heads: one site per call, named like the engine's split
+                site.name = f"{site.name}@{calls}"
             sites.append(site)
             if site.params is not None:
                 taken.update(site.params.tree)
@@ -629,9 +625,6 @@ class ReplaceLinearHead(Rewrite):
         if mode == "conv":
             size = tuple(s - k + 1 for s, k in zip(size, kernel))
         return (*last, *size)
-
-    def finish(self, gm: fx.GraphModule) -> list[str]:
-        return []
 
 
 # --------------------------------------------------------------------------- graph walks
