@@ -11,7 +11,7 @@ their CAM for the predicted class.
 
 Run::
 
-    python examples/class_activation_map.py           # Fashion-MNIST (dataset-fashion-mnist), about 1 CPU minute
+    python examples/class_activation_map.py           # Fashion-MNIST (dataset-fashion-mnist), about 2 CPU minutes
     python examples/class_activation_map.py --quick   # seconds, synthetic stand-in
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run on the synthetic stand-in (seconds)")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for the .png (default: examples/)")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-size", type=int, default=15000, help="training images used (default: 15000)")
     parser.add_argument("--images", type=int, default=6, help="test images shown, one per class (default: 6)")
     parser.add_argument("--threads", type=int, default=2,
@@ -95,7 +96,7 @@ def main() -> None:
     data = _data.load(args.quick)
     train = _data.Split(*(t[:args.train_size] for t in data.train))
     model = classifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3 if args.quick else args.lr)
     began = time.perf_counter()
     for epoch in range(args.epochs):
         _data.train_epoch(model, train, optimizer, batch_size=32 if args.quick else 64, seed=epoch)

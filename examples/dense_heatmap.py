@@ -91,11 +91,15 @@ def plot(canvas: torch.Tensor, items: list[tuple[int, int, int, int]], scores: t
         image = ax.imshow(probs[k], cmap="viridis", vmin=0, vmax=1, extent=extent)
         ax.set_xlim(0, size)
         ax.set_ylim(size, 0)
+        centres = [(x + ITEM / 2, y + ITEM / 2) for y, x, label, _ in items if label == k]
+        if centres:  # where the items of this class are
+            ax.plot(*zip(*centres), marker="o", markersize=9, markerfacecolor="none", markeredgecolor="white",
+                    markeredgewidth=1.2, linestyle="none")
         ax.set_title(_data.CLASSES[k], fontsize=8)
         ax.set_xticks([0, size // 2, size])
         ax.set_yticks([0, size // 2, size])
         ax.tick_params(labelsize=6)
-    right.supxlabel("x (pixels), each map at its windows' centres", fontsize=8)
+    right.supxlabel("x (pixels), each score at its window's centre; o: an item of that class", fontsize=8)
     right.supylabel("y (pixels)", fontsize=8)
     bar = right.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
     bar.set_label("class probability (softmax of the 10 scores)", fontsize=7)
