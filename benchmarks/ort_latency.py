@@ -14,7 +14,7 @@ Targets: an exact conv head costs at most 1.05x the original's latency;
 depthwise pooling at most 1.10x.
 
     python benchmarks/ort_latency.py [--models resnet18,alexnet] [--rounds 40] [--threads 1]
-                                     [--exporter legacy] [--out benchmarks/RESULTS-ort.md]
+                                     [--exporter dynamo] [--out benchmarks/RESULTS-ort.md]
 """
 from __future__ import annotations
 
@@ -223,7 +223,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    parser.add_argument("--exporter", default="legacy", choices=("legacy", "dynamo"))
+    parser.add_argument("--exporter", default="dynamo", choices=("legacy", "dynamo"),
+                        help="dynamo (default, what export_onnx uses) folds F.pad into the Conv; legacy keeps a Pad")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here (e.g. benchmarks/RESULTS-ort.md)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, args.threads))
@@ -251,7 +252,7 @@ def main() -> None:
         "## onnxruntime CPU latency of each rewrite (`benchmarks/ort_latency.py`)",
         conditions(args, load_before, os.getloadavg(), time.perf_counter() - start),
         table(rows),
-        *(f"- {n}" for n in dict.fromkeys(notes)),
+        "\n".join(f"- {n}" for n in dict.fromkeys(notes)),
     ]) + "\n"
     print(text)
     if args.out is not None:
