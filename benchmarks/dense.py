@@ -26,6 +26,7 @@ Writes the table to benchmarks/RESULTS-dense.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -151,13 +152,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = {name: args.repeats or (10 if name == "alexnet" else 3) for name in args.models}
+    load_before = os.getloadavg()[0]
     results = [measure(name, repeats[name]) for name in args.models]
+    load_after = os.getloadavg()[0]
     text = table(results)
     cpu = platform.processor() or platform.machine()
     intro = (f"## Dense evaluation ({IMAGE}x{IMAGE} image, {NATIVE}x{NATIVE} crops at the map's stride, "
              f"all crops in one batch)\n\n"
              f"`python benchmarks/dense.py` on {cpu}, {args.threads} threads, torch {torch.__version__}; "
-             f"best of {', '.join(f'{n}: {r}' for n, r in repeats.items())} interleaved runs. time/MAC is the time ratio over the "
+             f"best of {', '.join(f'{n}: {r}' for n, r in repeats.items())} interleaved runs; load average "
+             f"{load_before:.1f} before, {load_after:.1f} after (other processes share the cores). time/MAC is the time ratio over the "
              "multiply-accumulate ratio (target: at least 80%). Weights are random (default init); "
              "max dev / max compares the score map with the crops' outputs at the same positions.\n\n")
     args.out.write_text(intro + text + "\n")
