@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .engine import as_args, rewrite_model
-from .report import Report, attach, report
 from .rewrites import get
 
 Patterns = "str | Sequence[str] | None"
@@ -91,25 +89,7 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
     """
     rewrite = get("head")(mode=mode, dense=dense)
     result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
-    _note_when_headless(model, result)
     return result
-
-
-def _note_when_headless(model: nn.Module, result: nn.Module) -> None:
-    """Say so in the report when the head pass found nothing to look at."""
-    rep = report(result)
-    last = rep.last
-    if last.rewrite != "head" or last.replaced or last.skipped:
-        return
-    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
-    if linears == 0:
-        note = (f"no Linear head: {type(model).__name__} has no nn.Linear (its classifier is already "
-                "convolutional); nothing to do")
-    else:
-        note = (f"no Linear head: none of the {linears} nn.Linear layers of {type(model).__name__} reads a "
-                "flattened feature map on its way to an output (attention, squeeze-excitation and token "
-                "MLPs are left alone)")
-    attach(result, Report(rep.passes[:-1] + (dataclasses.replace(last, notes=last.notes + (note,)),)))
 
 
 def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "conv", head: str | None = "conv",

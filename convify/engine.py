@@ -94,7 +94,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
             result = work
     result.training = model.training
     if not col.replaced and not col.skipped:
-        col.notes.append(f"no {rewrite.name} site found in the forward: nothing to rewrite")
+        col.notes.append(rewrite.nothing_found(model))
     for pat in (filt.only or ()) + (filt.skip or ()):
         if pat not in col.matched_patterns:
             col.notes.append(f"pattern {pat!r} matched no {rewrite.name} site")

@@ -56,7 +56,9 @@ class ConvifyTracer(fx.Tracer):
     A MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
     -inf first) must stay one call_module node, so that the rewrite sees it as
     the pooling it is and can refuse it, instead of finding the bare
-    ``F.max_pool2d`` inside it.
+    ``F.max_pool2d`` inside it. Classes with ``convify_leaf = True`` (the
+    modules convify itself creates) stay one call too, so a rewritten model
+    retraces to the same graph.
     """
 
     def __init__(self, extra_leaves: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()):
@@ -64,7 +66,7 @@ class ConvifyTracer(fx.Tracer):
         self.extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _POOL_BASES):
+        if isinstance(m, _POOL_BASES) or getattr(type(m), "convify_leaf", False):
             return True
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True

@@ -79,3 +79,10 @@ def test_scope_names_from_module_stack():
     gm = G.trace(nn.Sequential(nn.Conv2d(1, 1, 1), Inner()))
     call = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert G.scope_of(call) == "1"
+
+
+def test_convify_modules_stay_one_call_when_retraced():
+    from convify.rewrites.head import HeadConv2d
+
+    gm = G.trace(nn.Sequential(HeadConv2d(4, 3, 2), nn.ReLU()))
+    assert [n.op for n in gm.graph.nodes][1] == "call_module"

@@ -78,6 +78,10 @@ class Rewrite(abc.ABC):
     def describe_function(self, func: Callable) -> str:
         return getattr(func, "__name__", repr(func))
 
+    def nothing_found(self, model: nn.Module) -> str:
+        """The report note when ``model`` has no site at all."""
+        return f"no {self.name} site found in the forward: nothing to rewrite"
+
     def finish(self, gm: fx.GraphModule) -> list[str]:
         """Called once after all sites of ``gm`` were applied; returns notes."""
         return []

@@ -120,6 +120,8 @@ class HeadConv2d(nn.Conv2d):
     and on other devices it is a plain convolution: ONNX sees ``Conv``.
     """
 
+    convify_leaf = True  # convify's tracer records it as one module call, never its insides
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _plain_convolution_wanted(x) or self.padding_mode != "zeros" or self.groups != 1:
             return super().forward(x)
@@ -337,6 +339,15 @@ class ReplaceLinearHead(Rewrite):
     """Options: ``mode`` ("conv", "gap"), ``dense`` (bool)."""
 
     name = "head"
+
+    def nothing_found(self, model: nn.Module) -> str:
+        linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+        if linears == 0:
+            return (f"no Linear head: {type(model).__name__} has no nn.Linear (its classifier is already "
+                    "convolutional); nothing to do")
+        return (f"no Linear head: none of the {linears} nn.Linear layers of {type(model).__name__} reads a "
+                "flattened feature map on its way to an output (attention, squeeze-excitation and token "
+                "MLPs are left alone)")
 
     def __init__(self, mode: str = "conv", dense: bool = False, **options: Any) -> None:
         if mode not in ("conv", "gap"):
