@@ -300,7 +300,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _verify(original: "nn.Module", rewritten: "nn.Module", shape: tuple[int, ...], args: argparse.Namespace) -> Any:
-    from . import verify  # noqa: PLC0415  (onnx, onnxruntime)
+    from .verification import verify  # noqa: PLC0415  (onnx, onnxruntime)
 
     return verify(original, rewritten, _random_input(original, shape), provider=args.provider,
                   atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement, exporter=args.exporter,

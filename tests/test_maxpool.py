@@ -325,6 +325,7 @@ def test_fold_mode_moves_stride_onto_producer():
     assert folded.name == "pool1" and folded.module == "conv1" and "stride" in folded.new
     assert out.get_submodule("conv1").stride == (2, 2)
     assert "congruent" in folded.note
+    assert folded.in_shape == (1, 8, 16, 16) and folded.out_shape == (1, 8, 8, 8)
     others = {r.name: r.note for r in rep.replaced[1:]}
     assert "also used elsewhere" in others["pool2"] and "mode='conv'" in others["pool2"]
     assert "not from a convolution" in others["pool3"]

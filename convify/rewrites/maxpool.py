@@ -366,13 +366,13 @@ def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
     old_stride = tuple(conv.stride)
     conv.stride = params.stride
     node = site.node
+    inp, out = G.input_info(node), G.info(node)  # read before the node is erased
     node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
     gm.graph.erase_node(node)
-    inp, out = G.input_info(node), G.info(node)
-    size = "x".join(map(str, inp.shape[2:])) if inp else "?"
     return Replaced(
         "maxpool", site.name, site.op,
-        f"stride {old_stride}->{_fmt(params.stride)} on {producer.target}", inp.shape if inp else None,
+        f"stride {_fmt(old_stride)}->{_fmt(params.stride)} on {producer.target}", inp.shape if inp else None,
         out.shape if out else None, exact=False, module=producer.target,
-        note=(f"fold keeps the pool's output shape at the example size ({size}) and sizes congruent to it "
-              f"modulo the stride; at other sizes the folded shapes may differ"))
+        note=("fold keeps the pool's output shape at the example input size and at sizes congruent to it "
+              "modulo the network's stride; at other sizes folded shapes may differ (the paper's Strided-CNN "
+              "is defined for one input size)"))

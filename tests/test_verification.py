@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import convify
 import convify.api
-import convify.verify as V
+import convify.verification as V
 from conftest import reinit
 from convify.errors import VerificationError
 from convify.report import Pass, Replaced, Report, attach

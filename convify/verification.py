@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import types
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -551,20 +549,3 @@ def _expect_fewer(ops: tuple[str, ...], before: Mapping[str, int] | None, after:
         return CensusCheck(ops, None, now, now, why + "; original census missing, not checked")
     was = sum(before.get(op, 0) for op in ops)
     return CensusCheck(ops, was, now, max(0, was - removed), why)
-
-
-# --------------------------------------------------------------------------- module/function name clash
-
-
-class _CallableModule(types.ModuleType):
-    """``convify.verify`` names both this module and its function. Python sets
-    the package attribute to the module whenever the module is imported first
-    (``from convify.verify import Verification``), hiding the lazily exported
-    function; a callable module keeps ``convify.verify(original, rewritten)``
-    working in every import order."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Verification:
-        return verify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
