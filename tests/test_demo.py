@@ -1,0 +1,15 @@
+"""`convify demo`, the README's first command, runs and every check in it holds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_every_check():
+    proc = subprocess.run([sys.executable, "-m", "convify", "demo"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("(ok)") == 4  # three avg-init checks and the exact dense head
+    assert "a 320x320 image gives a 1000x4x4 map" in out
+    assert out.count("convify verify: PASSED") == 2
+    assert out.rstrip().endswith("demo: every check held")
