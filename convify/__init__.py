@@ -30,8 +30,8 @@ _LAZY = {
     "Verification": "convify.verification",
     "load": "convify.checkpoint",
     "save": "convify.checkpoint",
-    "distill": "convify.distill",
-    "History": "convify.distill",
+    "distill": "convify.distillation",
+    "History": "convify.distillation",
 }
 
 __all__ = [

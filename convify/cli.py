@@ -373,7 +373,7 @@ def run_distill(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from . import checkpoint as ck  # noqa: PLC0415
-    from .distill import distill, image_folder  # noqa: PLC0415
+    from .distillation import distill, image_folder  # noqa: PLC0415
 
     ck.check_output(args.output, force=args.force, inputs=[args.model, args.teacher])
     student_src = ck.open_model(args.model, trust_pickle=args.trust_pickle, trust_code=args.trust_code)

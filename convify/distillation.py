@@ -17,7 +17,6 @@ import dataclasses
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -470,7 +469,7 @@ def load_checkpoint(path: str | os.PathLike, student: nn.Module | None = None) -
     Returns the dict with ``student`` (state dict), ``optimizer``, ``epoch`` and
     ``history`` (a :class:`History`).
 
-    >>> state = convify.distill.load_checkpoint("ckpt/distill-checkpoint.pt", allconv)
+    >>> state = convify.distillation.load_checkpoint("ckpt/distill-checkpoint.pt", allconv)
     >>> state["history"].agreement
     """
     path = Path(path)
@@ -499,18 +498,6 @@ def _bar(loader: DataLoader, desc: str, enabled: bool) -> Any:
         total = None
     return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
-
-class _CallableModule(types.ModuleType):
-    """``convify.distill`` is both this module and its function: importing the
-    submodule (``from convify.distill import History``) makes Python bind the
-    module to the package attribute that ``convify.__init__`` lazily serves as
-    the function, so the module forwards calls to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> History:
-        return distill(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["History", "distill", "distillation_loss", "load_checkpoint", "CHECKPOINT_NAME", "ImageFiles",
            "image_folder", "image_transform"]

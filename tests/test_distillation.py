@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import convify
-from convify.distill import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
+from convify.distillation import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
 from convify.errors import ConvifyError
 from conftest import reinit
 
