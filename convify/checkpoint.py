@@ -26,6 +26,8 @@ caller trusts the code it would run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import contextlib
 import difflib
@@ -527,26 +529,34 @@ def example_input(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
     return torch.zeros(tuple(input_shape), dtype=dtype, device=device)
 
 
-def apply_rewrite(model: nn.Module, options: Mapping[str, Any], input_shape: Sequence[int]) -> nn.Module:
+def apply_rewrite(model: nn.Module, options: Mapping[str, Any], input_shape: Sequence[int],
+                  calibration: Any = None) -> nn.Module:
     """``convify.convify`` with a recipe's options, on zeros of ``input_shape``.
 
     The one code path shared by ``convify rewrite`` and :func:`load`, so that
-    a checkpoint rebuilds exactly the modules it was saved from.
+    a checkpoint rebuilds exactly the modules it was saved from. A recipe made
+    with ``init="fit"`` rebuilds with ``init="avg"`` when no ``calibration``
+    is given: the same modules, whose fitted weights are then loaded.
     """
     from . import api  # noqa: PLC0415  (the rewrite machinery; not needed to parse or refuse)
 
     opts = rewrite_options(**options)
     x = example_input(model, input_shape)
-    convify_fn = getattr(api, "convify", None)
-    if convify_fn is None:  # TODO(lead): drop once convify.api.convify has landed
-        if opts["head"] is not None:
-            raise ConvifyError("this convify build has no convify.convify yet; use head=None (--head none)")
-        if opts["pool"] is None:
-            return model
-        return api.replace_maxpool(model, x, mode=opts["pool"], init=opts["init"],
-                                   only=opts["only"], skip=opts["skip"])
-    return convify_fn(model, x, pool=opts["pool"], head=opts["head"], init=opts["init"], dense=opts["dense"],
-                      only=opts["only"], skip=opts["skip"])
+    init = opts["init"]
+    rebuild_fit = init == "fit" and calibration is None
+    result = api.convify(model, x, pool=opts["pool"], head=opts["head"], init="avg" if rebuild_fit else init,
+                         dense=opts["dense"], only=opts["only"], skip=opts["skip"],
+                         calibration=None if rebuild_fit else calibration)
+    if rebuild_fit:  # the report tells how the weights were made, not how the modules were rebuilt
+        from .report import Report, attach, report  # noqa: PLC0415
+
+        earlier = len(report(model).passes)
+        passes = report(result).passes
+        added = tuple(dataclasses.replace(p, options={**p.options, "init": "fit"},
+                                          notes=p.notes + ("fitted weights come from the checkpoint",))
+                      if p.rewrite == "maxpool" else p for p in passes[earlier:])
+        attach(result, Report(passes[:earlier] + added))
+    return result
 
 
 # --------------------------------------------------------------------------- writing

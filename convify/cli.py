@@ -73,8 +73,13 @@ def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
                         "conv before it (default: conv)")
     g.add_argument("--head", choices=["conv", "gap", "none"], default="conv",
                    help="Linear heads become exact convolutions, or a 1x1 conv + global average (default: conv)")
-    g.add_argument("--init", choices=["avg", "kaiming"], default="avg",
-                   help="weights of the new pooling convolutions (default: avg, i.e. average pooling)")
+    g.add_argument("--init", choices=["avg", "kaiming", "fit"], default="avg",
+                   help="weights of the new pooling convolutions: avg (average pooling, the default), kaiming "
+                        "(fresh), or fit (least squares against the max pooling on --calibration images)")
+    g.add_argument("--calibration", metavar="DIR",
+                   help="with --init fit: a folder of images (flat, or class subfolders) to fit on")
+    g.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                   help="with --init fit: use at most N calibration images (default: 256)")
     g.add_argument("--dense", action="store_true",
                    help="fully convolutional: larger inputs give a map of scores")
     g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
@@ -124,7 +129,7 @@ def run_inspect(args: argparse.Namespace) -> int:
             src = _open_model(args)
             shape = _resolve_shape(src, shape)
         with progress.step("rewriting in memory"):
-            rewritten = _rewrite(src, options, shape)
+            rewritten = _rewrite(src, options, shape, args)
     rep = _report(rewritten, src)
     summary = _summary(src, rewritten, options, shape)
     if args.json:
@@ -169,7 +174,7 @@ def run_rewrite(args: argparse.Namespace) -> int:
             src = _open_model(args)
             shape = _resolve_shape(src, shape)
         with progress.step("rewriting"):
-            rewritten = _rewrite(src, options, shape)
+            rewritten = _rewrite(src, options, shape, args)
         if args.verify:
             with progress.step("verifying through onnxruntime"):
                 verification = _verify(src.model, rewritten, shape, args)
@@ -286,7 +291,7 @@ def run_verify(args: argparse.Namespace) -> int:
             src = _open_model(args)
             shape = _resolve_shape(src, shape)
         with progress.step("rewriting in memory"):
-            rewritten = _rewrite(src, options, shape)
+            rewritten = _rewrite(src, options, shape, args)
         with progress.step("verifying through onnxruntime"):
             verification = _verify(src.model, rewritten, shape, args)
     rep = _report(rewritten, src)
@@ -556,18 +561,36 @@ def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[i
     return given
 
 
-def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...]) -> "nn.Module":
+def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...],
+             args: argparse.Namespace | None = None) -> "nn.Module":
     from .checkpoint import apply_rewrite  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
     torch.manual_seed(0)  # --init kaiming gives the same weights on every run
+    calibration = _calibration(args, shape) if options.get("init") == "fit" else None
     try:
-        return apply_rewrite(src.model, options, shape)
+        return apply_rewrite(src.model, options, shape, calibration=calibration)
     except ConvifyError:
         raise
     except Exception as e:
         raise RewriteError(f"rewriting {src.label} failed: {_one_line(e)}") from e
+
+
+def _calibration(args: argparse.Namespace | None, shape: tuple[int, ...]) -> list[Any]:
+    """Batches of images from ``--calibration DIR``, resized to the input shape."""
+    folder = getattr(args, "calibration", None)
+    if not folder:
+        raise UsageError("--init fit needs --calibration DIR, a folder of images to fit the new convolutions on")
+    import torch  # noqa: PLC0415
+
+    from .distillation import image_folder  # noqa: PLC0415
+
+    data = image_folder(folder, shape)
+    count = min(len(data), max(1, args.calibration_images))
+    images = [data[i][0] if isinstance(data[i], tuple) else data[i] for i in range(count)]
+    stacked = torch.stack(images)
+    return list(stacked.split(32))
 
 
 def _random_input(model: "nn.Module", shape: tuple[int, ...]) -> "torch.Tensor":
