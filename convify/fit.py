@@ -5,9 +5,16 @@ convolution's weights by ridge-regularized least squares so that, on the
 calibration activations, it comes as close to the original pooling as a linear
 map can. Sites are fitted one by one in the order the forward runs them, and
 the activations of site *i* come from the model whose sites *0..i-1* are
-already fitted: the target of site *i* is the original max pooling applied
-to the input the rewritten model feeds it, so later sites see the earlier
-replacements' outputs (their drift, not the original activations).
+already fitted, so later sites see the earlier replacements' outputs (their
+drift, not the original activations). The target of site *i* is what the
+*original* model's pooling outputs at that site on the same batch (the
+teacher's activation), so the fit also compensates the drift that the earlier
+replacements caused upstream. The original's pooling calls are matched to the
+sites by call order (a ``TorchFunctionMode`` records every max pooling call
+in both models); when the calls do not line up (different counts or shapes),
+or ``inplace=True`` and the original cannot be copied, the target falls back
+to the original max pooling applied to the rewritten model's own input at the
+site, and the report's notes say so.
 
 Nothing is back-propagated. Per site, only the normal equations are kept
 (``X^T X`` and ``X^T Y``, accumulated batch by batch from the im2col patches of
@@ -20,6 +27,7 @@ supports.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from . import graph as G
 from . import weights as W
@@ -42,6 +51,15 @@ RIDGE = 1e-4
 _CHUNK_ELEMENTS = 1 << 24
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+#: Every max pooling call, by identity (``nn.MaxPool*d`` modules call the ``F.`` functions).
+_POOL_CALLS = frozenset({
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
+    F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices,
+    torch.max_pool1d_with_indices, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices,
+})
+#: ``target=`` of :func:`fit_maxpool`.
+TARGETS = ("original", "pool")
 
 
 @dataclass
@@ -89,7 +107,7 @@ def _recording_rewrite(mode: str) -> Any:
 
 def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | Sequence[str] | None,
                 skip: str | Sequence[str] | None, inplace: bool,
-                calibration: Iterable[Any] | None) -> nn.Module:
+                calibration: Iterable[Any] | None, target: str = "original") -> nn.Module:
     """``replace_maxpool(..., init="fit", calibration=batches)``: rewrite, then fit.
 
     ``calibration`` is an iterable of input batches (tensors, or ``(input,
@@ -97,16 +115,25 @@ def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | 
     iterated once per site, so pass a list or a DataLoader, not a generator (a
     one-shot iterator is read into a list first). A few hundred images are
     usually enough. The report rows say ``init=fit`` and the relative
-    reconstruction error (RMS of conv - pool over RMS of pool) at each site,
-    next to what the average init gave.
+    reconstruction error (RMS of conv - target over RMS of target) at each
+    site, next to what the average init gave.
+
+    ``target="original"`` (the default) fits each site toward the original
+    model's pooling output at that site (the teacher's activations; falls back
+    to ``"pool"`` with a note when the calls cannot be matched);
+    ``target="pool"`` toward the max pooling of the rewritten model's own
+    input at the site.
 
     >>> batches = [x for x, _ in itertools.islice(loader, 8)]
     >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
     >>> print(convify.report(allconv))   # ... pool: init=fit, reconstruction error 0.08 (avg init 0.41)
     """
+    if target not in TARGETS:
+        raise ConvifyError(f"init='fit': target must be one of {TARGETS}, not {target!r}")
     batches = _calibration_batches(calibration)
     if example_input is None:
         example_input = _as_input(batches[0])[:1]
+    teacher, why = _teacher(model, inplace) if target == "original" else (None, "")
     rewrite = _recording_rewrite(mode)
     result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
     last = report(result).last
@@ -119,9 +146,16 @@ def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | 
     if mode == "fold":
         notes.append("init='fit' with mode='fold': a folded pool adds no weights (its stride moves onto the "
                      "trained producing convolution), so only sites that fell back to a convolution are fitted")
+    calls: dict[str, list[int]] | None = None
+    if teacher is not None and sites:
+        calls, why = _match_calls(teacher, result, sites, batches[0])
+    if target == "original" and sites and calls is None:
+        notes.append(f"init='fit': fitted toward max pooling of the rewritten model's own activations, not the "
+                     f"original model's pooling outputs: {why}")
     fitted: dict[str, str] = {}
     for site in _in_forward_order(result, sites, batches):
-        fitted[site.row.name] = _fit_site(result, site, batches)
+        fitted[site.row.name] = _fit_site(result, site, batches, teacher,
+                                          (calls.get(site.row.name) or None) if calls is not None else None)
     rows = tuple(dataclasses.replace(r, note=_join(r.note, fitted[r.name])) if r.name in fitted else r
                  for r in last.replaced)
     new_pass = dataclasses.replace(last, options={**last.options, "init": "fit"}, replaced=rows,
@@ -167,13 +201,103 @@ def _like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class _Enough(Exception):
+    """Raised inside a forward once everything needed from it is recorded."""
+
+
 def _run(model: nn.Module, batch: Any) -> None:
     x = _like_model(model, _as_input(batch))
     try:
         model(x)
+    except _Enough:
+        return
     except Exception as e:
         raise ExampleInputError(f"init='fit': a calibration batch of shape {tuple(x.shape)} does not run "
                                 f"through the model: {G.one_line(e)}") from e
+
+
+# --------------------------------------------------------------------------- the original's activations
+
+
+class _PoolCalls(TorchFunctionMode):
+    """Records the output shape of every max pooling call, in call order, and
+    keeps the outputs of the calls in ``keep`` (stops the forward once it has them)."""
+
+    def __init__(self, keep: Sequence[int] = ()) -> None:
+        super().__init__()
+        self.keep = set(keep)
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if func not in _POOL_CALLS:
+            return out
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        index = len(self.shapes)
+        self.shapes.append(("pool", tuple(first.shape)))
+        if index in self.keep:
+            self.kept[index] = first.detach().clone()  # an in-place op downstream must not change it
+            if len(self.kept) == len(self.keep):
+                raise _Enough
+        return out
+
+
+def _teacher(model: nn.Module, inplace: bool) -> tuple[nn.Module | None, str]:
+    """The unmodified original to take the targets from (a copy when the rewrite is in place)."""
+    if not inplace:
+        return model, ""
+    try:
+        return copy.deepcopy(model), ""
+    except Exception as e:  # noqa: BLE001  (any copy failure means: no teacher, say why)
+        return None, f"inplace=True and the original could not be copied to keep its activations ({G.one_line(e)})"
+
+
+def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
+                 batch: Any) -> tuple[dict[str, list[int]] | None, str]:
+    """For each site, the indices of the original's max pooling calls that its
+    convolution's calls replace, by call order on one batch; ``(None, why)``
+    when the two models' calls do not line up."""
+    original = _PoolCalls()
+    with torch.no_grad(), G.eval_mode(teacher), original:
+        _run(teacher, batch)
+    rewritten = _PoolCalls()
+
+    def record(name: str):  # noqa: ANN202
+        def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            rewritten.shapes.append((name, tuple(out.shape)))
+        return hook
+
+    handles = [s.conv.register_forward_hook(record(s.row.name)) for s in sites]
+    try:
+        with torch.no_grad(), G.eval_mode(model), rewritten:
+            _run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(original.shapes) != len(rewritten.shapes):
+        return None, (f"the original ran {len(original.shapes)} max poolings, the rewritten model "
+                      f"{len(rewritten.shapes)} max poolings and fitted convolutions together (a folded pool runs none)")
+    calls: dict[str, list[int]] = {s.row.name: [] for s in sites}
+    for index, ((_, want), (name, got)) in enumerate(zip(original.shapes, rewritten.shapes)):
+        if want != got:
+            return None, (f"call {index + 1} gives shape {list(want)} in the original but {list(got)} in the "
+                          f"rewritten model ({name})")
+        if name != "pool":
+            calls[name].append(index)
+    return calls, ""
+
+
+def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: str) -> list[torch.Tensor]:
+    """The original's max pooling outputs at call ``indices`` on ``batch``."""
+    mode = _PoolCalls(indices)
+    with torch.no_grad(), G.eval_mode(teacher), mode:
+        _run(teacher, batch)
+    if len(mode.kept) != len(indices):
+        raise RewriteError(f"init='fit' at {site!r}: the original ran only {len(mode.shapes)} max poolings on a "
+                           f"calibration batch, where the first batch needed call {max(indices) + 1}; "
+                           "use target='pool' for models whose pooling calls depend on the input")
+    return [mode.kept[i] for i in indices]
 
 
 # --------------------------------------------------------------------------- sites
@@ -212,19 +336,34 @@ def _in_forward_order(model: nn.Module, sites: list[_Site], batches: Sequence[An
     return [sites[i] for i in sorted(range(len(sites)), key=lambda i: order.get(i, len(sites) + i))]
 
 
-def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any]) -> str:
+def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn.Module | None = None,
+              calls: Sequence[int] | None = None) -> str:
     """Accumulate the site's normal equations over the calibration batches,
-    solve, install the weights; returns the report note."""
+    solve, install the weights; returns the report note. With ``teacher`` and
+    ``calls`` (the original's pooling calls this site replaces), the targets
+    are the teacher's outputs of those calls; else the max pooling of the
+    site's own input."""
     normal = _Normal()
     depthwise = site.conv.groups > 1
+    targets: list[torch.Tensor] = []
+    seen = [0]
 
     def hook(_m: nn.Module, args: tuple) -> None:
-        _accumulate(normal, site, args[0], depthwise)
+        if calls is None:
+            _accumulate(normal, site, args[0], depthwise)
+            return
+        _accumulate(normal, site, args[0], depthwise, targets[seen[0]])
+        seen[0] += 1
+        if seen[0] == len(targets):
+            raise _Enough  # nothing after the site's last call matters for its fit
 
     handle = site.conv.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), G.eval_mode(model):
             for batch in batches:
+                if calls:
+                    targets[:] = _pool_outputs(teacher, batch, calls, site.row.name)
+                    seen[0] = 0
                 _run(model, batch)
     finally:
         handle.remove()
@@ -236,19 +375,23 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any]) -> str:
         before = _relative_error(normal, prior)
         after = _relative_error(normal, solution)
         _install(site.conv, solution, depthwise)
+    toward = "the original model's pooling output" if calls else "max pooling of its input"
     return (f"{site.row.name}: init=fit, reconstruction error {after:.3g} (avg init {before:.3g}) "
-            f"on {normal.samples} calibration samples")
+            f"on {normal.samples} calibration samples, toward {toward}")
 
 
-def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool) -> None:
-    """Add one batch arriving at the site's convolution to its normal equations."""
+def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
+                target: torch.Tensor | None = None) -> None:
+    """Add one batch arriving at the site's convolution to its normal equations
+    (``target``: what the convolution should output; default: max pooling of ``x``)."""
     p = site.params
     conv = site.conv
-    # The rewrite pads ceil_mode's extra windows with zeros before the conv;
-    # the original pooling saw the input without them.
-    extra = p.extra_pad
-    unpadded = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
-    target = _MAX_POOL[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
+    if target is None:
+        # The rewrite pads ceil_mode's extra windows with zeros before the conv;
+        # the original pooling saw the input without them.
+        extra = p.extra_pad
+        unpadded = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
+        target = _MAX_POOL[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
     channels = x.shape[1]
     target = target.movedim(1, -1).reshape(-1, channels)
     rows = W.patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)

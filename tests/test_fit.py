@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import convify
 from convify import weights as W
 from convify.errors import ConvifyError
+from convify.fit import fit_maxpool
 from conftest import reinit
 
 
@@ -68,6 +69,15 @@ def _site_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
+def _site_input(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
 # --------------------------------------------------------------------------- reconstruction
 
 
@@ -96,19 +106,74 @@ def test_fit_in_1d_and_3d(model_cls: type[nn.Module], shape: tuple[int, ...]) ->
     assert _model_err(model, fit, x) < 0.7 * _model_err(model, avg, x)
 
 
+def _fit(model: nn.Module, calibration: list[torch.Tensor], target: str, **options) -> nn.Module:
+    options = {"mode": "conv", "only": None, "skip": None, "inplace": False} | options
+    return fit_maxpool(model, None, calibration=calibration, target=target, **options)
+
+
 def test_later_sites_are_fitted_on_the_rewritten_activations() -> None:
-    """p2 is fitted on what the already-fitted p1 feeds it: the same as fitting
-    p1 alone, then p2 on top of that model, and not what fitting p2 on the
-    original activations gives."""
+    """target='pool': p2 is fitted on what the already-fitted p1 feeds it: the
+    same as fitting p1 alone, then p2 on top of that model, and not what
+    fitting p2 on the original activations gives."""
     model = reinit(TwoPools()).eval()
     calibration = _batches(2, 4, (16, 3, 15, 15))
-    sequential = convify.replace_maxpool(model, init="fit", calibration=calibration)
-    p1_first = convify.replace_maxpool(model, init="fit", calibration=calibration, only="p1")
-    then_p2 = convify.replace_maxpool(p1_first, init="fit", calibration=calibration, only="p2")
-    p2_alone = convify.replace_maxpool(model, init="fit", calibration=calibration, only="p2")
+    sequential = _fit(model, calibration, "pool")
+    p1_first = _fit(model, calibration, "pool", only="p1")
+    then_p2 = _fit(p1_first, calibration, "pool", only="p2")
+    p2_alone = _fit(model, calibration, "pool", only="p2")
     w = sequential.get_submodule("p2").weight
     assert torch.allclose(w, then_p2.get_submodule("p2").weight, atol=1e-6)
     assert not torch.allclose(w, p2_alone.get_submodule("p2").weight, atol=1e-3)
+
+
+def test_later_sites_target_the_original_models_pooling_output() -> None:
+    """The default target: p2 reads the fitted p1's activations and is fitted
+    toward the original's p2 output, so it is the least-squares map from those
+    inputs to those outputs: on the calibration data it beats the weights
+    fitted toward max pooling of its own input (which win on their own target)."""
+    model = reinit(TwoPools()).eval()
+    calibration = _batches(2, 4, (16, 3, 15, 15))
+    teacher = _fit(model, calibration, "original")
+    pool = _fit(model, calibration, "pool")
+    assert torch.allclose(teacher.p1.weight, pool.p1.weight, atol=1e-6)  # the first site sees no drift
+    assert not torch.allclose(teacher.p2.weight, pool.p2.weight, atol=1e-3)
+    x = torch.cat(calibration)
+    inputs = _site_input(teacher, "p2", x)  # p1 is the same in both, so are the inputs to p2
+    original_out, own_pool = _site_output(model, "p2", x), F.max_pool2d(inputs, 2)
+
+    def err(rewritten: nn.Module, target: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((rewritten.p2(inputs) - target).norm())
+
+    assert err(teacher, original_out) < err(pool, original_out)
+    assert err(pool, own_pool) < err(teacher, own_pool)
+    assert "toward the original model's pooling output" in convify.report(teacher).replaced[1].note
+    assert "toward max pooling of its input" in convify.report(pool).replaced[1].note
+
+
+@pytest.mark.parametrize("mode", ["conv", "depthwise"])
+def test_original_target_lowers_the_model_error(mode: str) -> None:
+    model = reinit(TwoPools()).eval()
+    calibration = _batches(4, 4, (16, 3, 15, 15))
+    held_out = torch.randn(64, 3, 15, 15, generator=torch.Generator().manual_seed(99))
+    teacher = _fit(model, calibration, "original", mode=mode)
+    pool = _fit(model, calibration, "pool", mode=mode)
+    assert _model_err(model, teacher, held_out) < 0.8 * _model_err(model, pool, held_out)
+    # In place: the original is copied first, so the targets are still the original's.
+    inplace = _fit(reinit(TwoPools()).eval(), calibration, "original", mode=mode, inplace=True)
+    assert torch.allclose(inplace.p2.weight, teacher.p2.weight, atol=1e-6)
+
+
+def test_original_target_falls_back_with_a_note_when_calls_do_not_line_up() -> None:
+    model = reinit(TwoPools()).eval()
+    fold = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
+    rep = convify.report(fold)
+    assert any("fitted toward max pooling of the rewritten model's own activations" in n
+               and "the original ran 2 max poolings" in n for n in rep.notes)
+    fitted = [r for r in rep.replaced if "init=fit" in r.note]
+    assert fitted and all("toward max pooling of its input" in r.note for r in fitted)
+    with pytest.raises(ConvifyError, match="target must be one of"):
+        _fit(model, _batches(0, 1, (2, 3, 15, 15)), "teacher")
 
 
 def test_report_says_fit_and_the_error_per_site() -> None:
