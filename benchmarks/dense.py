@@ -21,7 +21,7 @@ GEMM on CPU.
     python benchmarks/dense.py                 # alexnet and vgg11, 2 threads
     python benchmarks/dense.py --models alexnet --repeats 20
 
-Writes the table to benchmarks/RESULTS-dense.md.
+With ``--write`` the table replaces its section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="interleaved runs per model (default: 10 for alexnet, 3 for the others)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS-dense.md"))
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats = {name: args.repeats or (10 if name == "alexnet" else 3) for name in args.models}
@@ -164,8 +164,11 @@ def main() -> None:
              f"{load_before:.1f} before, {load_after:.1f} after (other processes share the cores). time/MAC is the time ratio over the "
              "multiply-accumulate ratio (target: at least 80%). Weights are random (default init); "
              "max dev / max compares the score map with the crops' outputs at the same positions.\n\n")
-    args.out.write_text(intro + text + "\n")
     print(intro + text)
+    if args.write:
+        from results import write_section  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+        write_section("dense", intro + text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Targets: an exact conv head costs at most 1.05x the original's latency;
 depthwise pooling at most 1.10x.
 
     python benchmarks/ort_latency.py [--models resnet18,alexnet] [--rounds 40] [--threads 1]
-                                     [--exporter dynamo] [--out benchmarks/RESULTS-ort.md]
+                                     [--exporter dynamo] [--write]
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--exporter", default="dynamo", choices=("legacy", "dynamo"),
                         help="dynamo (default, what export_onnx uses) folds F.pad into the Conv; legacy keeps a Pad")
-    parser.add_argument("--out", type=Path, default=None, help="write the markdown here (e.g. benchmarks/RESULTS-ort.md)")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(0)
@@ -255,8 +255,10 @@ def main() -> None:
         "\n".join(f"- {n}" for n in dict.fromkeys(notes)),
     ]) + "\n"
     print(text)
-    if args.out is not None:
-        args.out.write_text(text)
+    if args.write:
+        from results import write_section  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+        write_section(f"ort-{args.exporter}", text)
 
 
 if __name__ == "__main__":

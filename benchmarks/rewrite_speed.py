@@ -4,7 +4,7 @@ For each torchvision model with max pooling, at its native input size, time in
 the same process: (a) the floor, copying the model and a bare
 ``torch.fx.symbolic_trace`` of the copy; (b) ``convify.replace_maxpool`` with
 the example input given. Prints medians and their ratio (target: <= 3x) as a
-markdown table; ``--write`` appends it to benchmarks/RESULTS.md.
+markdown table; ``--write`` replaces its section of benchmarks/RESULTS.md.
 
     python benchmarks/rewrite_speed.py [--repeats 5] [--write]
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -46,7 +46,7 @@ def rewrite_once(model: torch.nn.Module, x: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     rows = ["| model | input | copy + trace (ms) | replace_maxpool (ms) | ratio |", "|---|---|---|---|---|"]
@@ -64,10 +64,13 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.write:
-        path = Path(__file__).with_name("RESULTS.md")
-        with path.open("a") as fh:
-            fh.write(f"\n## rewrite_speed.py (torch {torch.__version__}, {args.repeats} repeats, medians)\n\n"
-                     f"{table}\n")
+        from results import write_section  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+        load = os.getloadavg()[0]
+        write_section("rewrite_speed", f"## replace_maxpool against its floor (`benchmarks/rewrite_speed.py`)\n\n"
+                      f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved "
+                      f"repeats, medians, load average {load:.1f} at the end. The floor is `copy.deepcopy` plus a "
+                      f"bare `torch.fx.symbolic_trace`; target: replace_maxpool at most 3x the floor.\n\n{table}")
 
 
 if __name__ == "__main__":
