@@ -240,9 +240,12 @@ class ReplaceMaxPool(Rewrite):
         inp, out = G.input_info(node), G.info(node) or (G.info(_values_node(node)) if params.return_indices else None)
         channels = inp.shape[1]
         depthwise = mode == "depthwise"
-        conv = _CONV[params.dims](channels, channels, params.kernel, stride=params.stride, padding=params.padding,
-                                  dilation=params.dilation, groups=channels if depthwise else 1, bias=True,
-                                  device=inp.device, dtype=inp.dtype)
+        # skip_init: the constructor's own random init would be thrown away at once (it was a
+        # third of replace_maxpool's time on googlenet, whose pools have up to 832 channels)
+        conv = nn.utils.skip_init(_CONV[params.dims], channels, channels, params.kernel, stride=params.stride,
+                                  padding=params.padding, dilation=params.dilation,
+                                  groups=channels if depthwise else 1, bias=True, device=inp.device,
+                                  dtype=inp.dtype)
         self._initialize(conv, params, channels, depthwise)
         if node.op == "call_module":
             target = node.target
@@ -289,8 +292,9 @@ class ReplaceMaxPool(Rewrite):
         with torch.no_grad():
             if self.options["init"] == "kaiming":
                 nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
-            else:  # "avg", and the starting point of "fit"
-                conv.weight.copy_(W.average_weight(channels, params.kernel, depthwise=depthwise))
+            else:  # "avg", and the starting point of "fit"; a new Parameter: no copy of a large weight
+                conv.weight = nn.Parameter(W.average_weight(channels, params.kernel, depthwise=depthwise,
+                                                            dtype=conv.weight.dtype, device=conv.weight.device))
             conv.bias.zero_()
 
 
