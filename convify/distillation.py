@@ -14,6 +14,7 @@ writes checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from . import graph as G
 from .errors import CheckpointError, ConvifyError
 
 CHECKPOINT_NAME = "distill-checkpoint.pt"
+#: ``schedule=`` of :func:`distill`.
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -73,7 +76,8 @@ class History:
 def distill(teacher: nn.Module, student: nn.Module, data: Any, *, epochs: int = 1, batch_size: int = 64,
             lr: float = 1e-3, temperature: float = 4.0, alpha: float = 0.9, val_data: Any = None,
             device: str | torch.device | None = None, progress: bool = True,
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> History:
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+            schedule: str = "cosine") -> History:
     """Train ``student`` in place to imitate ``teacher``; returns the :class:`History`.
 
     Args:
@@ -86,6 +90,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, epochs: int = 
             ``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(student, label)``.
         epochs: the total number of epochs (a resumed run continues up to it).
         batch_size: used when ``data`` is a Dataset.
+        lr: Adam's learning rate (the peak of the schedule).
         temperature, alpha: the softening temperature T and the weight of the
             distillation term.
         val_data: the same kinds as ``data``; measured after every epoch.
@@ -97,16 +102,25 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, epochs: int = 
             the optimizer, the epoch and the history (``distill-checkpoint.pt``).
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is
             one (a first run with ``resume=True`` starts from scratch).
+        schedule: ``"cosine"`` (default): the learning rate decays from ``lr``
+            to 0 along a half cosine over the whole run (``epochs``), stepped
+            every batch (every epoch when the data has no length); the
+            position is saved in checkpoints, so a resumed run continues the
+            same curve. ``"constant"``: ``lr`` throughout. Because the decay
+            spans the run, a 2-epoch run ends better than the second epoch of
+            a 3-epoch run: pass the ``epochs`` you mean to stop at.
 
     >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
     >>> history = convify.distill(model, allconv, train_set, epochs=2, val_data=test_set)
     >>> history.agreement[-1], history.val_accuracy[-1]
     """
     _check_arguments(teacher, student, epochs, temperature, alpha, resume, checkpoint_dir)
+    if schedule not in SCHEDULES:
+        raise ConvifyError(f"distill: schedule must be one of {SCHEDULES}, not {schedule!r}")
     ctx = _DistContext.start(device)
     try:
         return _Run(teacher, student, data, val_data, ctx, epochs=epochs, batch_size=batch_size, lr=lr,
-                    temperature=temperature, alpha=alpha, progress=progress,
+                    temperature=temperature, alpha=alpha, schedule=schedule, progress=progress,
                     checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
                     resume=resume).run()
     finally:
@@ -336,8 +350,8 @@ def image_folder(root: str | os.PathLike, input_shape: tuple[int, ...], **normal
 
 class _Run:
     def __init__(self, teacher: nn.Module, student: nn.Module, data: Any, val_data: Any, ctx: _DistContext, *,
-                 epochs: int, batch_size: int, lr: float, temperature: float, alpha: float, progress: bool,
-                 checkpoint_dir: Path | None, resume: bool) -> None:
+                 epochs: int, batch_size: int, lr: float, temperature: float, alpha: float, schedule: str,
+                 progress: bool, checkpoint_dir: Path | None, resume: bool) -> None:
         self.teacher, self.student, self.ctx = teacher, student, ctx
         self.epochs, self.temperature, self.alpha = epochs, temperature, alpha
         self.progress = progress and ctx.main and sys.stderr.isatty()
@@ -348,6 +362,13 @@ class _Run:
         student.to(ctx.device)
         self.optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
         self.history = History()
+        try:
+            self.steps_per_epoch: int | None = len(self.train_loader)
+        except TypeError:  # an IterableDataset without __len__: step the schedule once per epoch
+            self.steps_per_epoch = None
+        # Created before a checkpoint's optimizer state is loaded, so that the
+        # peak rate (``initial_lr``) is ``lr``, not the decayed rate it was saved at.
+        self.scheduler = _scheduler(self.optimizer, schedule, epochs * (self.steps_per_epoch or 1))
 
     def run(self) -> History:
         student_flags = [(m, m.training) for m in self.student.modules()]
@@ -401,12 +422,16 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.steps_per_epoch is not None:
+                self.scheduler.step()
             n = x.shape[0]
             loss_sum += float(loss.detach()) * n
             agree += float((student_logits.argmax(1) == teacher_logits.argmax(1)).sum())
             seen += n
             if self.progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", agreement=f"{agree / seen:.3f}")
+        if self.steps_per_epoch is None:
+            self.scheduler.step()
         loss_sum, agree, seen = self.ctx.sum([loss_sum, agree, seen])
         if seen == 0:
             raise ConvifyError("distill: the training data yielded no batches")
@@ -438,7 +463,7 @@ class _Run:
         if path is None or not self.ctx.main:
             return
         state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "epoch": epoch, "epochs": self.epochs, "history": self.history.to_dict()}
+                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "epochs": self.epochs, "history": self.history.to_dict()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -457,17 +482,31 @@ class _Run:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.history = History.from_dict(state["history"])
-            return int(state["epoch"]) + 1
+            start = int(state["epoch"]) + 1
+            if "scheduler" in state:
+                self.scheduler.load_state_dict(state["scheduler"])
+            else:  # a checkpoint from before schedules: put the schedule where that epoch ends
+                self.scheduler.last_epoch = start * (self.steps_per_epoch or 1) - 1
+                self.scheduler.step()
+            return start
         except Exception as e:
             raise CheckpointError(f"distill: cannot resume from {path}: {type(e).__name__}: {e}; "
                                   "delete it to start over, or pass the student it was saved from") from e
 
 
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step learning-rate factors: a half cosine from 1 to 0 over ``total`` steps, or 1."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1))))
+
+
 def load_checkpoint(path: str | os.PathLike, student: nn.Module | None = None) -> dict[str, Any]:
     """Read a distillation checkpoint; load its weights into ``student`` when given.
 
-    Returns the dict with ``student`` (state dict), ``optimizer``, ``epoch`` and
-    ``history`` (a :class:`History`).
+    Returns the dict with ``student`` (state dict), ``optimizer``, ``scheduler``
+    (the learning-rate position), ``epoch`` and ``history`` (a :class:`History`).
 
     >>> state = convify.distillation.load_checkpoint("ckpt/distill-checkpoint.pt", allconv)
     >>> state["history"].agreement
@@ -499,5 +538,5 @@ def _bar(loader: DataLoader, desc: str, enabled: bool) -> Any:
     return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
-__all__ = ["History", "distill", "distillation_loss", "load_checkpoint", "CHECKPOINT_NAME", "ImageFiles",
+__all__ = ["History", "distill", "distillation_loss", "load_checkpoint", "CHECKPOINT_NAME", "SCHEDULES", "ImageFiles",
            "image_folder", "image_transform"]

@@ -126,6 +126,52 @@ def test_checkpoints_and_resume(tmp_path: Path) -> None:
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in again.state_dict().items())
 
 
+class _Interrupted(Exception):
+    pass
+
+
+class _Failing(torch.utils.data.Dataset):
+    """``data`` until ``fail_after`` items have been read, then an error (a crash mid-run)."""
+
+    def __init__(self, data: torch.Tensor, fail_after: int) -> None:
+        self.data, self.fail_after, self.reads = data, fail_after, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        self.reads += 1
+        if self.reads > self.fail_after:
+            raise _Interrupted
+        return self.data[index]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_decays_and_a_resumed_run_continues_it(tmp_path: Path, schedule: str) -> None:
+    teacher, student = _pair(5)
+    images = _images(64, 7)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    whole = convify.distill(teacher, student, DataLoader(TensorDataset(images), batch_size=16), epochs=2, lr=3e-3,
+                            schedule=schedule, device="cpu", progress=False, checkpoint_dir=tmp_path / "whole")
+    final_lr = load_checkpoint(tmp_path / "whole")["optimizer"]["param_groups"][0]["lr"]
+    assert final_lr == pytest.approx(0.0 if schedule == "cosine" else 3e-3, abs=1e-12)
+
+    _, crashed = _pair(5)
+    crashed.load_state_dict(start)
+    with pytest.raises(_Interrupted):  # dies in the second epoch, after the first epoch's checkpoint
+        convify.distill(teacher, crashed, DataLoader(_Failing(images, 64 + 20), batch_size=16), epochs=2, lr=3e-3,
+                        schedule=schedule, device="cpu", progress=False, checkpoint_dir=tmp_path / "crashed")
+    if schedule == "cosine":  # half way along the curve: 4 of 8 steps
+        assert load_checkpoint(tmp_path / "crashed")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1.5e-3)
+    _, resumed = _pair(5)
+    history = convify.distill(teacher, resumed, DataLoader(TensorDataset(images), batch_size=16), epochs=2,
+                              lr=3e-3, schedule=schedule, device="cpu", progress=False,
+                              checkpoint_dir=tmp_path / "crashed", resume=True)
+    assert history.loss[1] == pytest.approx(whole.loss[1], rel=1e-5)
+    for k, v in student.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[k], v, atol=1e-6), k
+
+
 def test_resume_from_a_checkpoint_of_another_model_names_the_file(tmp_path: Path) -> None:
     teacher, student = _pair(4)
     data = TensorDataset(_images(32, 6))
@@ -147,6 +193,8 @@ def test_argument_errors() -> None:
         convify.distill(teacher, student, [_images(8, 0)], progress=False, device="cpu")
     with pytest.raises(ConvifyError, match="the same module"):
         convify.distill(teacher, teacher, data, progress=False)
+    with pytest.raises(ConvifyError, match="schedule must be one of"):
+        convify.distill(teacher, student, data, schedule="linear", progress=False)
 
 
 def test_history_round_trips() -> None:
