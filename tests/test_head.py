@@ -628,3 +628,28 @@ def test_one_linear_shared_by_two_heads_gets_two_sites() -> None:
     for got, want in zip(run(new, x), run(model, x)):
         assert rel_err(got, want) <= TOL
     assert linears(new) == []
+
+
+def test_batchnorm1d_between_head_linears_becomes_batchnorm2d():
+    model = reinit(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 32),
+                                 nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))).eval()
+    x = torch.randn(4, 3, 8, 8)
+    out = convify.replace_linear_head(model, x[:1])
+    assert isinstance(out.get_submodule("4"), nn.BatchNorm2d)
+    assert not any(isinstance(m, nn.Linear) for m in out.modules())
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) <= 1e-5
+    model.train()
+    out = convify.replace_linear_head(model, x[:1])
+    assert rel_err(out(x), model(x)) <= 1e-5  # batch statistics over N, as BatchNorm1d computes them
+
+
+def test_layernorm_between_head_linears_ends_the_head_with_a_note():
+    model = reinit(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 32), nn.LayerNorm(32),
+                                 nn.Linear(32, 10))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    out = convify.replace_linear_head(model, x[:1])
+    row = convify.report(out).replaced[0]
+    assert "the head ends at" in row.note and "stay Linear" in row.note
+    with torch.no_grad():
+        assert rel_err(out(x), model(x)) <= 1e-5

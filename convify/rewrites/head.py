@@ -495,11 +495,16 @@ class ReplaceLinearHead(Rewrite):
                     G.set_submodule(gm, node.target, conv)
                     if first and mode == "gap" and not dense:
                         new = graph.call_function(_GLOBAL_AVG[head.dims], (new, 1))
+                elif node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.BatchNorm1d:
+                    bn = _batchnorm_nd(gm.get_submodule(node.target), head.dims)
+                    new = graph.call_module(node.target, (env[node.args[0]],))
+                    G.set_submodule(gm, node.target, bn)
                 else:
                     new = graph.node_copy(node, lambda n: env[n])
                 env[node] = new
             flats: dict[fx.Node, fx.Node] = {}
             kept_flatten: list[str] = []
+            stopped: list[str] = []
             for node in head.tree:
                 for user in list(node.users):
                     if user in env:
@@ -511,9 +516,14 @@ class ReplaceLinearHead(Rewrite):
                         flats[node] = graph.call_function(torch.flatten, (env[node], 1))
                     if dense:
                         kept_flatten.append(user.name)
+                    if _reaches_linear(gm, user):
+                        stopped.append(user.name)
                     user.replace_input_with(node, flats[node])
         for node in reversed(head.tree):
             graph.erase_node(node)
+        if stopped:
+            notes.append(f"the head ends at {', '.join(sorted(set(stopped)))} (not elementwise per feature, "
+                         "e.g. a LayerNorm); the Linear layers after it stay Linear")
         if kept_flatten:
             notes.append(f"dense: kept the flatten before {', '.join(sorted(set(kept_flatten)))} "
                          "(only what goes straight to the output becomes a score map)")
@@ -585,7 +595,8 @@ class ReplaceLinearHead(Rewrite):
                    ) -> tuple[bool, str]:
         """Whether the head computes what it did at the traced size, and why not."""
         affine_front = all(_elementwise_kind(gm, n) == "affine" for n in head.between + head.pre_ops)
-        affine_tail = all(n in head.linears or _elementwise_kind(gm, n) == "affine" for n in head.tree)
+        affine_tail = all(n in head.linears or _elementwise_kind(gm, n) == "affine" or _is_eval_batchnorm(gm, n)
+                          for n in head.tree)
         point_map = removed != "global" or all(s == 1 for s in _shape(head.pool.source)[2:])
         if mode == "conv" and (not dense or point_map):
             return True, ""
@@ -665,7 +676,8 @@ def _head_tree(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int]
         for user in node.users:
             if user in tree:
                 continue
-            if _is_tree_linear(gm, user, node, calls) or _elementwise_kind(gm, user):
+            if (_is_tree_linear(gm, user, node, calls) or _elementwise_kind(gm, user)
+                    or _is_tree_batchnorm(gm, user, node, calls)):
                 tree.add(user)
                 frontier.append(user)
     ordered = sorted(tree, key=order.__getitem__)
@@ -677,6 +689,35 @@ def _is_tree_linear(gm: fx.GraphModule, user: fx.Node, src: fx.Node, calls: dict
     if user.op != "call_module" or user.args != (src,) or user.kwargs:
         return False
     return _is_stock_linear(gm.get_submodule(user.target)) and calls.get(user.target) == 1
+
+
+def _is_tree_batchnorm(gm: fx.GraphModule, user: fx.Node, src: fx.Node, calls: dict[str, int]) -> bool:
+    """A BatchNorm1d between two of the head's Linears: per feature on (N, F),
+    so the same statistics as a BatchNorm2d on (N, F, 1, 1) compute it exactly."""
+    if user.op != "call_module" or user.args != (src,) or user.kwargs or calls.get(user.target) != 1:
+        return False
+    module = gm.get_submodule(user.target)
+    shape = _shape(src)
+    return (type(module) is nn.BatchNorm1d and shape is not None and len(shape) == 2)
+
+
+def _is_eval_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training
+
+
+def _batchnorm_nd(bn: nn.BatchNorm1d, dims: int) -> nn.Module:
+    """The BatchNorm1d of a head as the BatchNorm{2,3}d that reads its conv's map."""
+    cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+    ref = bn.running_mean if bn.running_mean is not None else bn.weight
+    new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+              track_running_stats=bn.track_running_stats,
+              device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
+    new.load_state_dict(bn.state_dict())
+    new.train(bn.training)
+    return new
 
 
 def _feeds_a_map(node: fx.Node) -> bool:
@@ -694,6 +735,20 @@ def _feeds_a_map(node: fx.Node) -> bool:
             if (shape is not None and len(shape) >= 3) or any(i is not None and len(i.shape) >= 3 for i in items):
                 return True
             frontier.append(user)
+    return False
+
+
+def _reaches_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` or anything computed from it calls a Linear."""
+    seen, frontier = {node}, [node]
+    while frontier:
+        cur = frontier.pop()
+        if cur.op == "call_module" and isinstance(gm.get_submodule(cur.target), nn.Linear):
+            return True
+        for user in cur.users:
+            if user not in seen:
+                seen.add(user)
+                frontier.append(user)
     return False
 
 
