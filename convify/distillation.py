@@ -463,7 +463,8 @@ class _Run:
         if path is None or not self.ctx.main:
             return
         state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "epochs": self.epochs, "history": self.history.to_dict()}
+                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "epochs": self.epochs,
+                 "history": self.history.to_dict()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")

@@ -277,7 +277,8 @@ def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
             h.remove()
     if len(original.shapes) != len(rewritten.shapes):
         return None, (f"the original ran {len(original.shapes)} max poolings, the rewritten model "
-                      f"{len(rewritten.shapes)} max poolings and fitted convolutions together (a folded pool runs none)")
+                      f"{len(rewritten.shapes)} max poolings and fitted convolutions together "
+                      "(a folded pool runs none)")
     calls: dict[str, list[int]] = {s.row.name: [] for s in sites}
     for index, ((_, want), (name, got)) in enumerate(zip(original.shapes, rewritten.shapes)):
         if want != got:
@@ -296,7 +297,8 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
     if len(mode.kept) != len(indices):
         raise RewriteError(f"init='fit' at {site!r}: the original ran only {len(mode.shapes)} max poolings on a "
                            f"calibration batch, where the first batch needed call {max(indices) + 1}; "
-                           "use target='pool' for models whose pooling calls depend on the input")
+                           "for models whose pooling calls depend on the input, fit toward max pooling of "
+                           "the rewritten activations: convify.fit.fit_maxpool(..., target='pool')")
     return [mode.kept[i] for i in indices]
 
 
