@@ -226,7 +226,7 @@ class _PoolCalls(TorchFunctionMode):
     def __init__(self, keep: Sequence[int] = ()) -> None:
         super().__init__()
         self.keep = set(keep)
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+        self.shapes: list[tuple[str | None, tuple[int, ...]]] = []
         self.kept: dict[int, torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
@@ -235,7 +235,7 @@ class _PoolCalls(TorchFunctionMode):
             return out
         first = out[0] if isinstance(out, (tuple, list)) else out
         index = len(self.shapes)
-        self.shapes.append(("pool", tuple(first.shape)))
+        self.shapes.append((None, tuple(first.shape)))  # None: a max pooling, not a site
         if index in self.keep:
             self.kept[index] = first.detach().clone()  # an in-place op downstream must not change it
             if len(self.kept) == len(self.keep):
@@ -283,8 +283,8 @@ def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
     for index, ((_, want), (name, got)) in enumerate(zip(original.shapes, rewritten.shapes)):
         if want != got:
             return None, (f"call {index + 1} gives shape {list(want)} in the original but {list(got)} in the "
-                          f"rewritten model ({name})")
-        if name != "pool":
+                          f"rewritten model ({name or 'a max pooling'})")
+        if name is not None:
             calls[name].append(index)
     return calls, ""
 
