@@ -17,7 +17,7 @@ measures, on the 10,000 test images:
   1, 2 and 3 epochs.
 
 Each row: test accuracy, top-1 agreement with the original, wall time.
-Writes ``benchmarks/RESULTS-recovery.md``. Needs the Debian package
+With ``--write`` the table replaces its section of ``benchmarks/RESULTS.md``. Needs the Debian package
 ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``).
 
     python benchmarks/recovery.py              # the full run (about 8 CPU minutes on 2 free threads, original cached)
@@ -43,7 +43,6 @@ import convify
 from convify.fit import fit_maxpool
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
-OUT = Path(__file__).with_name("RESULTS-recovery.md")
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -137,7 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="5,000 training / 2,000 test images, 1 epoch each")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "convify" / "recovery-original.pt"),
                         help="where the trained original is kept between runs ('' to always retrain)")
     args = parser.parse_args()
@@ -274,7 +273,11 @@ def write_results(args: argparse.Namespace, rows: list[Row], fit_notes: list[str
         f"Whole benchmark: {total / 60:.1f} minutes.",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    if args.write and not args.quick:
+        from results import write_section  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+        write_section("recovery", "\n".join(lines))
     print("\n".join(lines))
 
 

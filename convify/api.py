@@ -114,9 +114,11 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
     >>> allconv = convify.convify(torchvision.models.vgg11().eval(), torch.randn(1, 3, 224, 224))
     >>> print(convify.report(allconv))
     """
-    example = as_args(model, example_input)
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: both passes read it
+    if example_input is None and init == "fit" and calibration is not None:
+        example_input = _first_input(calibration)  # shapes at the size the model will be fitted on
+    example = as_args(model, example_input)
     result = model
     if pool is not None:
         result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip,
@@ -130,3 +132,11 @@ def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "
     elif result is model:
         result = copy.deepcopy(model)
     return result
+
+
+def _first_input(calibration: Iterable[Any]) -> torch.Tensor | None:
+    """One sample of the first calibration batch (a tensor or an (input, label) pair)."""
+    batch = next(iter(calibration), None)
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    return batch[:1] if isinstance(batch, torch.Tensor) else None
