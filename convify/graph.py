@@ -124,6 +124,13 @@ def _info(value: Any) -> TensorInfo | None:
     return None
 
 
+_SHAPE_PRESERVING = frozenset({
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+})
+
+
 class ShapeProp(fx.Interpreter):
     """Run the graph on an example input and record each node's output
     :class:`TensorInfo` in ``node.meta["convify"]`` (None for non-tensors).
@@ -132,6 +139,20 @@ class ShapeProp(fx.Interpreter):
     statistics are not touched and batch size 1 works; shapes do not depend on
     the mode, the graph's mode-dependent branches were fixed when it was traced.
     """
+
+    def __init__(self, gm: fx.GraphModule, shortcut_shape_preserving: bool = False) -> None:
+        super().__init__(gm)
+        self.shortcut = shortcut_shape_preserving
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        # On meta tensors nothing is computed anyway: a module that keeps its
+        # input's shape and dtype can hand the input on. BatchNorm's meta
+        # kernel alone was a third of googlenet's shape propagation.
+        if self.shortcut and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+            module = self.fetch_attr(target)
+            if type(module) in _SHAPE_PRESERVING and args[0].is_floating_point():
+                return args[0]
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
@@ -175,7 +196,7 @@ def propagate_shapes(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
     device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
     try:
         with torch.no_grad(), eval_mode(gm), meta_weights(gm):
-            _run(gm, tuple(map(_to_meta, args)), {k: _to_meta(v) for k, v in kwargs.items()})
+            _run(gm, tuple(map(_to_meta, args)), {k: _to_meta(v) for k, v in kwargs.items()}, shortcut=True)
     except Exception:
         pass
     else:
@@ -196,11 +217,11 @@ def _relocate(n: fx.Node, device: torch.device | None) -> None:
         n.meta[META + "_items"] = tuple(TensorInfo(i.shape, i.dtype, device) if i else None for i in items)
 
 
-def _run(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
-    return ShapeProp(gm).run(*args) if not kwargs else _run_with_kwargs(gm, args, kwargs)
+def _run(gm: fx.GraphModule, args: tuple, kwargs: dict, shortcut: bool = False) -> Any:
+    return ShapeProp(gm, shortcut).run(*args) if not kwargs else _run_with_kwargs(gm, args, kwargs, shortcut)
 
 
-def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict, shortcut: bool = False) -> Any:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     bound = list(args)
     for p in placeholders[len(args):]:
@@ -210,7 +231,7 @@ def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
             bound.append(p.args[0])
         else:
             raise ExampleInputError(f"no value for input {p.target!r} of the traced forward")
-    return ShapeProp(gm).run(*bound)
+    return ShapeProp(gm, shortcut).run(*bound)
 
 
 def info(node: fx.Node) -> TensorInfo | None:
