@@ -12,15 +12,19 @@ measures, on the 10,000 test images:
 * the fit-initialized rewrite after 1, 2 and 3 epochs of ``convify.distill``
   (labels used, ``alpha=0.9``, cosine learning-rate decay over each run: a run
   of 2 epochs and one of 3 at distill's default rate, a run of 2 at each
-  other rate);
+  other rate), each run repeated over ``--seeds`` seeds (the seed changes the
+  data shuffling only; every run starts from the same fitted weights), reported
+  per epoch as the mean test accuracy, its min-max over the seeds and the mean
+  agreement;
 * the same all-convolutional shape trained from scratch on the labels for
   1, 2 and 3 epochs.
 
-Each row: test accuracy, top-1 agreement with the original, wall time.
+Each row: test accuracy, top-1 agreement with the original, wall time (the seeds' mean for distillation).
 With ``--write`` the table replaces its section of ``benchmarks/RESULTS.md``. Needs the Debian package
 ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``).
 
-    python benchmarks/recovery.py              # the full run (about 8 CPU minutes on 2 free threads, original cached)
+    python benchmarks/recovery.py              # the full run (about 17 CPU minutes on 2 free threads, original cached)
+    python benchmarks/recovery.py --seeds 1    # one seed per distillation run (about 7 minutes)
     python benchmarks/recovery.py --quick      # a 5,000-image smoke run
 """
 from __future__ import annotations
@@ -90,6 +94,9 @@ class Row:
     agreement: float
     seconds: float
     note: str = ""
+    low: float | None = None  # min and max accuracy over seeds; None for a single run
+    high: float | None = None
+    seeds: int = 1
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
@@ -131,6 +138,10 @@ def main() -> None:
                              "--distill-epochs epochs; the others: a run of 2)")
     parser.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                         help="distill's learning-rate schedule")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds per distillation run (the seed changes the shuffling only; the fitted "
+                             "starting weights are the same); rows report the mean, min-max and mean agreement")
+    parser.add_argument("--first-seed", type=int, default=3, help="seeds are first-seed, first-seed+1, ...")
     parser.add_argument("--calibration", type=int, default=2048, help="training images for init='fit'")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--batch", type=int, default=256)
@@ -140,6 +151,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "convify" / "recovery-original.pt"),
                         help="where the trained original is kept between runs ('' to always retrain)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     torch.set_num_threads(args.threads)
     if not DATA.exists():
         sys.exit(f"{DATA} not found: apt-get install -y dataset-fashion-mnist")
@@ -205,19 +218,32 @@ def main() -> None:
     fitted_state = {k: v.clone() for k, v in fit.state_dict().items()}
     runs = [(args.distill_lr[0], e) for e in dict.fromkeys((min(2, args.distill_epochs), args.distill_epochs))]
     runs += [(lr, min(2, args.distill_epochs)) for lr in args.distill_lr[1:]]
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    # per (lr, epochs): one (accuracy, agreement, cumulative seconds) list per seed; the 2-epoch runs go first,
+    # so that a run stopped early has the configurations the accuracy target is judged on
+    results: dict[tuple[float, int], list[list[tuple[float, float, float]]]] = {run: [] for run in runs}
+    for lr, epochs in sorted(runs, key=lambda run: run[1]):
+        for seed in seeds:
+            fit.load_state_dict(fitted_state)
+            torch.manual_seed(seed)  # the shuffling; the starting weights are the fitted ones in every run
+            history = convify.distill(original, fit, TensorDataset(train_x, train_y), epochs=epochs,
+                                      batch_size=args.batch, lr=lr, schedule=args.schedule,
+                                      val_data=TensorDataset(test_x, test_y), device="cpu",
+                                      progress=sys.stderr.isatty())
+            cumulative, per_epoch = fit_seconds, []
+            for epoch in range(history.epochs):
+                cumulative += history.seconds[epoch]
+                per_epoch.append((history.val_accuracy[epoch], history.val_agreement[epoch], cumulative))
+                print(f"distill lr {lr:g} seed {seed}, epoch {epoch + 1} of {epochs}: "
+                      f"acc {per_epoch[-1][0]:.4f}  agree {per_epoch[-1][1]:.4f}  {cumulative:7.1f}s", flush=True)
+            results[(lr, epochs)].append(per_epoch)
     for lr, epochs in runs:
-        fit.load_state_dict(fitted_state)
-        torch.manual_seed(3)  # the same shuffling in every run
-        history = convify.distill(original, fit, TensorDataset(train_x, train_y), epochs=epochs,
-                                  batch_size=args.batch, lr=lr, schedule=args.schedule,
-                                  val_data=TensorDataset(test_x, test_y), device="cpu",
-                                  progress=sys.stderr.isatty())
-        cumulative = fit_seconds
-        for epoch in range(history.epochs):
-            cumulative += history.seconds[epoch]
+        for epoch in range(epochs):
+            acc, agree, secs = zip(*(per_epoch[epoch] for per_epoch in results[(lr, epochs)]))
             rows.append(Row(f"init=fit + distill lr {lr:g} {args.schedule}, epoch {epoch + 1} of {epochs}",
-                            history.val_accuracy[epoch], history.val_agreement[epoch], cumulative,
-                            "wall time includes the fit" + (" (lr: distill's default)" if lr == 1e-3 else "")))
+                            float(np.mean(acc)), float(np.mean(agree)), float(np.mean(secs)),
+                            "wall time includes the fit" + (" (lr: distill's default)" if lr == 1e-3 else ""),
+                            low=min(acc), high=max(acc), seeds=len(acc)))
             print(rows[-1], flush=True)
 
     # ---------------------------------------------------------------- the same all-conv shape from scratch
@@ -233,38 +259,81 @@ def main() -> None:
     write_results(args, rows, fit_notes, total)
 
 
+def _points(fraction: float) -> float:
+    """A fraction as percentage points, rounded to the table's two decimals (so that 87.70 vs 87.70 compares equal)."""
+    return round(100 * fraction, 2)
+
+
+def _handwritten_notes() -> str:
+    """The hand-written notes kept at the end of the recovery section of RESULTS.md, if any ("" otherwise)."""
+    from results import RESULTS  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    begin, end = text.find("<!-- recovery -->"), text.find("<!-- /recovery -->")
+    section = text[begin:end] if 0 <= begin < end else ""
+    at = section.find("\n## ")
+    return section[at + 1:].strip() if at >= 0 else ""
+
+
 def write_results(args: argparse.Namespace, rows: list[Row], fit_notes: list[str], total: float) -> None:
     original = rows[0]
     fit = next(r for r in rows if r.name.startswith("rewritten, init=fit"))
     early = [r for r in rows if "distill" in r.name and int(r.name.rsplit(" ", 3)[-3]) <= 2]
-    within = [r for r in early if r.accuracy >= original.accuracy - 0.003]
+    bar = _points(original.accuracy) - 0.3
+    on_mean = [r for r in early if _points(r.accuracy) >= bar]
+    on_every = [r for r in early if _points(r.low if r.low is not None else r.accuracy) >= bar]
+    best_mean = max(early, key=lambda r: r.accuracy)
+    best_low = max(early, key=lambda r: r.low if r.low is not None else r.accuracy)
+    seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}" if args.seeds > 1 else f"seed {args.first_seed}"
+
+    def spread(r: Row) -> str:
+        return "one run" if r.low is None or r.seeds == 1 else f"{100 * r.low:.2f}-{100 * r.high:.2f}%"
+
+    def verdict(r: Row) -> str:
+        low = r.low if r.low is not None else r.accuracy
+        return (f"{r.name}: mean {100 * r.accuracy:.2f}% ({_points(r.accuracy) - _points(original.accuracy):+.2f}), "
+                f"min {100 * low:.2f}% ({_points(low) - _points(original.accuracy):+.2f}): "
+                f"**{'met' if _points(r.accuracy) >= bar else 'missed'}** on the mean, "
+                f"**{'met' if _points(low) >= bar else 'missed'}** on every seed of {r.seeds}")
+
     lines = [
         "# Recovery after the rewrite (Fashion-MNIST)",
         "",
-        f"`python benchmarks/recovery.py{' --quick' if args.quick else ''}` on {platform.machine()} CPU, "
-        f"torch {torch.__version__}, {args.threads} threads (a machine shared with other jobs: wall times are "
-        f"indicative). Model C in miniature (width {args.width}: conv-conv-maxpool 3x3/2 twice, conv, "
+        f"`python benchmarks/recovery.py{' --quick' if args.quick else ''} --seeds {args.seeds}` on "
+        f"{platform.machine()} CPU, torch {torch.__version__}, {args.threads} threads (wall times are indicative). "
+        f"Model C in miniature (width {args.width}: conv-conv-maxpool 3x3/2 twice, conv, "
         f"1x1 conv head, global average pooling, BatchNorm), trained with Adam 1e-3, batch {args.batch}. "
         "Accuracy and top-1 agreement with the original on the 10,000 test images"
         f"{' (2,000 in --quick)' if args.quick else ''}. Distillation: `convify.distill` with labels, "
         f"T=4, alpha=0.9, Adam at the peak learning rates shown with `schedule=\"{args.schedule}\"` (decay over each "
-        "run's epochs, so epoch 2 of 3 is mid-decay), "
-        f"batch {args.batch}. The from-scratch rows train the rewritten shape "
+        f"run's epochs, so epoch 2 of 3 is mid-decay), batch {args.batch}; each distillation run is repeated with "
+        f"{args.seeds} seed{'s' if args.seeds > 1 else ''} ({seeds}; the seed changes the data shuffling only, every run "
+        "starts from the same fitted weights), and its rows give the mean test accuracy over the seeds, the min-max, "
+        "the mean agreement and the mean wall time. The other rows are one run each (the original, the rewrites "
+        "and the fit are deterministic). The from-scratch rows train the rewritten shape "
         "(fresh weights) on the labels with the same optimizer and batch.",
         "",
-        "| model | test accuracy | agreement with original | wall time (s) | note |",
-        "|---|---:|---:|---:|---|",
+        f"| model | test accuracy{' (mean)' if args.seeds > 1 else ''} | min-max over seeds | "
+        f"agreement with original{' (mean)' if args.seeds > 1 else ''} | wall time (s) | note |",
+        "|---|---:|---:|---:|---:|---|",
     ]
-    lines += [f"| {r.name} | {100 * r.accuracy:.2f}% | {100 * r.agreement:.2f}% | {r.seconds:.1f} | {r.note} |"
-              for r in rows]
+    lines += [f"| {r.name} | {100 * r.accuracy:.2f}% | {spread(r)} | {100 * r.agreement:.2f}% | {r.seconds:.1f} | "
+              f"{r.note} |" for r in rows]
     lines += [
         "",
         "Targets:",
         f"- fit init alone keeps >= 90% top-1 agreement: **{'met' if fit.agreement >= 0.90 else 'missed'}** "
-        f"({100 * fit.agreement:.2f}%).",
-        f"- within 0.3 points of the original's accuracy after <= 2 distillation epochs: "
-        f"**{'met' if within else 'missed'}** (original {100 * original.accuracy:.2f}%; best after at most 2 epochs "
-        f"{100 * max(r.accuracy for r in early):.2f}%).",
+        f"({100 * fit.agreement:.2f}%; deterministic, one run).",
+        f"- within 0.3 points of the original's accuracy (original {100 * original.accuracy:.2f}%, so at least "
+        f"{bar:.2f}%) after <= 2 distillation epochs:",
+        f"  - on the mean over the seeds: **{'met' if on_mean else 'missed'}** (best mean "
+        f"{100 * best_mean.accuracy:.2f}%, {best_mean.name}; met by {len(on_mean)} of the {len(early)} "
+        "rows with at most 2 epochs).",
+        f"  - on every seed (one recipe whose worst seed is within 0.3): **{'met' if on_every else 'missed'}** "
+        f"(best worst-seed {100 * (best_low.low if best_low.low is not None else best_low.accuracy):.2f}%, "
+        f"{best_low.name}).",
+        "  - per row with at most 2 epochs:",
+        *[f"    - {verdict(r)}" for r in early],
         "",
         "Fit report (relative reconstruction error per site, RMS over the calibration outputs; default target):",
         "",
@@ -273,12 +342,18 @@ def write_results(args: argparse.Namespace, rows: list[Row], fit_notes: list[str
         f"Whole benchmark: {total / 60:.1f} minutes.",
         "",
     ]
+    notes = _handwritten_notes()
+    stale = "_Written for the earlier single-seed run (seed 3): its numbers are that run's, not the table's above._"
+    if notes and stale not in notes:
+        title, _, body = notes.partition("\n")
+        notes = f"{title}\n\n{stale}\n{body}"
+    if notes:
+        lines += [notes, ""]
     print("\n".join(lines))
     if args.write and not args.quick:
         from results import write_section  # noqa: PLC0415  (benchmarks/results.py, beside this script)
 
         write_section("recovery", "\n".join(lines))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
