@@ -343,10 +343,11 @@ def write_results(args: argparse.Namespace, rows: list[Row], fit_notes: list[str
         "",
     ]
     notes = _handwritten_notes()
-    stale = "_Written for the earlier single-seed run (seed 3): its numbers are that run's, not the table's above._"
-    if notes and stale not in notes:
+    stale = "_Written by hand for an earlier run: its numbers may differ from the table above._"
+    if notes:  # a new run makes the hand-written reading stale until someone rereads it
         title, _, body = notes.partition("\n")
-        notes = f"{title}\n\n{stale}\n{body}"
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("_Written"))
+        notes = f"{title}\n\n{stale}\n{body.lstrip(chr(10))}"
     if notes:
         lines += [notes, ""]
     print("\n".join(lines))
