@@ -125,11 +125,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     shape = _given_shape(args)
     options = _rewrite_options(args)
     with _Progress(2) as progress:
-        with progress.step("loading the model"):
-            src = _open_model(args)
-            shape = _resolve_shape(src, shape)
-        with progress.step("rewriting in memory"):
-            rewritten = _rewrite(src, options, shape, args)
+        src, shape, rewritten = _load_and_rewrite(args, progress, shape, options, "rewriting in memory")
     rep = _report(rewritten, src)
     summary = _summary(src, rewritten, options, shape)
     if args.json:
@@ -170,11 +166,7 @@ def run_rewrite(args: argparse.Namespace) -> int:
     written: list[str] = []
     verification = None
     with _Progress(3 + bool(args.verify)) as progress:
-        with progress.step("loading the model"):
-            src = _open_model(args)
-            shape = _resolve_shape(src, shape)
-        with progress.step("rewriting"):
-            rewritten = _rewrite(src, options, shape, args)
+        src, shape, rewritten = _load_and_rewrite(args, progress, shape, options, "rewriting")
         if args.verify:
             with progress.step("verifying through onnxruntime"):
                 verification = _verify(src.model, rewritten, shape, args)
@@ -287,11 +279,7 @@ def run_verify(args: argparse.Namespace) -> int:
     shape = _given_shape(args)
     options = _rewrite_options(args)
     with _Progress(3) as progress:
-        with progress.step("loading the model"):
-            src = _open_model(args)
-            shape = _resolve_shape(src, shape)
-        with progress.step("rewriting in memory"):
-            rewritten = _rewrite(src, options, shape, args)
+        src, shape, rewritten = _load_and_rewrite(args, progress, shape, options, "rewriting in memory")
         with progress.step("verifying through onnxruntime"):
             verification = _verify(src.model, rewritten, shape, args)
     rep = _report(rewritten, src)
@@ -559,6 +547,17 @@ def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[i
         raise ExampleInputError(f"{src.label} does not run on an input of shape {_shape_text(given)}: "
                                 f"{_one_line(e)}; pass the --input-shape it expects") from e
     return given
+
+
+def _load_and_rewrite(args: argparse.Namespace, progress: "_Progress", shape: tuple[int, ...] | None,
+                      options: dict[str, Any], step: str) -> tuple["ModelSource", tuple[int, ...], "nn.Module"]:
+    """The first two steps of inspect, rewrite and verify: read MODEL, then rewrite it."""
+    with progress.step("loading the model"):
+        src = _open_model(args)
+        shape = _resolve_shape(src, shape)
+    with progress.step(step):
+        rewritten = _rewrite(src, options, shape, args)
+    return src, shape, rewritten
 
 
 def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...],
