@@ -416,12 +416,7 @@ def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
             gram = feats.T @ feats
             cross = feats.T @ y
             sq = (y * y).sum()
-        if normal.gram is None:
-            normal.gram, normal.cross, normal.target_sq = gram, cross, sq
-        else:
-            normal.gram += gram
-            normal.cross += cross
-            normal.target_sq += sq
+        _add(normal, gram, cross, sq, samples=0)
     normal.samples += x.shape[0]
 
 
