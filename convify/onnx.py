@@ -210,10 +210,12 @@ def _state_bytes(model: nn.Module) -> int:
 
 def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
                    exporter: str, large: bool, verbose: bool) -> tuple[str, str | None, tuple[str, ...]]:
+    def legacy() -> tuple[str, ...]:
+        return _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose, verbose=verbose)
+
     if exporter == "legacy":
         try:
-            caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose,
-                                     verbose=verbose)
+            caught = legacy()
         except Exception as e:
             raise ExportError(
                 f"could not export {type(model).__name__} to ONNX with the legacy exporter: {G.one_line(e)}; "
@@ -226,8 +228,7 @@ def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec,
         reason = G.one_line(dynamo_error)
         _clear(staged)
         try:
-            caught = _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose,
-                                     verbose=verbose)
+            caught = legacy()
         except Exception as legacy_error:
             raise ExportError(
                 f"could not export {type(model).__name__} to ONNX: the dynamo exporter failed ({reason}) "
