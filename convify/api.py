@@ -7,15 +7,19 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .engine import as_args, rewrite_model
+from .engine import first_input, run_pass
+from .errors import UsageError
+from .inputs import as_args
 from .rewrites import get
+from .rewrites.base import all_keywords, in_order, options_from_keywords, unknown_keywords
 
 Patterns = "str | Sequence[str] | None"
 
 
 def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = "conv", init: str = "avg",
                     only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-                    inplace: bool = False, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+                    inplace: bool = False, calibration: Iterable[torch.Tensor] | None = None,
+                    fit_target: str = "original") -> nn.Module:
     """Replace every max pooling in ``model``'s forward by a strided convolution.
 
     Args:
@@ -28,6 +32,11 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
         init: ``"avg"`` (the new convolution computes average pooling over the
             same window), ``"kaiming"`` (fresh), or ``"fit"`` (least squares
             against the pooling on ``calibration`` batches).
+        calibration: input batches for ``init="fit"`` (tensors or ``(input,
+            label)`` pairs; the labels are not used).
+        fit_target: with ``init="fit"``: ``"original"`` fits each site toward
+            the original model's pooling output there, ``"pool"`` toward max
+            pooling of the rewritten model's own activations.
         only, skip: glob patterns over site names (``"maxpool"``, ``"features.*"``).
         inplace: skip the deep copy: the result reuses ``model``'s modules and
             parameters (an untraceable model is rewritten in place); use the
@@ -42,17 +51,13 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
     >>> allconv = convify.replace_maxpool(m)
     >>> print(convify.report(allconv))
     """
-    if init == "fit":
-        from .fit import fit_maxpool  # noqa: PLC0415  (needs calibration data; optional path)
-        return fit_maxpool(model, example_input, mode=mode, only=only, skip=skip, inplace=inplace,
-                           calibration=calibration)
-    rewrite = get("maxpool")(mode=mode, init=init)
-    return rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
+    rewrite = get("maxpool")(mode=mode, init=init, fit_target=fit_target)  # type: ignore[call-arg]
+    return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration)
 
 
 def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: str = "conv", dense: bool = False,
                         only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-                        inplace: bool = False) -> nn.Module:
+                        inplace: bool = False, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
     """Turn every Linear classifier head of ``model`` into convolutions.
 
     A head is a Linear fed by a flattened spatial map (``torch.flatten``,
@@ -74,6 +79,9 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
             example size), so a larger input gives an ``(N, K, H', W')`` map.
         only, skip: glob patterns over head names (the first Linear's module
             path: ``"fc"``, ``"classifier.*"``).
+        calibration: input batches; with ``mode="gap"`` the heads that cannot
+            be exact get their 1x1 convolution fitted toward the original
+            logits by least squares.
         inplace: skip the deep copy: the result reuses ``model``'s modules and
             parameters (an untraceable model is rewritten in place); use the
             returned model, not ``model``, afterwards.
@@ -88,55 +96,45 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
     torch.Size([1, 1000, 8, 8])
     """
     rewrite = get("head")(mode=mode, dense=dense)
-    result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
-    return result
+    return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration)
 
 
-def convify(model: nn.Module, example_input: Any = None, *, pool: str | None = "conv", head: str | None = "conv",
-            init: str = "avg", dense: bool = False, only: str | Sequence[str] | None = None,
-            skip: str | Sequence[str] | None = None,
-            calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
-    """Both rewrites: max pooling to strided convolutions, then Linear heads to convolutions.
+def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence[str] | None = None,
+            skip: str | Sequence[str] | None = None, calibration: Iterable[torch.Tensor] | None = None,
+            **options: Any) -> nn.Module:
+    """Every registered rewrite, in order: max pooling to strided
+    convolutions, then Linear heads to convolutions.
+
+    Keyword options (each rewrite declares its own; see ``convify.rewrites``):
+
+    * ``pool``: ``mode`` of :func:`replace_maxpool` (``"conv"``, ``"depthwise"``,
+      ``"fold"``), or None to keep the poolings; ``init``: as there;
+    * ``head``: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``),
+      or None to keep the head; ``dense``: as there.
 
     Args:
-        pool: ``mode`` of :func:`replace_maxpool` (``"conv"``, ``"depthwise"``,
-            ``"fold"``), or None to keep the poolings.
-        head: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``), or
-            None to keep the head.
-        init: how the pooling convolutions start (see :func:`replace_maxpool`).
-        calibration: input batches for ``init="fit"`` (see :func:`replace_maxpool`); with
-            ``head="gap"`` they also fit the heads that ``gap`` cannot make exact.
-        dense, only, skip: as in :func:`replace_linear_head`; ``only``/``skip``
-            patterns apply to both passes.
+        calibration: input batches for ``init="fit"``; with ``head="gap"``
+            they also fit the heads that ``gap`` cannot make exact. The
+            targets always come from ``model``, the original.
+        only, skip: glob patterns over site names, applied to every pass.
 
-    The returned model's ``convify.report`` has one pass per rewrite applied.
+    The returned model's ``convify.report`` has one pass per rewrite applied;
+    the input model is never modified.
 
     >>> allconv = convify.convify(torchvision.models.vgg11().eval(), torch.randn(1, 3, 224, 224))
     >>> print(convify.report(allconv))
     """
+    unknown = unknown_keywords(options)
+    if unknown:
+        raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {all_keywords()}")
+    passes = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
     if calibration is not None and iter(calibration) is calibration:
-        calibration = list(calibration)  # a one-shot iterator: both passes read it
-    if example_input is None and init == "fit" and calibration is not None:
-        example_input = _first_input(calibration)  # shapes at the size the model will be fitted on
+        calibration = list(calibration)  # a one-shot iterator: every pass reads it
+    if example_input is None and calibration is not None and any(o.wants_calibration() for _, o in passes):
+        example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
     result = model
-    if pool is not None:
-        result = replace_maxpool(result, example, mode=pool, init=init, only=only, skip=skip,
-                                 calibration=calibration)
-    if head is not None:
-        result = replace_linear_head(result, example, mode=head, dense=dense, only=only, skip=skip,
-                                     inplace=pool is not None)
-        if head == "gap" and init == "fit" and calibration is not None:
-            from .fit import fit_gap_heads  # noqa: PLC0415
-            result = fit_gap_heads(model, result, calibration)
-    elif result is model:
-        result = copy.deepcopy(model)
-    return result
-
-
-def _first_input(calibration: Iterable[Any]) -> torch.Tensor | None:
-    """One sample of the first calibration batch (a tensor or an (input, label) pair)."""
-    batch = next(iter(calibration), None)
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    return batch[:1] if isinstance(batch, torch.Tensor) else None
+    for cls, opts in passes:
+        result = run_pass(result, cls(opts), example, only=only, skip=skip, inplace=result is not model,
+                          calibration=calibration, teacher=model)
+    return copy.deepcopy(model) if result is model else result

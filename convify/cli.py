@@ -412,7 +412,7 @@ def _open_teacher(args: argparse.Namespace, student_src: "ModelSource") -> "nn.M
 
 
 def _probe_shape(src: "ModelSource") -> tuple[int, ...]:
-    from .graph import probe_input  # noqa: PLC0415
+    from .inputs import probe_input  # noqa: PLC0415
 
     return tuple(probe_input(src.model).shape)
 
@@ -533,7 +533,7 @@ def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[i
     if given is None and src.input_shape is not None:
         return tuple(src.input_shape)
     if given is None:
-        from .graph import probe_input  # noqa: PLC0415
+        from .inputs import probe_input  # noqa: PLC0415
 
         try:
             return tuple(probe_input(src.model).shape)

@@ -3,9 +3,13 @@
 ``rewrite_model`` copies the model (unless ``inplace``), traces it, propagates
 shapes from the example input, asks the rewrite for its sites, filters them by
 ``only``/``skip``, gives every call of a shared module its own name, applies
-the rewrite site by site and records everything in the model's report. When
-the model does not trace as a whole it falls back to rewriting the largest
-submodules that do trace, in place.
+the rewrite site by site and returns the model with the :class:`Pass` that
+records every site. When the model does not trace as a whole it falls back to
+rewriting the largest submodules that do trace, in place.
+
+``run_pass`` is what the public functions call: ``rewrite_model``, then the
+rewrite's calibration on data when the options ask for it, then the pass is
+attached to the model's report: the one place a report grows.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import copy
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -21,12 +25,17 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from . import graph as G
-from .errors import ConvifyError, ExampleInputError, RewriteError, TraceError
+from .errors import ConvifyError, ExampleInputError, RewriteError, TraceError, UsageError, one_line
+from .inputs import as_args
 from .report import Pass, Replaced, Skipped, Untraced, attach, report
-from .rewrites.base import Rewrite, Site
+from .rewrites.base import Rewrite, RewriteOptions, Site, leaf_modules
 
-ExampleInput = "torch.Tensor | tuple[torch.Tensor, ...] | None"
 
+class _Same:
+    """The default of ``run_pass(teacher=)``: the model being rewritten."""
+
+
+SAME = _Same()
 
 @dataclass
 class _Collector:
@@ -55,22 +64,83 @@ class _Filter:
         return None
 
 
-def as_args(model: nn.Module, example_input: Any) -> tuple:
-    """The example input as a tuple of positional arguments (probed if None)."""
-    if example_input is None:
-        return (G.probe_input(model),)
-    if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
-        return tuple(example_input)
-    raise ExampleInputError(
-        f"example_input must be a tensor or a tuple of tensors, not {type(example_input).__name__}"
-    )
+@dataclass(frozen=True)
+class RewriteResult:
+    """The rewritten model and the pass that says what happened at every site."""
+
+    model: nn.Module
+    done: Pass
+
+
+def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
+             only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
+             inplace: bool = False, calibration: Iterable[Any] | None = None,
+             teacher: nn.Module | None | _Same = SAME, rebuilt_from: RewriteOptions | None = None) -> nn.Module:
+    """Rewrite ``model``, calibrate the new weights when the options ask for it
+    and attach the pass to the result's report.
+
+    ``teacher`` is the model the calibration targets come from (default:
+    ``model`` itself, copied first when ``inplace``). ``rebuilt_from``: the
+    options a checkpoint was made with, when ``rewrite`` runs with their
+    :meth:`~RewriteOptions.for_rebuild` to rebuild its modules; the report
+    then records those options.
+    """
+    options = rewrite.options
+    batches = None
+    if calibration is not None and options.wants_calibration():
+        batches = calibration_batches(calibration, rewrite.name)
+    elif options.needs_calibration():
+        raise UsageError(f"{rewrite.name}: {options.describe_calibration()} needs calibration=, an iterable of "
+                         "input batches (a list of tensors or a DataLoader) to fit the new weights on")
+    if teacher is SAME:
+        teacher, why = (model, "") if not inplace or batches is None else _copy_for_teacher(model)
+    else:
+        why = "" if teacher is not None else "no teacher model was given"
+    if example_input is None and batches is not None:
+        example_input = first_input(batches[0])
+    result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
+    done = result.done
+    if batches is not None:
+        done = rewrite.calibrate(teacher, result.model, done, batches)
+        if why:
+            done = dataclasses.replace(done, notes=done.notes + (f"calibration without the original model: {why}",))
+    if rebuilt_from is not None:
+        done = dataclasses.replace(done, options=rebuilt_from.to_dict(),
+                                   notes=done.notes + ("weights come from the checkpoint",))
+    attach(result.model, report(model).with_pass(done))
+    return result.model
+
+
+def calibration_batches(calibration: Iterable[Any], who: str) -> Sequence[Any]:
+    """Calibration data as a re-iterable sequence of batches (a one-shot
+    iterator is read into a list; a tensor is one batch)."""
+    if isinstance(calibration, torch.Tensor):
+        return [calibration]
+    if iter(calibration) is calibration:  # type: ignore[arg-type]
+        calibration = list(calibration)
+    if next(iter(calibration), None) is None:
+        raise UsageError(f"{who}: calibration= yielded no batches; pass at least one input batch")
+    return calibration  # type: ignore[return-value]
+
+
+def first_input(batch: Any) -> torch.Tensor | None:
+    """One sample of a calibration batch (a tensor or an (input, label) pair)."""
+    if isinstance(batch, (tuple, list)) and batch:
+        batch = batch[0]
+    return batch[:1] if isinstance(batch, torch.Tensor) else None
+
+
+def _copy_for_teacher(model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The unmodified original, copied before an in-place rewrite changes it."""
+    try:
+        return copy.deepcopy(model), ""
+    except Exception as e:  # noqa: BLE001  (any copy failure means: no teacher, say why)
+        return None, f"inplace=True and the model could not be copied to keep its activations ({one_line(e)})"
 
 
 def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
                   only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-                  inplace: bool = False) -> nn.Module:
+                  inplace: bool = False) -> RewriteResult:
     """Apply ``rewrite`` everywhere in ``model``; see ``convify.replace_maxpool``."""
     if not isinstance(model, nn.Module):
         raise ConvifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -82,7 +152,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     col = _Collector()
     filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
     try:
-        gm = G.trace(work)
+        gm = G.trace(work, leaf_modules())
     except TraceError as e:
         col.untraced.append(Untraced("", _reason(e)))
         result = _fallback(work, args, rewrite, filt, col)
@@ -98,21 +168,19 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     for pat in (filt.only or ()) + (filt.skip or ()):
         if pat not in col.matched_patterns:
             col.notes.append(f"pattern {pat!r} matched no {rewrite.name} site")
-    new_pass = Pass(
-        rewrite=rewrite.name,
-        options={k: v for k, v in rewrite.options.items() if k != "calibration"},
+    done = Pass(
+        rewrite=rewrite.name, options=rewrite.options.to_dict(),
         replaced=tuple(col.replaced), skipped=tuple(col.skipped),
         untraced=tuple(col.untraced), notes=tuple(dict.fromkeys(col.notes)),
     )
-    attach(result, report(model).with_pass(new_pass))
-    return result
+    return RewriteResult(result, done)
 
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
         return copy.deepcopy(model)
     except Exception as e:
-        raise ConvifyError(f"{type(model).__name__} cannot be deep-copied ({G.one_line(e)}); pass inplace=True "
+        raise ConvifyError(f"{type(model).__name__} cannot be deep-copied ({one_line(e)}); pass inplace=True "
                            "to rewrite it without a copy") from e
 
 
@@ -148,10 +216,10 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, rewrite: Rewrite, filt: _Fil
             raise
         except Exception as e:
             raise RewriteError(f"{rewrite.name} failed at {G.join(prefix, site.name)!r} "
-                               f"({site.node.format_node()}): {G.one_line(e)}") from e
+                               f"({site.node.format_node()}): {one_line(e)}") from e
         col.replaced.append(dataclasses.replace(
             row, name=G.join(prefix, row.name), module=G.join(prefix, row.module) if row.module else ""))
-    col.notes.extend(rewrite.finish(gm))
+    col.notes.extend(rewrite.finish(gm, col.replaced))
     G.finalize(gm)
     return True
 
@@ -202,7 +270,7 @@ def _split_shared_modules(gm: fx.GraphModule, planned: list[Site], rewrite: Rewr
             continue
         module = gm.get_submodule(target)
         for k, node in enumerate(nodes[1:], start=1):
-            alias = G.free_name(gm, f"{target}@{k}")
+            alias = G.free_name(gm, G.call_name(target, k))
             G.set_submodule(gm, alias, module)
             node.target = alias
 
@@ -254,7 +322,7 @@ def _record_calls(root: nn.Module, args: tuple, rewrite: Rewrite) -> _CallRecord
             root(*args)
     except Exception as e:
         raise ExampleInputError(
-            f"the example input does not run through {type(root).__name__}: {G.one_line(e)}; "
+            f"the example input does not run through {type(root).__name__}: {one_line(e)}; "
             "pass an example_input of the shape the model expects"
         ) from e
     finally:
@@ -292,7 +360,7 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             local_prefix = prefix
         else:
             try:
-                gm = G.trace(child)
+                gm = G.trace(child, leaf_modules())
             except TraceError as e:
                 col.untraced.append(Untraced(qual, _reason(e)))
                 _visit(child, qual, recorder, rewrite, filt, col, traced_prefixes)

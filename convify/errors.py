@@ -1,10 +1,49 @@
 """The errors convify raises. Each message names the node, module or file,
-says what is wrong and what to do about it."""
+says what is wrong and what to do about it.
+
+Messages speak the library's language. Where a message tells the caller to
+pass a parameter, it names it as a placeholder (``{force}``) with the
+library's spelling (``force=True``); the command line renders the same error
+with its own flag (``--force``) through :meth:`ConvifyError.render`.
+
+>>> e = CheckpointError("out.pt exists: pass {force} to replace it", params={"force": "force=True"})
+>>> str(e)
+'out.pt exists: pass force=True to replace it'
+>>> e.render({"force": "--force"}.get)
+'out.pt exists: pass --force to replace it'
+"""
 from __future__ import annotations
+
+from typing import Callable, Mapping
+
+#: Longest text :func:`one_line` keeps of a foreign exception's message.
+ONE_LINE_LIMIT = 300
 
 
 class ConvifyError(Exception):
     """Base class of every error convify raises on purpose."""
+
+    def __init__(self, message: str = "", *, params: Mapping[str, str] | None = None) -> None:
+        self.template = message
+        self.params = dict(params or {})
+        super().__init__(self.render())
+
+    def render(self, spell: Callable[[str], str | None] | None = None) -> str:
+        """The message with each ``{param}`` written by ``spell(param)``
+        (a flag, for the command line), or in the library's spelling."""
+        text = self.template
+        for name, library in self.params.items():
+            text = text.replace("{" + name + "}", (spell(name) if spell else None) or library)
+        return text
+
+
+class UsageError(ConvifyError):
+    """Options or arguments that are invalid, contradict each other or name nothing."""
+
+
+class OptionError(UsageError, ValueError):
+    """A rewrite option with a value it does not take (a ``ValueError`` too,
+    for callers that catch that)."""
 
 
 class ExampleInputError(ConvifyError):
@@ -31,3 +70,10 @@ class VerificationError(ConvifyError):
 
 class CheckpointError(ConvifyError):
     """A model or checkpoint file could not be read, trusted or written."""
+
+
+def one_line(e: BaseException, limit: int = ONE_LINE_LIMIT) -> str:
+    """``TypeName: first line of the message``, cut at ``limit`` characters:
+    how a foreign exception is quoted inside a convify message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]

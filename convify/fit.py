@@ -27,7 +27,6 @@ supports.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -39,27 +38,17 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import graph as G
+from . import ops
 from . import weights as W
-from .engine import rewrite_model
-from .errors import ConvifyError, ExampleInputError, RewriteError
-from .report import Pass, Replaced, Report, attach, report
-from .rewrites import get
+from .errors import ExampleInputError, RewriteError, one_line
+from .inputs import to_model
+from .report import Fit, Pass, Replaced
+from .rewrites.maxpool import PoolParams, PoolRecord
 
 #: Ridge strength relative to the mean diagonal of ``X^T X`` (scale-free).
 RIDGE = 1e-4
 #: Rows of the patch matrix handled at once (bounds the float64 working set).
 _CHUNK_ELEMENTS = 1 << 24
-
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-#: Every max pooling call, by identity (``nn.MaxPool*d`` modules call the ``F.`` functions).
-_POOL_CALLS = frozenset({
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d, torch.max_pool3d,
-    F.max_pool1d_with_indices, F.max_pool2d_with_indices, F.max_pool3d_with_indices,
-    torch.max_pool1d_with_indices, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-    F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d_with_indices, F.adaptive_max_pool3d_with_indices,
-})
-#: ``target=`` of :func:`fit_maxpool`.
-TARGETS = ("original", "pool")
 
 
 @dataclass
@@ -67,7 +56,7 @@ class _Site:
     """One new convolution to fit: its report row, the pooling it replaced, the module."""
 
     row: Replaced
-    params: Any  # convify.rewrites.maxpool.PoolParams
+    params: PoolParams
     conv: nn.modules.conv._ConvNd
 
 
@@ -81,46 +70,20 @@ class _Normal:
     samples: int = 0
 
 
-def _recording_rewrite(mode: str) -> Any:
-    """The registered maxpool rewrite (``init="avg"``), extended to remember
-    the pooling parameters of every site it turns into a new convolution."""
-    base = get("maxpool")
+def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any], *,
+                   target: str = "original") -> Pass:
+    """``replace_maxpool(..., init="fit", calibration=batches)``, after the
+    rewrite: fit every new convolution of ``done`` (the maxpool pass that made
+    ``model``), in place; returns the pass with each fitted row's ``fit`` set.
 
-    class _RecordingMaxPool(base):  # type: ignore[misc, valid-type]
-        def __init__(self, **options: Any) -> None:
-            super().__init__(**options)
-            self.records: list[Any] = []
-            self._made_conv = False
+    The sites to fit are read from the rows' typed records (a fold adds no
+    weights). ``calibration`` is an iterable of input batches (tensors, or
+    ``(input, label, ...)`` tuples as a DataLoader yields; the labels are not
+    used), iterated once per site. A few hundred images are usually enough.
 
-        def apply(self, gm, site):  # noqa: ANN001, ANN201
-            self._made_conv = False
-            row = super().apply(gm, site)
-            self.records.append(site.params if self._made_conv else None)
-            return row
-
-        def _to_conv(self, gm, site, mode, note=""):  # noqa: ANN001, ANN201
-            self._made_conv = True
-            return super()._to_conv(gm, site, mode, note)
-
-    return _RecordingMaxPool(mode=mode, init="avg")
-
-
-def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | Sequence[str] | None,
-                skip: str | Sequence[str] | None, inplace: bool,
-                calibration: Iterable[Any] | None, target: str = "original") -> nn.Module:
-    """``replace_maxpool(..., init="fit", calibration=batches)``: rewrite, then fit.
-
-    ``calibration`` is an iterable of input batches (tensors, or ``(input,
-    label, ...)`` tuples as a DataLoader yields; the labels are not used). It is
-    iterated once per site, so pass a list or a DataLoader, not a generator (a
-    one-shot iterator is read into a list first). A few hundred images are
-    usually enough. The report rows say ``init=fit`` and the relative
-    reconstruction error (RMS of conv - target over RMS of target) at each
-    site, next to what the average init gave.
-
-    ``target="original"`` (the default) fits each site toward the original
-    model's pooling output at that site (the teacher's activations; falls back
-    to ``"pool"`` with a note when the calls cannot be matched);
+    ``target="original"`` (the default) fits each site toward ``teacher``'s
+    pooling output at that site (the original model's activations; falls
+    back to ``"pool"`` with a note when the calls cannot be matched);
     ``target="pool"`` toward the max pooling of the rewritten model's own
     input at the site.
 
@@ -128,61 +91,35 @@ def fit_maxpool(model: nn.Module, example_input: Any, *, mode: str, only: str | 
     >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
     >>> print(convify.report(allconv))   # ... pool: init=fit, reconstruction error 0.08 (avg init 0.41)
     """
-    if target not in TARGETS:
-        raise ConvifyError(f"init='fit': target must be one of {TARGETS}, not {target!r}")
-    batches = _calibration_batches(calibration)
-    if example_input is None:
-        example_input = _as_input(batches[0])[:1]
-    teacher, why = _teacher(model, inplace) if target == "original" else (None, "")
-    rewrite = _recording_rewrite(mode)
-    result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
-    last = report(result).last
-    if len(last.replaced) != len(rewrite.records):
-        raise RewriteError(f"init='fit': the rewrite recorded {len(rewrite.records)} sites but reported "
-                           f"{len(last.replaced)}; please report this as a convify bug")
-    sites = [_Site(row, params, _conv_at(result, row)) for row, params in zip(last.replaced, rewrite.records)
-             if params is not None]
-    notes = list(last.notes)
-    if mode == "fold":
+    sites = [_Site(row, row.detail.params, _conv_at(model, row)) for row in done.replaced
+             if isinstance(row.detail, PoolRecord) and row.detail.is_conv]
+    notes = list(done.notes)
+    if done.options.get("mode") == "fold":
         notes.append("init='fit' with mode='fold': a folded pool adds no weights (its stride moves onto the "
                      "trained producing convolution), so only sites that fell back to a convolution are fitted")
     calls: dict[str, list[int]] | None = None
-    if teacher is not None and sites:
-        calls, why = _match_calls(teacher, result, sites, batches[0])
+    why = "no original model to take the targets from" if teacher is None else ""
+    if target == "original" and teacher is not None and sites:
+        calls, why = _match_calls(teacher, model, sites, batches[0])
     if target == "original" and sites and calls is None:
         notes.append(f"init='fit': fitted toward max pooling of the rewritten model's own activations, not the "
                      f"original model's pooling outputs: {why}")
-    fitted: dict[str, str] = {}
-    for site in _in_forward_order(result, sites, batches):
-        fitted[site.row.name] = _fit_site(result, site, batches, teacher,
+    fitted: dict[str, Fit | str] = {}
+    for site in _in_forward_order(model, sites, batches):
+        fitted[site.row.name] = _fit_site(model, site, batches, teacher,
                                           (calls.get(site.row.name) or None) if calls is not None else None)
-    rows = tuple(dataclasses.replace(r, note=_join(r.note, fitted[r.name])) if r.name in fitted else r
-                 for r in last.replaced)
-    new_pass = dataclasses.replace(last, options={**last.options, "init": "fit"}, replaced=rows,
-                                   notes=tuple(dict.fromkeys(notes)))
-    attach(result, Report(report(result).passes[:-1] + (new_pass,)))
-    return result
+    rows = tuple(_with_fit(r, fitted[r.name]) if r.name in fitted else r for r in done.replaced)
+    return dataclasses.replace(done, replaced=rows, notes=tuple(dict.fromkeys(notes)))
 
 
-def _join(*notes: str) -> str:
-    return "; ".join(n for n in notes if n)
+def _with_fit(row: Replaced, result: Fit | str) -> Replaced:
+    """The row with its fit, or with the note that says why it was not fitted."""
+    if isinstance(result, Fit):
+        return dataclasses.replace(row, fit=result)
+    return dataclasses.replace(row, notes=row.notes + (result,))
 
 
 # --------------------------------------------------------------------------- calibration data
-
-
-def _calibration_batches(calibration: Iterable[Any] | None) -> Sequence[Any]:
-    if calibration is None:
-        raise ConvifyError("init='fit' needs calibration=, an iterable of input batches (a list of tensors "
-                           "or a DataLoader) to fit the new convolutions on; or use init='avg'")
-    if isinstance(calibration, torch.Tensor):
-        return [calibration]
-    if iter(calibration) is calibration:  # a generator or iterator: read it once, keep it
-        calibration = list(calibration)
-    first = next(iter(calibration), None)
-    if first is None:
-        raise ConvifyError("init='fit': calibration= yielded no batches; pass at least one input batch")
-    return calibration  # type: ignore[return-value]
 
 
 def _as_input(batch: Any) -> torch.Tensor:
@@ -194,26 +131,19 @@ def _as_input(batch: Any) -> torch.Tensor:
                             f"not {type(batch).__name__}")
 
 
-def _like_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return x.to(device=t.device, dtype=t.dtype if x.is_floating_point() else x.dtype)
-    return x
-
-
 class _Enough(Exception):
     """Raised inside a forward once everything needed from it is recorded."""
 
 
 def _run(model: nn.Module, batch: Any) -> None:
-    x = _like_model(model, _as_input(batch))
+    x = to_model(model, _as_input(batch))
     try:
         model(x)
     except _Enough:
         return
     except Exception as e:
         raise ExampleInputError(f"init='fit': a calibration batch of shape {tuple(x.shape)} does not run "
-                                f"through the model: {G.one_line(e)}") from e
+                                f"through the model: {one_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- the original's activations
@@ -231,7 +161,7 @@ class _PoolCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         out = func(*args, **(kwargs or {}))
-        if func not in _POOL_CALLS:
+        if func not in ops.MAX_POOLING_CALLS:
             return out
         first = out[0] if isinstance(out, (tuple, list)) else out
         index = len(self.shapes)
@@ -241,16 +171,6 @@ class _PoolCalls(TorchFunctionMode):
             if len(self.kept) == len(self.keep):
                 raise _Enough
         return out
-
-
-def _teacher(model: nn.Module, inplace: bool) -> tuple[nn.Module | None, str]:
-    """The unmodified original to take the targets from (a copy when the rewrite is in place)."""
-    if not inplace:
-        return model, ""
-    try:
-        return copy.deepcopy(model), ""
-    except Exception as e:  # noqa: BLE001  (any copy failure means: no teacher, say why)
-        return None, f"inplace=True and the original could not be copied to keep its activations ({G.one_line(e)})"
 
 
 def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
@@ -298,7 +218,7 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
         raise RewriteError(f"init='fit' at {site!r}: the original ran only {len(mode.shapes)} max poolings on a "
                            f"calibration batch, where the first batch needed call {max(indices) + 1}; "
                            "for models whose pooling calls depend on the input, fit toward max pooling of "
-                           "the rewritten activations: convify.fit.fit_maxpool(..., target='pool')")
+                           "the rewritten activations: replace_maxpool(..., init='fit', fit_target='pool')")
     return [mode.kept[i] for i in indices]
 
 
@@ -339,7 +259,7 @@ def _in_forward_order(model: nn.Module, sites: list[_Site], batches: Sequence[An
 
 
 def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn.Module | None = None,
-              calls: Sequence[int] | None = None) -> str:
+              calls: Sequence[int] | None = None) -> Fit | str:
     """Accumulate the site's normal equations over the calibration batches,
     solve, install the weights; returns the report note. With ``teacher`` and
     ``calls`` (the original's pooling calls this site replaces), the targets
@@ -371,15 +291,19 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn
         handle.remove()
     if normal.gram is None:
         return "init=fit skipped: the calibration batches never reached this site; kept the average init"
-    with torch.no_grad():
-        prior = _weights_as_matrix(site.conv, depthwise, normal.gram.dtype, normal.gram.device)
-        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
-        before = _relative_error(normal, prior)
-        after = _relative_error(normal, solution)
-        _install(site.conv, solution, depthwise)
     toward = "the original model's pooling output" if calls else "max pooling of its input"
-    return (f"{site.row.name}: init=fit, reconstruction error {after:.3g} (avg init {before:.3g}) "
-            f"on {normal.samples} calibration samples, toward {toward}")
+    return _solve_and_install(site.conv, normal, depthwise, start="avg init", toward=toward)
+
+
+def _solve_and_install(conv: nn.modules.conv._ConvNd, normal: _Normal, depthwise: bool, *, start: str,
+                       toward: str) -> Fit:
+    """Ridge solve toward the conv's current weights, install the solution, report both errors."""
+    with torch.no_grad():
+        prior = _weights_as_matrix(conv, depthwise, normal.gram.dtype, normal.gram.device)
+        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
+        before, after = _relative_error(normal, prior), _relative_error(normal, solution)
+        _install(conv, solution, depthwise)
+    return Fit(before, after, normal.samples, start, toward)
 
 
 def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
@@ -393,7 +317,7 @@ def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
         # the original pooling saw the input without them.
         extra = p.extra_pad
         unpadded = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
-        target = _MAX_POOL[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
+        target = ops.MAX_POOL_BY_DIMS[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
     channels = x.shape[1]
     target = target.movedim(1, -1).reshape(-1, channels)
     rows = W.patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
@@ -452,67 +376,52 @@ def _relative_error(normal: _Normal, w: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- gap heads
 
 
-def fit_gap_heads(original: nn.Module, rewritten: nn.Module, calibration: Iterable[Any]) -> nn.Module:
+def fit_gap_heads(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any]) -> Pass:
     """Least-squares fit of the first 1x1 convolution of every ``mode="gap"``
-    head that is not exact (a Linear that read a flattened ``C x H x W`` map, or
-    one behind non-affine ops), in place; returns ``rewritten``.
+    head of ``done`` that is not exact (a Linear that read a flattened
+    ``C x H x W`` map, or one behind non-affine ops), in place; returns the
+    pass with each fitted row's ``fit`` set.
 
     Global average pooling commutes with the 1x1 convolution, so the head's
     first layer computes ``W @ mean_hw(x) + b``: a ``(C + 1)``-feature least
-    squares whose target is the original Linear's output on the same batch
-    (so it also absorbs the pooling rewrite's drift). The report rows get the
-    reconstruction error before and after. On spatially stationary inputs the
-    summed weights are already about optimal; the fit gains where the maps
-    have spatial structure (centred objects, as in real images).
+    squares whose target is ``teacher``'s Linear output on the same batch
+    (so it also absorbs an earlier pooling rewrite's drift). On spatially
+    stationary inputs the summed weights are already about optimal; the fit
+    gains where the maps have spatial structure (centred objects, as in real
+    images).
 
     >>> allconv = convify.convify(vgg, x, head="gap", init="fit", calibration=batches)
     """
-    batches = _calibration_batches(calibration)
-    rep = report(rewritten)
-    passes = list(rep.passes)
-    for index, p in enumerate(passes):
-        if p.rewrite != "head" or p.options.get("mode") != "gap":
-            continue
-        rows = tuple(_fit_gap_row(original, rewritten, row, batches) if not row.exact else row
-                     for row in p.replaced)
-        passes[index] = dataclasses.replace(p, options={**p.options, "init": "fit"}, replaced=rows)
-    attach(rewritten, Report(tuple(passes)))
-    return rewritten
+    if teacher is None:
+        return dataclasses.replace(done, notes=done.notes + (
+            "init=fit skipped for the gap heads: no original model to take the targets from",))
+    rows = tuple(row if row.exact else _with_fit(row, _fit_gap_row(teacher, model, row, batches))
+                 for row in done.replaced)
+    return dataclasses.replace(done, replaced=rows)
 
 
-def _fit_gap_row(original: nn.Module, rewritten: nn.Module, row: Replaced, batches: Sequence[Any]) -> Replaced:
+def _fit_gap_row(original: nn.Module, rewritten: nn.Module, row: Replaced, batches: Sequence[Any]) -> Fit | str:
     try:
         linear = original.get_submodule(row.name)
         conv = rewritten.get_submodule(row.module)
     except AttributeError:
-        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the head's Linear or "
-                                                              "its new convolution could not be found by name"))
+        return "init=fit skipped: the head's Linear or its new convolution could not be found by name"
     if not isinstance(linear, nn.Linear) or not isinstance(conv, nn.modules.conv._ConvNd):
-        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: expected a Linear "
-                                                              "replaced by a 1x1 convolution"))
+        return "init=fit skipped: expected a Linear replaced by a 1x1 convolution"
     normal = _Normal()
     for batch in batches:
         targets, inputs = _capture(original, linear, batch, "output"), _capture(rewritten, conv, batch, "input")
         if len(targets) != len(inputs):
-            return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the Linear ran "
-                                                                  f"{len(targets)} times, its convolution "
-                                                                  f"{len(inputs)} times"))
+            return (f"init=fit skipped: the Linear ran {len(targets)} times, its convolution "
+                    f"{len(inputs)} times")
         for y, x in zip(targets, inputs):
             feats = x.flatten(2).mean(-1).double()
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
             _add(normal, feats.T @ feats, feats.T @ y.double().reshape(len(feats), -1),
                  (y.double() ** 2).sum(), len(feats))
     if normal.gram is None:
-        return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit skipped: the calibration "
-                                                              "batches never reached this head"))
-    with torch.no_grad():
-        prior = _weights_as_matrix(conv, False, torch.float64, normal.gram.device)
-        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
-        before, after = _relative_error(normal, prior), _relative_error(normal, solution)
-        _install(conv, solution, False)
-    return dataclasses.replace(row, note=_join(row.note, f"{row.name}: init=fit, reconstruction error {after:.3g} "
-                                                          f"(summed-weight init {before:.3g}) on {normal.samples} "
-                                                          "calibration samples"))
+        return "init=fit skipped: the calibration batches never reached this head"
+    return _solve_and_install(conv, normal, False, start="summed-weight init", toward="the original's logits")
 
 
 def _capture(model: nn.Module, module: nn.Module, batch: Any, what: str) -> list[torch.Tensor]:

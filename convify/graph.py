@@ -16,12 +16,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import ExampleInputError, TraceError
+from .errors import ExampleInputError, TraceError, one_line
 
 META = "convify"
-
-_POOL_BASES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -51,9 +48,10 @@ def _timm_leaf_modules() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 
 
 class ConvifyTracer(fx.Tracer):
-    """``fx.Tracer`` that never walks into a pooling module.
+    """``fx.Tracer`` that never walks into the modules it is told are sites.
 
-    A MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
+    The rewrites declare their site modules (``Rewrite.leaf_modules``): a
+    MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
     -inf first) must stay one call_module node, so that the rewrite sees it as
     the pooling it is and can refuse it, instead of finding the bare
     ``F.max_pool2d`` inside it. Classes with ``convify_leaf = True`` (the
@@ -66,15 +64,16 @@ class ConvifyTracer(fx.Tracer):
         self.extra_leaves = extra_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, _POOL_BASES) or getattr(type(m), "convify_leaf", False):
+        if getattr(type(m), "convify_leaf", False):
             return True
         if self.extra_leaves and isinstance(m, self.extra_leaves):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace ``module`` in the train/eval mode it is in.
+def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    """Trace ``module`` in the train/eval mode it is in, keeping instances of
+    ``leaf_modules`` as one call each.
 
     Raises :class:`TraceError` with torch.fx's reason when it cannot be traced.
     """
@@ -82,7 +81,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
         # Already a graph: reuse it (a second rewrite of a rewritten model).
         return fx.GraphModule(module, module.graph.__deepcopy__(), class_name=module.__class__.__name__)
     leaves, funcs = _timm_leaf_modules()
-    tracer = ConvifyTracer(leaves, funcs)
+    tracer = ConvifyTracer(tuple(leaf_modules) + leaves, funcs)
     try:
         graph = tracer.trace(module)
     except Exception as e:  # FX raises anything: TraceError, TypeError, AssertionError...
@@ -91,12 +90,6 @@ def trace(module: nn.Module) -> fx.GraphModule:
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = module.training
     return gm
-
-
-def one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(e).__name__}: {first}"[:200]
 
 
 # --------------------------------------------------------------------------- modes
@@ -124,13 +117,6 @@ def _info(value: Any) -> TensorInfo | None:
     return None
 
 
-_SHAPE_PRESERVING = frozenset({
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-})
-
-
 class ShapeProp(fx.Interpreter):
     """Run the graph on an example input and record each node's output
     :class:`TensorInfo` in ``node.meta["convify"]`` (None for non-tensors).
@@ -150,7 +136,7 @@ class ShapeProp(fx.Interpreter):
         # kernel alone was a third of googlenet's shape propagation.
         if self.shortcut and not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
             module = self.fetch_attr(target)
-            if type(module) in _SHAPE_PRESERVING and args[0].is_floating_point():
+            if type(module) in ops.SHAPE_PRESERVING_MODULES and args[0].is_floating_point():
                 return args[0]
         return super().call_module(target, args, kwargs)
 
@@ -245,140 +231,6 @@ def input_info(node: fx.Node) -> TensorInfo | None:
     return info(first) if isinstance(first, fx.Node) else None
 
 
-# --------------------------------------------------------------------------- probe input
-
-_COMMON_SIZES = (224, 32, 28, 299, 64, 96, 128, 256)
-
-
-def first_conv(model: nn.Module) -> nn.Module | None:
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m
-    return None
-
-
-def _float_like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype, t.device
-    return torch.get_default_dtype(), torch.device("cpu")
-
-
-def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``model`` accepts ``x``: on meta tensors when that works (free),
-    else for real."""
-    try:
-        with torch.no_grad(), eval_mode(model), meta_weights(model):
-            model(x.to("meta"))
-        return True
-    except Exception:
-        pass
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    except Exception:
-        return False
-    return True
-
-
-def _pretrained_size(model: nn.Module) -> tuple[int, ...] | None:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-        return tuple(int(d) for d in cfg["input_size"][1:])
-    return None
-
-
-class _Stop(Exception):
-    pass
-
-
-def _flat_features(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> int | None:
-    """Features arriving at ``linear`` for input ``x`` (stops the forward there)."""
-    seen: list[int] = []
-
-    def hook(_m: nn.Module, args: tuple) -> None:
-        seen.append(int(args[0].shape[-1]))
-        raise _Stop
-
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    except _Stop:
-        pass
-    except Exception:
-        return None
-    finally:
-        handle.remove()
-    return seen[0] if seen else None
-
-
-def _solve_for_linear(model: nn.Module, make: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
-    """Find the size at which the first Linear receives its ``in_features``
-    (a LeNet on 32x32, a VGG-style net on 64x64...). Features grow with the
-    input size, so a binary search over sizes needs a handful of forwards."""
-    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
-    if linear is None:
-        return None
-    lo, hi = 1, 1024
-    while lo < hi:
-        mid = (lo + hi) // 2
-        got = _flat_features(model, linear, make(mid))
-        if got is None:  # too small to pass the feature extractor
-            lo = mid + 1
-        elif got < linear.in_features:
-            lo = mid + 1
-        else:
-            hi = mid
-    x = make(lo)
-    return x if _runs(model, x) else None
-
-
-def probe_input(model: nn.Module) -> torch.Tensor:
-    """A batch-1 input the model accepts, worked out from the model itself.
-
-    Channels and dimensionality come from the first convolution; the spatial
-    size from timm's ``pretrained_cfg`` when there is one, else the first of the
-    common sizes (224, 32, 28, 299, ...) that runs, else the size at which a
-    flatten-then-Linear head receives its ``in_features``.
-    """
-    conv = first_conv(model)
-    if conv is None:
-        raise ExampleInputError(
-            f"{type(model).__name__} has no convolution to read the input channels from; "
-            "pass example_input=torch.randn(1, C, H, W)"
-        )
-    dims = len(conv.kernel_size)
-    channels = conv.in_channels
-    dtype, device = _float_like(model)
-
-    def make(size: int | Sequence[int]) -> torch.Tensor:
-        spatial = (size,) * dims if isinstance(size, int) else tuple(size)
-        return torch.randn(1, channels, *spatial, dtype=dtype, device=device)
-
-    tried: list[str] = []
-    pre = _pretrained_size(model)
-    if pre is not None and len(pre) == dims + 1 and pre[0] == channels:
-        x = make(pre[1:])
-        if _runs(model, x):
-            return x
-        tried.append("x".join(map(str, pre[1:])))
-    sizes = _COMMON_SIZES if dims < 3 else (16, 32, 64, 112)
-    for size in sizes:
-        x = make(size)
-        if _runs(model, x):
-            return x
-        tried.append(str(size))
-    solved = _solve_for_linear(model, make)
-    if solved is not None:
-        return solved
-    raise ExampleInputError(
-        f"could not find an input {type(model).__name__} accepts (tried {channels} channels at sizes "
-        f"{', '.join(tried)} and solving for its first Linear); pass example_input="
-        f"torch.randn(1, {channels}, ...) of the size the model was built for"
-    )
-
-
 # --------------------------------------------------------------------------- names and modules
 
 
@@ -408,14 +260,30 @@ def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
         parent.add_module(name, module)
 
 
+def call_name(base: str, index: int) -> str:
+    """The name of call ``index`` (from 0) of one module or function:
+    ``pool``, ``pool@1``, ``pool@2``... (site names, module aliases)."""
+    return base if index == 0 else f"{base}@{index}"
+
+
+class CallNames:
+    """Hands out :func:`call_name` s in call order: the first ``pool``, then ``pool@1``..."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def __call__(self, base: str) -> str:
+        index = self._seen.get(base, 0)
+        self._seen[base] = index + 1
+        return call_name(base, index)
+
+
 def free_name(root: nn.Module, wanted: str) -> str:
-    """``wanted`` if no module or attribute lives there, else ``wanted@k``."""
-    if not _taken(root, wanted):
-        return wanted
-    k = 1
-    while _taken(root, f"{wanted}@{k}"):
+    """``wanted`` if no module or attribute lives there, else the first free ``wanted@k``."""
+    k = 0
+    while _taken(root, call_name(wanted, k)):
         k += 1
-    return f"{wanted}@{k}"
+    return call_name(wanted, k)
 
 
 def _taken(root: nn.Module, target: str) -> bool:

@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from . import graph as G
-from .engine import as_args
-from .errors import ExportError
+from .errors import ExportError, one_line
+from .inputs import as_args
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _flat_outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
             out = model(*args)
     except Exception as e:
         raise ExportError(f"{type(model).__name__} does not run on the example input "
-                          f"({', '.join(_describe(a) for a in args)}): {G.one_line(e)}; pass an "
+                          f"({', '.join(_describe(a) for a in args)}): {one_line(e)}; pass an "
                           "example_input the model accepts") from e
     flat = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
     if not flat:
@@ -218,21 +218,21 @@ def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec,
             caught = legacy()
         except Exception as e:
             raise ExportError(
-                f"could not export {type(model).__name__} to ONNX with the legacy exporter: {G.one_line(e)}; "
+                f"could not export {type(model).__name__} to ONNX with the legacy exporter: {one_line(e)}; "
                 "try exporter='dynamo', or export_onnx(..., verbose=True) for the exporter's own messages") from e
         return "legacy", None, caught
     try:
         caught = _export_quietly(_export_dynamo, model, args, staged, spec, opset, large, verbose, verbose=verbose)
         return "dynamo", None, caught
     except Exception as dynamo_error:  # any exporter failure: fall back, then say so
-        reason = G.one_line(dynamo_error)
+        reason = one_line(dynamo_error)
         _clear(staged)
         try:
             caught = legacy()
         except Exception as legacy_error:
             raise ExportError(
                 f"could not export {type(model).__name__} to ONNX: the dynamo exporter failed ({reason}) "
-                f"and so did the legacy one ({G.one_line(legacy_error)}); run export_onnx(..., verbose=True) "
+                f"and so did the legacy one ({one_line(legacy_error)}); run export_onnx(..., verbose=True) "
                 "for the exporters' own messages") from legacy_error
         message = (f"the dynamo exporter failed on {type(model).__name__} ({reason}); exported with the "
                    "legacy TorchScript exporter instead (pass exporter='legacy' to skip the attempt)")
@@ -349,7 +349,7 @@ def _finish(staged: Path, spec: _AxesSpec, large: bool) -> Path | None:
             onnx.checker.check_model(str(staged), full_check=True)
     except Exception as e:
         raise ExportError(f"the exported ONNX graph does not pass onnx.checker (full_check=True): "
-                          f"{G.one_line(e)}") from e
+                          f"{one_line(e)}") from e
     return data
 
 

@@ -8,6 +8,7 @@ that ``convify.convify`` (pooling then head) reports both.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -20,8 +21,31 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class Fit:
+    """What fitting a site's new weights on calibration data achieved: the
+    relative error ``||X w - Y|| / ||Y||`` toward ``toward`` with the weights
+    it started from (``start``, e.g. the average init) and after the fit."""
+
+    error_before: float
+    error_after: float
+    samples: int
+    start: str
+    toward: str
+
+    def describe(self) -> str:
+        return (f"init=fit, reconstruction error {self.error_after:.3g} ({self.start} {self.error_before:.3g}) "
+                f"on {self.samples} calibration samples, toward {self.toward}")
+
+
+@dataclass(frozen=True)
 class Replaced:
-    """A site that was rewritten."""
+    """A site that was rewritten.
+
+    ``detail`` is the rewrite's own typed record of the site (for a max
+    pooling: its window and whether it became a convolution or a fold), read
+    by later passes such as ``init="fit"``; ``fit`` says what fitting its
+    weights achieved; ``notes`` are sentences for the reader, one per fact.
+    """
 
     rewrite: str
     name: str
@@ -31,7 +55,9 @@ class Replaced:
     out_shape: Shape | None
     exact: bool
     module: str = ""
-    note: str = ""
+    notes: tuple[str, ...] = ()
+    detail: Any = None
+    fit: Fit | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +132,10 @@ class Report:
     def with_pass(self, new: Pass) -> "Report":
         return Report(self.passes + (new,))
 
+    def since(self, earlier: "Report") -> "Report":
+        """The passes added after ``earlier`` (a report this one grew from)."""
+        return Report(self.passes[len(earlier.passes):])
+
     def to_dict(self) -> dict[str, Any]:
         return {"passes": [_pass_to_dict(p) for p in self.passes], "exact": self.exact}
 
@@ -119,16 +149,26 @@ def _pass_to_dict(p: Pass) -> dict[str, Any]:
     return {
         "rewrite": p.rewrite,
         "options": {k: _jsonable(v) for k, v in p.options.items()},
-        "replaced": [dataclasses.asdict(r) for r in p.replaced],
-        "skipped": [dataclasses.asdict(s) for s in p.skipped],
-        "untraced": [dataclasses.asdict(u) for u in p.untraced],
+        "replaced": [_jsonable(r) for r in p.replaced],
+        "skipped": [_jsonable(s) for s in p.skipped],
+        "untraced": [_jsonable(u) for u in p.untraced],
         "notes": list(p.notes),
     }
 
 
 def _jsonable(value: Any) -> Any:
+    """Plain JSON values: dataclasses (typed site records included) as dicts
+    with their type's name, enums as their value."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return data if isinstance(value, (Replaced, Skipped, Untraced, Fit)) else {"type": type(value).__name__,
+                                                                                    **data}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return repr(value)
@@ -167,8 +207,10 @@ def format_pass(p: Pass) -> str:
             ["untraceable module", "torch.fx said"], [[u.name or "<model>", u.reason] for u in p.untraced]
         ))
     parts += [f"note: {n}" for n in p.notes]
-    notes = sorted({r.note for r in p.replaced if r.note})
-    parts += [f"note: {n}" for n in notes]
+    for r in p.replaced:
+        parts += [f"note: {r.name}: {n}" for n in r.notes]
+        if r.fit is not None:
+            parts.append(f"note: {r.name}: {r.fit.describe()}")
     return "\n".join(parts)
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 
 from . import graph as G
-from .engine import as_args
-from .errors import ConvifyError, ExportError, VerificationError
+from .errors import ConvifyError, ExportError, VerificationError, one_line
+from .inputs import as_args
 from .onnx import ExportResult, export, op_census
 from .report import Report, format_table, report
 
@@ -267,7 +267,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     fidelity = _fidelity(ran, eager_new, tol, notes)
     rep = report(rewritten)
     equivalence = _equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
-    checks = _census_checks(original, rewritten, rep, census_before, census_after)
+    checks = _census_checks(rep, census_before, census_after)
     if exported.fallback_reason:
         notes.insert(0, f"dynamo exporter failed ({exported.fallback_reason}); the legacy exporter was used")
     if equivalence.passed is None:
@@ -324,7 +324,7 @@ def _session(path: Path, ep: str, ort: Any) -> Any:
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as e:
-        raise VerificationError(f"onnxruntime could not load {path} on {ep}: {G.one_line(e)}") from e
+        raise VerificationError(f"onnxruntime could not load {path} on {ep}: {one_line(e)}") from e
     got = session.get_providers()
     if not got or got[0] != ep:
         # onnxruntime drops a provider it cannot initialize (no GPU, missing CUDA or
@@ -411,7 +411,7 @@ def _run_session(session: Any, batch: tuple[torch.Tensor, ...]) -> list[torch.Te
         return [torch.from_numpy(o) for o in session.run(None, feed)]
     except Exception as e:
         raise VerificationError(f"onnxruntime failed to run the exported model on inputs "
-                                f"{[tuple(t.shape) for t in batch]}: {G.one_line(e)}") from e
+                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
 
 
 def _eager(model: nn.Module, batch: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
@@ -420,7 +420,7 @@ def _eager(model: nn.Module, batch: tuple[torch.Tensor, ...], which: str) -> lis
             out = model(*batch)
     except Exception as e:
         raise VerificationError(f"the {which} model does not run on the verification inputs "
-                                f"{[tuple(t.shape) for t in batch]}: {G.one_line(e)}") from e
+                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
     return [t.detach().cpu() for t in _leaves(out) if isinstance(t, torch.Tensor)]
 
 
@@ -523,22 +523,19 @@ def _equivalence(new: list[torch.Tensor], old: list[torch.Tensor], rep: Report, 
 # --------------------------------------------------------------------------- census checks
 
 
-def _linear_count(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.Linear) for m in model.modules())
+def _census_checks(rep: Report, before: Mapping[str, int] | None, after: Mapping[str, int]) -> list[CensusCheck]:
+    """One check per rewrite that replaced something: the ONNX op types it
+    declares it removes must drop by as many as its sites removed."""
+    from .rewrites import REGISTRY  # noqa: PLC0415
 
-
-def _census_checks(original: nn.Module, rewritten: nn.Module, rep: Report, before: Mapping[str, int] | None,
-                   after: Mapping[str, int]) -> list[CensusCheck]:
     checks = []
-    pools = [r for r in rep.replaced if r.rewrite == "maxpool"]
-    if pools:
-        checks.append(_expect_fewer(("MaxPool",), before, after, len(pools),
-                                    f"{len(pools)} max pooling(s) replaced"))
-    heads = [r for r in rep.replaced if r.rewrite == "head"]
-    if heads:
-        converted = max(len(heads), _linear_count(original) - _linear_count(rewritten))
-        checks.append(_expect_fewer(("Gemm", "MatMul"), before, after, converted,
-                                    f"{converted} head Linear(s) converted"))
+    for name, cls in REGISTRY.items():
+        rows = [r for r in rep.replaced if r.rewrite == name]
+        if not rows or not cls.onnx_ops:
+            continue
+        removed = sum(cls.onnx_ops_removed(r) for r in rows)
+        checks.append(_expect_fewer(cls.onnx_ops, before, after, removed,
+                                    f"{len(rows)} {name} site(s) replaced, {removed} op(s) removed"))
     return checks
 
 

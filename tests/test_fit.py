@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import convify
 from convify import weights as W
 from convify.errors import ConvifyError
-from convify.fit import fit_maxpool
 from conftest import reinit
 
 
@@ -102,15 +101,14 @@ def test_fit_in_1d_and_3d(model_cls: type[nn.Module], shape: tuple[int, ...]) ->
     model = reinit(model_cls()).eval()
     fit = convify.replace_maxpool(model, init="fit", calibration=_batches(1, 3, shape))
     # Pool3d's site is named "pool": the call matching must not take it for a max pooling call.
-    assert "toward the original model's pooling output" in convify.report(fit).replaced[0].note
+    assert convify.report(fit).replaced[0].fit.toward == "the original model's pooling output"
     avg = convify.replace_maxpool(model)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     assert _model_err(model, fit, x) < 0.7 * _model_err(model, avg, x)
 
 
 def _fit(model: nn.Module, calibration: list[torch.Tensor], target: str, **options) -> nn.Module:
-    options = {"mode": "conv", "only": None, "skip": None, "inplace": False} | options
-    return fit_maxpool(model, None, calibration=calibration, target=target, **options)
+    return convify.replace_maxpool(model, None, init="fit", calibration=calibration, fit_target=target, **options)
 
 
 def test_later_sites_are_fitted_on_the_rewritten_activations() -> None:
@@ -149,8 +147,8 @@ def test_later_sites_target_the_original_models_pooling_output() -> None:
 
     assert err(teacher, original_out) < err(pool, original_out)
     assert err(pool, own_pool) < err(teacher, own_pool)
-    assert "toward the original model's pooling output" in convify.report(teacher).replaced[1].note
-    assert "toward max pooling of its input" in convify.report(pool).replaced[1].note
+    assert convify.report(teacher).replaced[1].fit.toward == "the original model's pooling output"
+    assert convify.report(pool).replaced[1].fit.toward == "max pooling of its input"
 
 
 @pytest.mark.parametrize("mode", ["conv", "depthwise"])
@@ -172,9 +170,9 @@ def test_original_target_falls_back_with_a_note_when_calls_do_not_line_up() -> N
     rep = convify.report(fold)
     assert any("fitted toward max pooling of the rewritten model's own activations" in n
                and "the original ran 2 max poolings" in n for n in rep.notes)
-    fitted = [r for r in rep.replaced if "init=fit" in r.note]
-    assert fitted and all("toward max pooling of its input" in r.note for r in fitted)
-    with pytest.raises(ConvifyError, match="target must be one of"):
+    fitted = [r for r in rep.replaced if r.fit is not None]
+    assert fitted and all(r.fit.toward == "max pooling of its input" for r in fitted)
+    with pytest.raises(ConvifyError, match="fit_target must be one of"):
         _fit(model, _batches(0, 1, (2, 3, 15, 15)), "teacher")
 
 
@@ -185,9 +183,9 @@ def test_report_says_fit_and_the_error_per_site() -> None:
     assert last.options["init"] == "fit"
     assert [r.name for r in last.replaced] == ["p1", "p2"]
     for row in last.replaced:
-        assert f"{row.name}: init=fit, reconstruction error" in row.note
-        assert "on 16 calibration samples" in row.note
-    assert "init=fit" in str(convify.report(fit))
+        assert row.fit is not None and row.fit.samples == 16 and row.fit.error_after < row.fit.error_before
+        assert f"note: {row.name}: init=fit, reconstruction error" in str(convify.report(fit))
+        assert "on 16 calibration samples" in str(convify.report(fit))
 
 
 def test_fit_leaves_the_original_alone_and_respects_inplace() -> None:
@@ -232,7 +230,7 @@ def test_fold_notes_that_folded_sites_have_nothing_to_fit() -> None:
     rep = convify.report(fit)
     assert any("a folded pool adds no weights" in n for n in rep.notes)
     folded = [r for r in rep.replaced if r.new.startswith("stride")]
-    assert folded and all("init=fit" not in r.note for r in folded)
+    assert folded and all(r.fit is None for r in folded)
 
 
 # --------------------------------------------------------------------------- the pure math
@@ -318,9 +316,10 @@ def test_convify_fits_gap_heads_that_are_not_exact() -> None:
     fit = convify.convify(model, example, head="gap", init="fit", calibration=calibration)
     avg = convify.convify(model, example, head="gap")
     head_pass = convify.report(fit).passes[1]
-    assert head_pass.rewrite == "head" and head_pass.options["init"] == "fit"
+    assert head_pass.rewrite == "head"
     row = head_pass.replaced[0]
-    assert not row.exact and "fc1: init=fit, reconstruction error" in row.note
+    assert not row.exact and row.fit is not None and row.fit.error_after < row.fit.error_before
+    assert "note: fc1: init=fit, reconstruction error" in str(convify.report(fit))
     x = _structured(128, 99)
     assert _model_err(model, fit, x) < 0.8 * _model_err(model, avg, x)
     # The head alone (pooling kept): the fit beats the summed-weight init on unseen inputs.

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 import convify
 from convify.reference import avg_reference
+from convify.rewrites.maxpool import PoolOutcome
 from conftest import assert_input_dependent, rel_err, reinit
-from convify.errors import ExampleInputError
+from convify.errors import ExampleInputError, OptionError
 from zoo import MAXPOOL_ZOO, build
 
 
@@ -324,11 +325,14 @@ def test_fold_mode_moves_stride_onto_producer():
     folded = rep.replaced[0]
     assert folded.name == "pool1" and folded.module == "conv1" and "stride" in folded.new
     assert out.get_submodule("conv1").stride == (2, 2)
-    assert "congruent" in folded.note
+    assert folded.detail.outcome is PoolOutcome.FOLD and folded.detail.params.stride == (2, 2)
+    assert any("congruent" in n for n in rep.notes)
     assert folded.in_shape == (1, 8, 16, 16) and folded.out_shape == (1, 8, 8, 8)
-    others = {r.name: r.note for r in rep.replaced[1:]}
-    assert "also used elsewhere" in others["pool2"] and "mode='conv'" in others["pool2"]
-    assert "not from a convolution" in others["pool3"]
+    others = {r.name: r.detail for r in rep.replaced[1:]}
+    assert all(d.outcome is PoolOutcome.CONV for d in others.values())
+    assert "also used elsewhere" in others["pool2"].fold_blocker
+    assert "not from a convolution" in others["pool3"].fold_blocker
+    assert any("mode='conv'" in n for n in rep.replaced[1].notes)
     with torch.no_grad():
         assert out(x).shape == model(x).shape
         h = F.relu(model.bn(F.conv2d(x, model.conv1.weight, model.conv1.bias, 2, 1)))
@@ -342,7 +346,8 @@ def test_fold_refused_when_shape_would_change():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2)).eval()
     out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), mode="fold")
     row = convify.report(out).replaced[0]
-    assert "would give" in row.note and isinstance(out.get_submodule("2"), nn.Conv2d)
+    assert "would give" in row.detail.fold_blocker and isinstance(out.get_submodule("2"), nn.Conv2d)
+    assert any("would give" in n for n in row.notes)
 
 
 def test_kaiming_init_is_fresh_and_scaled():
@@ -353,9 +358,9 @@ def test_kaiming_init_is_fresh_and_scaled():
 
 
 def test_bad_options_name_the_fix():
-    with pytest.raises(ValueError, match="mode must be"):
+    with pytest.raises(OptionError, match="maxpool: mode must be one of 'conv', 'depthwise', 'fold'"):
         convify.replace_maxpool(SharedPool(), mode="max")
-    with pytest.raises(ValueError, match="init must be"):
+    with pytest.raises(OptionError, match="maxpool: init must be one of"):
         convify.replace_maxpool(SharedPool(), init="zeros")
 
 

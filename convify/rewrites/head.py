@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -44,38 +44,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import graph as G
+from .. import ops
 from .. import weights as W
-from ..report import Replaced
-from .base import Rewrite, Site, register
+from ..report import Pass, Replaced
+from .base import Rewrite, RewriteOptions, Site, option, register
 
-_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # 2 -> HeadConv2d below
-_GLOBAL_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-
-# Ops that act on each element alone, so they work unchanged on (N, F, 1, 1)
-# and, at every position, on (N, F, H, W). Not BatchNorm1d or LayerNorm: they
-# need the 2-D layout.
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.PReLU,
-    nn.Identity, nn.Dropout, nn.AlphaDropout,
-)
-_AFFINE_MODULES = (nn.Identity, nn.Dropout, nn.AlphaDropout)  # affine in eval mode
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
-    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-    F.dropout, F.alpha_dropout, torch.dropout,
-}
-_AFFINE_FUNCTIONS = {F.dropout, F.alpha_dropout, torch.dropout}
-_SCALAR_OPERATORS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.add}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone"}
-_AFFINE_METHODS = {"contiguous", "clone"}
 
 _FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
 _FLATTEN_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
 _REDUCE_METHODS = {"mean", "amax", "sum"}
 _REDUCE_FUNCTIONS = {torch.mean: "mean", torch.amax: "amax", torch.sum: "sum"}
-_ADAPTIVE_AVG_FUNCTIONS = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-_ADAPTIVE_MAX_FUNCTIONS = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 _REARRANGE_METHODS = {"permute", "transpose", "movedim", "swapaxes", "mT"}
 _REARRANGE_FUNCTIONS = {torch.permute, torch.transpose, torch.movedim, torch.swapaxes}
 
@@ -176,25 +154,6 @@ def _is_stock_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _elementwise_kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """'affine' or 'elementwise' for ops that act on each element of their one
-    tensor input alone, else None."""
-    if len(node.all_input_nodes) != 1 or not node.args or node.args[0] is not node.all_input_nodes[0]:
-        return None
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if not isinstance(module, _ELEMENTWISE_MODULES):
-            return None
-        return "affine" if isinstance(module, _AFFINE_MODULES) else "elementwise"
-    if node.op == "call_function":
-        if node.target in _ELEMENTWISE_FUNCTIONS:
-            return "affine" if node.target in _AFFINE_FUNCTIONS else "elementwise"
-        if node.target in _SCALAR_OPERATORS and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
-            return "affine"
-        return None
-    if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS:
-        return "affine" if node.target in _AFFINE_METHODS else "elementwise"
-    return None
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -308,9 +267,9 @@ def _pool(gm: fx.GraphModule, node: fx.Node) -> Pool | None:
             kind, desc = "avg", f"{type(module).__name__}({module.output_size})"
         elif isinstance(module, nn.modules.pooling._AdaptiveMaxPoolNd):
             kind, desc = "max", f"{type(module).__name__}({module.output_size})"
-    elif node.op == "call_function" and node.target in _ADAPTIVE_AVG_FUNCTIONS:
+    elif node.op == "call_function" and node.target in ops.ADAPTIVE_AVG_POOL_FUNCTIONS.values():
         kind, desc = "avg", f"F.{node.target.__name__}"
-    elif node.op == "call_function" and node.target in _ADAPTIVE_MAX_FUNCTIONS:
+    elif node.op == "call_function" and node.target in ops.ADAPTIVE_MAX_POOL_BY_DIMS.values():
         kind, desc = "max", f"F.{node.target.__name__}"
     elif _is_spatial_reduction(node, keepdim=True):
         op = _reduce_dims(node)[0]
@@ -334,11 +293,38 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 # --------------------------------------------------------------------------- the rewrite
 
 
+@dataclass(frozen=True)
+class HeadRecord:
+    """The typed record of one converted head (``Replaced.detail``): its
+    Linear modules in order and the kernel of the first convolution."""
+
+    linears: tuple[str, ...]
+    kernel: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HeadOptions(RewriteOptions):
+    """Options of :func:`convify.replace_linear_head`."""
+
+    mode: str = option("conv", "Linear heads become exact convolutions, or a 1x1 conv + global average",
+                       choices=("conv", "gap"))
+    dense: bool = option(False, "fully convolutional: larger inputs give a map of scores")
+
+    def wants_calibration(self) -> bool:
+        return self.mode == "gap"
+
+
 @register
 class ReplaceLinearHead(Rewrite):
-    """Options: ``mode`` ("conv", "gap"), ``dense`` (bool)."""
+    """Linear heads become convolutions; see :class:`HeadOptions`."""
 
     name = "head"
+    Options = HeadOptions
+    keyword = "head"
+    summary = "Linear heads become convolutions"
+    order = 20
+    onnx_ops = ("Gemm", "MatMul")
+    options: HeadOptions
 
     def nothing_found(self, model: nn.Module) -> str:
         linears = sum(isinstance(m, nn.Linear) for m in model.modules())
@@ -349,12 +335,15 @@ class ReplaceLinearHead(Rewrite):
                 "flattened feature map on its way to an output (attention, squeeze-excitation and token "
                 "MLPs are left alone)")
 
-    def __init__(self, mode: str = "conv", dense: bool = False, **options: Any) -> None:
-        if mode not in ("conv", "gap"):
-            raise ValueError(f"mode must be 'conv' or 'gap', not {mode!r}")
-        if not isinstance(dense, bool):
-            raise ValueError(f"dense must be True or False, not {dense!r}")
-        super().__init__(mode=mode, dense=dense, **options)
+    @classmethod
+    def onnx_ops_removed(cls, row: Replaced) -> int:
+        return len(row.detail.linears) if isinstance(row.detail, HeadRecord) else 1
+
+    def calibrate(self, teacher: nn.Module | None, model: nn.Module, done: Pass,
+                  calibration: Sequence[Any]) -> Pass:
+        from ..fit import fit_gap_heads  # noqa: PLC0415  (least squares: only with calibration data)
+
+        return fit_gap_heads(teacher, model, done, calibration)
 
     # ------------------------------------------------------------------ finding
 
@@ -362,15 +351,14 @@ class ReplaceLinearHead(Rewrite):
         sites: list[Site] = []
         taken: set[fx.Node] = set()
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        name_for = G.CallNames()  # a Linear called by several heads: one site per call, named like the engine's split
         for node in gm.graph.nodes:
             if node in taken:
                 continue
             site = self._site_at(gm, node, order)
             if site is None:
                 continue
-            calls = sum(s.name == site.name or s.name.startswith(site.name + "@") for s in sites)
-            if calls:  # a Linear called by several heads: one site per call, named like the engine's split
-                site.name = f"{site.name}@{calls}"
+            site.name = name_for(site.name)
             sites.append(site)
             if site.params is not None:
                 taken.update(site.params.tree)
@@ -419,7 +407,7 @@ class ReplaceLinearHead(Rewrite):
         converted (a str), or None when ``linear`` is not fed by a flattened map."""
         pre_ops: list[fx.Node] = []
         cur = linear.args[0]
-        while isinstance(cur, fx.Node) and _elementwise_kind(gm, cur) and len(_shape(cur) or ()) == 2:
+        while isinstance(cur, fx.Node) and ops.elementwise_kind(gm, cur) and len(_shape(cur) or ()) == 2:
             pre_ops.append(cur)
             cur = cur.args[0]
         if not isinstance(cur, fx.Node):
@@ -448,7 +436,7 @@ class ReplaceLinearHead(Rewrite):
             if sandwich is not None:
                 between[:0] = sandwich
                 walk = sandwich[0].args[0]
-            elif _elementwise_kind(gm, walk):
+            elif ops.elementwise_kind(gm, walk):
                 between.insert(0, walk)
                 walk = walk.args[0]
             else:
@@ -474,7 +462,7 @@ class ReplaceLinearHead(Rewrite):
 
     def apply(self, gm: fx.GraphModule, site: Site) -> Replaced:
         head: Head = site.params
-        mode, dense = self.options["mode"], self.options["dense"]
+        mode, dense = self.options.mode, self.options.dense
         graph = gm.graph
         root = site.node
         notes: list[str] = []
@@ -494,7 +482,7 @@ class ReplaceLinearHead(Rewrite):
                     new = graph.call_module(node.target, (src,))
                     G.set_submodule(gm, node.target, conv)
                     if first and mode == "gap" and not dense:
-                        new = graph.call_function(_GLOBAL_AVG[head.dims], (new, 1))
+                        new = graph.call_function(ops.ADAPTIVE_AVG_POOL_FUNCTIONS[head.dims], (new, 1))
                 elif node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.BatchNorm1d:
                     bn = _batchnorm_nd(gm.get_submodule(node.target), head.dims)
                     new = graph.call_module(node.target, (env[node.args[0]],))
@@ -534,7 +522,8 @@ class ReplaceLinearHead(Rewrite):
         return Replaced(self.name, site.name, site.op, self._describe_new(gm, head, kernel, mode, dense),
                         _shape(in_node),
                         self._out_shape(gm, head, kernel, mode, dense, removed), exact=exact,
-                        module=root.target, note="; ".join(f"{site.name}: {n}" for n in notes))
+                        module=root.target, notes=tuple(notes),
+                        detail=HeadRecord(tuple(n.target for n in head.linears), tuple(kernel)))
 
     def _base_map(self, gm: fx.GraphModule, head: Head, mode: str, dense: bool
                   ) -> tuple[fx.Node, tuple[int, ...], str, str]:
@@ -582,7 +571,7 @@ class ReplaceLinearHead(Rewrite):
             in_ch, k = head.channels, (1,) * dims
         else:
             new_weight, in_ch, k = W.linear_to_conv_weight(weight, head.channels, kernel), head.channels, kernel
-        conv = (HeadConv2d if dims == 2 else _CONV[dims])(in_ch, linear.out_features, k, bias=linear.bias is not None,
+        conv = (HeadConv2d if dims == 2 else ops.CONV_MODULES[dims])(in_ch, linear.out_features, k, bias=linear.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             conv.weight.copy_(new_weight)
@@ -594,8 +583,8 @@ class ReplaceLinearHead(Rewrite):
     def _exactness(self, gm: fx.GraphModule, head: Head, mode: str, dense: bool, removed: str
                    ) -> tuple[bool, str]:
         """Whether the head computes what it did at the traced size, and why not."""
-        affine_front = all(_elementwise_kind(gm, n) == "affine" for n in head.between + head.pre_ops)
-        affine_tail = all(n in head.linears or _elementwise_kind(gm, n) == "affine" or _is_eval_batchnorm(gm, n)
+        affine_front = all(ops.elementwise_kind(gm, n) is ops.Elementwise.AFFINE for n in head.between + head.pre_ops)
+        affine_tail = all(n in head.linears or ops.elementwise_kind(gm, n) is ops.Elementwise.AFFINE or _is_eval_batchnorm(gm, n)
                           for n in head.tree)
         point_map = removed != "global" or all(s == 1 for s in _shape(head.pool.source)[2:])
         if mode == "conv" and (not dense or point_map):
@@ -676,7 +665,7 @@ def _head_tree(gm: fx.GraphModule, root: fx.Node, order: dict[fx.Node, int]
         for user in node.users:
             if user in tree:
                 continue
-            if (_is_tree_linear(gm, user, node, calls) or _elementwise_kind(gm, user)
+            if (_is_tree_linear(gm, user, node, calls) or ops.elementwise_kind(gm, user)
                     or _is_tree_batchnorm(gm, user, node, calls)):
                 tree.add(user)
                 frontier.append(user)

@@ -17,8 +17,10 @@ Generated code, before and after (``init="avg"``, ``ceil_mode=True``)::
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -26,40 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import graph as G
+from .. import ops
 from .. import weights as W
-from ..report import Replaced
-from .base import Rewrite, Site, register
+from ..errors import OptionError
+from ..report import Pass, Replaced
+from .base import Rewrite, RewriteOptions, Site, option, register
 
-_MODULE_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-
-# name, dimensions, whether it always returns indices
-_FUNCTIONS: dict[Callable, tuple[str, int, bool]] = {
-    F.max_pool1d: ("max_pool1d", 1, False),
-    F.max_pool2d: ("max_pool2d", 2, False),
-    F.max_pool3d: ("max_pool3d", 3, False),
-    torch.max_pool1d: ("max_pool1d", 1, False),
-    torch.max_pool2d: ("max_pool2d", 2, False),
-    torch.max_pool3d: ("max_pool3d", 3, False),
-    F.max_pool1d_with_indices: ("max_pool1d_with_indices", 1, True),
-    F.max_pool2d_with_indices: ("max_pool2d_with_indices", 2, True),
-    F.max_pool3d_with_indices: ("max_pool3d_with_indices", 3, True),
-    torch.max_pool1d_with_indices: ("max_pool1d_with_indices", 1, True),
-}
-_ADAPTIVE_FUNCTIONS = {
-    F.adaptive_max_pool1d: "adaptive_max_pool1d", F.adaptive_max_pool2d: "adaptive_max_pool2d",
-    F.adaptive_max_pool3d: "adaptive_max_pool3d",
-}
 _ARG_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.modules.batchnorm._BatchNorm,
-)
-_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish,
-                          F.hardtanh, torch.sigmoid, torch.tanh, F.dropout, F.batch_norm}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
-
 
 @dataclass(frozen=True)
 class PoolParams:
@@ -96,6 +71,55 @@ def _fmt(values: tuple[int, ...]) -> str:
     return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
 
 
+class PoolOutcome(enum.Enum):
+    """What a max pooling site became."""
+
+    CONV = "conv"              # a dense ConvNd(C, C, k, stride)
+    DEPTHWISE = "depthwise"    # the same with groups=C
+    FOLD = "fold"              # dropped; its stride moved onto the producing convolution
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """The typed record of one replaced max pooling (``Replaced.detail``):
+    its window, what it became, and why a requested fold fell back."""
+
+    params: PoolParams
+    outcome: PoolOutcome
+    fold_blocker: str | None = None
+
+    @property
+    def is_conv(self) -> bool:
+        """A new convolution with weights of its own (not a fold)."""
+        return self.outcome is not PoolOutcome.FOLD
+
+
+FOLD_CAVEAT = ("fold keeps the pool's output shape at the example input size and at sizes congruent to it "
+               "modulo the network's stride; at other sizes folded shapes may differ (the paper's Strided-CNN "
+               "is defined for one input size)")
+
+
+@dataclass(frozen=True)
+class MaxPoolOptions(RewriteOptions):
+    """Options of :func:`convify.replace_maxpool`."""
+
+    mode: str = option("conv", "max pooling becomes a dense strided conv, a depthwise one, or is folded into the "
+                               "conv before it", choices=("conv", "depthwise", "fold"))
+    init: str = option("avg", "weights of the new pooling convolutions: avg (average pooling), kaiming (fresh), "
+                              "or fit (least squares against the max pooling on calibration images)",
+                       choices=("avg", "kaiming", "fit"))
+
+    def needs_calibration(self) -> bool:
+        return self.init == "fit"
+
+    def describe_calibration(self) -> str:
+        return "init='fit'"
+
+    def for_rebuild(self) -> "MaxPoolOptions":
+        # the same modules with the average init; the fitted weights are loaded into them
+        return dataclasses.replace(self, init="avg") if self.init == "fit" else self
+
+
 def _params(dims: int, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
             return_indices: Any) -> PoolParams:
     kernel = W.ntuple(kernel, dims)
@@ -111,11 +135,11 @@ def _call_arguments(node: fx.Node) -> dict[str, Any]:
 
 
 def _forward_is_stock(module: nn.Module) -> bool:
-    return type(module).forward in (nn.MaxPool1d.forward, nn.MaxPool2d.forward, nn.MaxPool3d.forward)
+    return type(module).forward in tuple(cls.forward for cls in ops.MAX_POOL_MODULES)
 
 
 def _module_dims(module: nn.Module) -> int | None:
-    for cls, dims in _MODULE_DIMS.items():
+    for cls, dims in ops.MAX_POOL_MODULES.items():
         if isinstance(module, cls):
             return dims
     return None
@@ -123,43 +147,45 @@ def _module_dims(module: nn.Module) -> int | None:
 
 @register
 class ReplaceMaxPool(Rewrite):
-    """Options: ``mode`` ("conv", "depthwise", "fold"), ``init`` ("avg", "kaiming")."""
+    """Max pooling becomes a strided convolution; see :class:`MaxPoolOptions`."""
 
     name = "maxpool"
+    Options = MaxPoolOptions
+    keyword = "pool"
+    summary = "max pooling becomes strided convolution"
+    order = 10
+    leaf_modules = ops.MAX_POOLING_MODULES
+    onnx_ops = ("MaxPool",)
+    options: MaxPoolOptions
 
-    def __init__(self, mode: str = "conv", init: str = "avg", **options: Any) -> None:
-        if mode not in ("conv", "depthwise", "fold"):
-            raise ValueError(f"mode must be 'conv', 'depthwise' or 'fold', not {mode!r}")
-        if init not in ("avg", "kaiming", "fit"):
-            raise ValueError(f"init must be 'avg', 'kaiming' or 'fit', not {init!r}")
-        super().__init__(mode=mode, init=init, **options)
+    #: ``fit_target``: what ``init="fit"`` fits each site toward.
+    FIT_TARGETS = ("original", "pool")
+
+    def __init__(self, options: MaxPoolOptions | None = None, *, fit_target: str = "original",
+                 **values: Any) -> None:
+        super().__init__(options, **values)
+        if fit_target not in self.FIT_TARGETS:
+            raise OptionError(f"maxpool: fit_target must be one of {self.FIT_TARGETS}, not {fit_target!r}")
+        self.fit_target = fit_target
 
     # ------------------------------------------------------------------ finding
 
-    def is_site_module(self, module: nn.Module) -> bool:
-        return isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd))
-
     def is_site_function(self, func: Callable) -> bool:
-        return func in _FUNCTIONS or func in _ADAPTIVE_FUNCTIONS
+        return func in ops.MAX_POOLING_CALLS
 
     def describe_function(self, func: Callable) -> str:
-        return _FUNCTIONS[func][0] if func in _FUNCTIONS else _ADAPTIVE_FUNCTIONS.get(func, repr(func))
+        spec = ops.MAX_POOL_FUNCTIONS.get(func)
+        return spec.name if spec is not None else ops.ADAPTIVE_MAX_POOL_FUNCTIONS.get(func, repr(func))
 
     def find_sites(self, gm: fx.GraphModule) -> list[Site]:
         sites: list[Site] = []
-        seen: dict[str, int] = {}
-
-        def name_for(base: str) -> str:
-            k = seen.get(base, 0)
-            seen[base] = k + 1
-            return base if k == 0 else f"{base}@{k}"
-
+        name_for = G.CallNames()
         for node in gm.graph.nodes:
             if node.op == "call_module":
                 module = gm.get_submodule(node.target)
                 if self.is_site_module(module):
                     sites.append(self._module_site(node, module, name_for(node.target)))
-            elif node.op == "call_function" and (node.target in _FUNCTIONS or node.target in _ADAPTIVE_FUNCTIONS):
+            elif node.op == "call_function" and self.is_site_function(node.target):
                 base = G.join(G.scope_of(node), self.describe_function(node.target))
                 sites.append(self._function_site(node, name_for(base)))
         for site in sites:
@@ -184,11 +210,12 @@ class ReplaceMaxPool(Rewrite):
 
     def _function_site(self, node: fx.Node, name: str) -> Site:
         op = self.describe_function(node.target)
-        if node.target in _ADAPTIVE_FUNCTIONS:
+        if node.target in ops.ADAPTIVE_MAX_POOL_FUNCTIONS:
             return Site(name, node, op, skip_reason=(
                 "adaptive max pooling: its windows depend on the input size; convify replaces "
                 "fixed-window max pooling only"))
-        _, dims, with_indices = _FUNCTIONS[node.target]
+        spec = ops.MAX_POOL_FUNCTIONS[node.target]
+        dims, with_indices = spec.dims, spec.returns_indices
         args = _call_arguments(node)
         dynamic = [k for k, v in args.items() if k != "input" and isinstance(v, fx.Node)]
         if dynamic:
@@ -224,25 +251,35 @@ class ReplaceMaxPool(Rewrite):
     # ------------------------------------------------------------------ applying
 
     def apply(self, gm: fx.GraphModule, site: Site) -> Replaced:
-        params: PoolParams = site.params
-        if self.options["mode"] == "fold":
+        if self.options.mode == "fold":
             blocker = _fold_blocker(gm, site)
             if blocker is None:
                 return _fold(gm, site)
-            return self._to_conv(gm, site, "conv", note=f"fold not possible at {site.name}: {blocker}; "
-                                                        "used mode='conv'")
-        return self._to_conv(gm, site, self.options["mode"])
+            return self._to_conv(gm, site, PoolOutcome.CONV, fold_blocker=blocker)
+        return self._to_conv(gm, site, PoolOutcome(self.options.mode))
 
-    def _to_conv(self, gm: fx.GraphModule, site: Site, mode: str, note: str = "") -> Replaced:
+    def finish(self, gm: fx.GraphModule, rows: Sequence[Replaced]) -> list[str]:
+        if any(r.detail.outcome is PoolOutcome.FOLD for r in rows):
+            return [FOLD_CAVEAT]
+        return []
+
+    def calibrate(self, teacher: nn.Module | None, model: nn.Module, done: Pass,
+                  calibration: Sequence[Any]) -> Pass:
+        from ..fit import fit_pool_sites  # noqa: PLC0415  (least squares: only with calibration data)
+
+        return fit_pool_sites(teacher, model, done, calibration, target=self.fit_target)
+
+    def _to_conv(self, gm: fx.GraphModule, site: Site, outcome: PoolOutcome,
+                 fold_blocker: str | None = None) -> Replaced:
         params: PoolParams = site.params
         node = site.node
         inp_node = node.args[0] if node.args else node.kwargs["input"]
         inp, out = G.input_info(node), G.info(node) or (G.info(_values_node(node)) if params.return_indices else None)
         channels = inp.shape[1]
-        depthwise = mode == "depthwise"
+        depthwise = outcome is PoolOutcome.DEPTHWISE
         # skip_init: the constructor's own random init would be thrown away at once (it was a
         # third of replace_maxpool's time on googlenet, whose pools have up to 832 channels)
-        conv = nn.utils.skip_init(_CONV[params.dims], channels, channels, params.kernel, stride=params.stride,
+        conv = nn.utils.skip_init(ops.CONV_MODULES[params.dims], channels, channels, params.kernel, stride=params.stride,
                                   padding=params.padding, dilation=params.dilation,
                                   groups=channels if depthwise else 1, bias=True, device=inp.device,
                                   dtype=inp.dtype)
@@ -283,14 +320,14 @@ class ReplaceMaxPool(Rewrite):
         if any(extra):
             new_desc += f", +pad {_fmt(extra)}"
         new_desc += ")"
-        init = self.options["init"]
-        notes = [n for n in (note, f"init={init}" if init != "avg" else "") if n]
+        notes = (f"fold not possible: {fold_blocker}; used mode='conv'",) if fold_blocker else ()
         return Replaced(self.name, site.name, site.op, new_desc, inp.shape, out.shape if out else None,
-                        exact=False, module=target, note="; ".join(notes))
+                        exact=False, module=target, notes=notes,
+                        detail=PoolRecord(params, outcome, fold_blocker))
 
     def _initialize(self, conv: nn.Module, params: PoolParams, channels: int, depthwise: bool) -> None:
         with torch.no_grad():
-            if self.options["init"] == "kaiming":
+            if self.options.init == "kaiming":
                 nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="linear")
             else:  # "avg", and the starting point of "fit"; a new Parameter: no copy of a large weight
                 conv.weight = nn.Parameter(W.average_weight(channels, params.kernel, depthwise=depthwise,
@@ -311,13 +348,8 @@ def _values_node(node: fx.Node) -> fx.Node:
 
 
 def _is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _ELEMENTWISE_MODULES)
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _ELEMENTWISE_METHODS
-    return False
+    """Ops that commute with taking every s-th position: elementwise and per channel."""
+    return ops.elementwise_kind(gm, node) is not None or ops.is_per_channel(gm, node)
 
 
 def _fold_chain(gm: fx.GraphModule, site: Site) -> tuple[fx.Node | None, str | None]:
@@ -377,6 +409,4 @@ def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
         "maxpool", site.name, site.op,
         f"stride {_fmt(old_stride)}->{_fmt(params.stride)} on {producer.target}", inp.shape if inp else None,
         out.shape if out else None, exact=False, module=producer.target,
-        note=("fold keeps the pool's output shape at the example input size and at sizes congruent to it "
-              "modulo the network's stride; at other sizes folded shapes may differ (the paper's Strided-CNN "
-              "is defined for one input size)"))
+        detail=PoolRecord(params, PoolOutcome.FOLD))

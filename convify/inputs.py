@@ -1,0 +1,175 @@
+"""Example inputs: what the caller gave, as positional arguments, or one
+worked out from the model itself.
+
+Every rewrite, ``export_onnx`` and ``verify`` take an optional example input;
+this module turns it into arguments (``as_args``), probes one when it is
+missing (``probe_input``), and makes inputs of a recorded shape in a model's
+dtype and device (``zeros_like_model``, ``to_model``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import ExampleInputError
+from .graph import eval_mode, meta_weights
+
+
+def as_args(model: nn.Module, example_input: Any) -> tuple:
+    """The example input as a tuple of positional arguments (probed if None)."""
+    if example_input is None:
+        return (probe_input(model),)
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+        return tuple(example_input)
+    raise ExampleInputError(
+        f"example_input must be a tensor or a tuple of tensors, not {type(example_input).__name__}"
+    )
+
+
+def float_like(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the model's first floating-point parameter or buffer."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def zeros_like_model(model: nn.Module, input_shape: Sequence[int]) -> torch.Tensor:
+    """Zeros of ``input_shape`` in the model's floating dtype and device."""
+    dtype, device = float_like(model)
+    return torch.zeros(tuple(input_shape), dtype=dtype, device=device)
+
+
+def to_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` on the model's device, in its dtype when ``x`` is floating point."""
+    dtype, device = float_like(model)
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+
+
+_COMMON_SIZES = (224, 32, 28, 299, 64, 96, 128, 256)
+
+
+def first_conv(model: nn.Module) -> nn.Module | None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m
+    return None
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` accepts ``x``: on meta tensors when that works (free),
+    else for real."""
+    try:
+        with torch.no_grad(), eval_mode(model), meta_weights(model):
+            model(x.to("meta"))
+        return True
+    except Exception:
+        pass
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except Exception:
+        return False
+    return True
+
+
+def _pretrained_size(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
+        return tuple(int(d) for d in cfg["input_size"][1:])
+    return None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _flat_features(model: nn.Module, linear: nn.Linear, x: torch.Tensor) -> int | None:
+    """Features arriving at ``linear`` for input ``x`` (stops the forward there)."""
+    seen: list[int] = []
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        seen.append(int(args[0].shape[-1]))
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    except _Stop:
+        pass
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
+def _solve_for_linear(model: nn.Module, make: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+    """Find the size at which the first Linear receives its ``in_features``
+    (a LeNet on 32x32, a VGG-style net on 64x64...). Features grow with the
+    input size, so a binary search over sizes needs a handful of forwards."""
+    linear = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:
+        return None
+    lo, hi = 1, 1024
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got = _flat_features(model, linear, make(mid))
+        if got is None:  # too small to pass the feature extractor
+            lo = mid + 1
+        elif got < linear.in_features:
+            lo = mid + 1
+        else:
+            hi = mid
+    x = make(lo)
+    return x if _runs(model, x) else None
+
+
+def probe_input(model: nn.Module) -> torch.Tensor:
+    """A batch-1 input the model accepts, worked out from the model itself.
+
+    Channels and dimensionality come from the first convolution; the spatial
+    size from timm's ``pretrained_cfg`` when there is one, else the first of the
+    common sizes (224, 32, 28, 299, ...) that runs, else the size at which a
+    flatten-then-Linear head receives its ``in_features``.
+    """
+    conv = first_conv(model)
+    if conv is None:
+        raise ExampleInputError(
+            f"{type(model).__name__} has no convolution to read the input channels from; "
+            "pass example_input=torch.randn(1, C, H, W)"
+        )
+    dims = len(conv.kernel_size)
+    channels = conv.in_channels
+    dtype, device = float_like(model)
+
+    def make(size: int | Sequence[int]) -> torch.Tensor:
+        spatial = (size,) * dims if isinstance(size, int) else tuple(size)
+        return torch.randn(1, channels, *spatial, dtype=dtype, device=device)
+
+    tried: list[str] = []
+    pre = _pretrained_size(model)
+    if pre is not None and len(pre) == dims + 1 and pre[0] == channels:
+        x = make(pre[1:])
+        if _runs(model, x):
+            return x
+        tried.append("x".join(map(str, pre[1:])))
+    sizes = _COMMON_SIZES if dims < 3 else (16, 32, 64, 112)
+    for size in sizes:
+        x = make(size)
+        if _runs(model, x):
+            return x
+        tried.append(str(size))
+    solved = _solve_for_linear(model, make)
+    if solved is not None:
+        return solved
+    raise ExampleInputError(
+        f"could not find an input {type(model).__name__} accepts (tried {channels} channels at sizes "
+        f"{', '.join(tried)} and solving for its first Linear); pass example_input="
+        f"torch.randn(1, {channels}, ...) of the size the model was built for"
+    )
