@@ -38,31 +38,10 @@ import torch.nn as nn
 import torchvision
 
 import convify
+from convify.zoo import count_macs
 
 NATIVE = 224
 IMAGE = 451
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of every convolution and Linear on input ``x``."""
-    total = 0
-
-    def hook(m: nn.Module, _inp: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, nn.modules.conv._ConvNd):
-            total += out.numel() * (m.in_channels // m.groups) * int(torch.tensor(m.kernel_size).prod())
-        elif isinstance(m, nn.Linear):
-            total += out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
 
 
 def plain_head(dense: nn.Module) -> nn.Module:

@@ -7,8 +7,9 @@ session per graph, and time them **interleaved**: every round runs each
 session once, in a rotating order, after a warm-up. Single runs vary by 10%
 and more on a shared machine, so the table reports per-session medians and,
 as the ratio, the median over rounds of (rewrite time / original time in the
-same round). Parameters and multiply-accumulates (convolutions and Linears)
-before and after come from the PyTorch modules.
+same round). Parameters and multiply-accumulates per image
+(``convify.zoo.count_macs``: convolutions and Linears) before and after come
+from the PyTorch modules.
 
 Targets: an exact conv head costs at most 1.05x the original's latency;
 depthwise pooling at most 1.10x.
@@ -19,7 +20,6 @@ depthwise pooling at most 1.10x.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -37,6 +37,7 @@ import torchvision
 import convify
 import convify.api
 from convify.onnx import export
+from convify.zoo import count_macs
 
 # name -> (native size, builder kwargs). A modest list: it runs in a few
 # minutes on 2 busy cores. Covered: a flatten head (alexnet), GAP heads
@@ -72,29 +73,6 @@ class Variant:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of every convolution and Linear call, per sample."""
-    total = 0
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.modules.conv._ConvNd):
-            per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
-            total += out[0].numel() * per_output
-        elif isinstance(module, nn.Linear):
-            total += out[0].numel() * module.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
 
 
 # --------------------------------------------------------------------------- variants

@@ -30,7 +30,6 @@ With ``--write`` the table replaces its section of ``benchmarks/RESULTS.md``. Ne
 from __future__ import annotations
 
 import argparse
-import gzip
 import platform
 import sys
 import time
@@ -45,46 +44,20 @@ from torch.utils.data import TensorDataset
 
 import convify
 from convify.fit import fit_maxpool
+from convify.zoo import fashion_mnist, model_c
 
-DATA = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzip-compressed) as a numpy array."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    dims = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's ``"train"`` or ``"test"`` split, images standardized with the training set's mean and std."""
+    x, y = fashion_mnist(split)
+    return x.sub_(MEAN).div_(STD), y
 
 
-def load_split(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    images = read_idx(DATA / f"{kind}-images-idx3-ubyte.gz")
-    labels = read_idx(DATA / f"{kind}-labels-idx1-ubyte.gz")
-    x = (torch.from_numpy(images.copy()).float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
-
-
-class ModelC(nn.Module):
-    """Model C in miniature: (conv3x3, conv3x3, maxpool 3x3/2) x 2, conv3x3, conv1x1 to classes, GAP."""
-
-    def __init__(self, width: int = 32, classes: int = 10) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-        w1, w2 = width, 2 * width
-        self.features = nn.Sequential(
-            *block(1, w1), *block(w1, w1), nn.MaxPool2d(3, 2, 1),
-            *block(w1, w2), *block(w2, w2), nn.MaxPool2d(3, 2, 1),
-            *block(w2, w2),
-        )
-        self.classifier = nn.Conv2d(w2, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x)).mean((2, 3))
+def original_model(width: int) -> nn.Module:
+    """The Model C this benchmark trains (its cached state_dict keys: ``features.*``, ``classifier.*``)."""
+    return model_c(width, in_channels=1, batch_norm=True, hidden_1x1=False)
 
 
 @dataclass
@@ -154,12 +127,12 @@ def main() -> None:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     torch.set_num_threads(args.threads)
-    if not DATA.exists():
-        sys.exit(f"{DATA} not found: apt-get install -y dataset-fashion-mnist")
-
     started = time.perf_counter()
-    train_x, train_y = load_split("train")
-    test_x, test_y = load_split("t10k")
+    try:
+        train_x, train_y = load_split("train")
+        test_x, test_y = load_split("test")
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     if args.quick:
         train_x, train_y, test_x, test_y = train_x[:5000], train_y[:5000], test_x[:2000], test_y[:2000]
         args.original_epochs, args.distill_epochs = 1, 2
@@ -175,7 +148,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- the original
     torch.manual_seed(0)
-    original = ModelC(args.width)
+    original = original_model(args.width)
     base = Path(args.cache) if args.cache else None
     cache = base.with_name(f"{base.stem}-w{args.width}-e{args.original_epochs}"
                            f"{'-quick' if args.quick else ''}.pt") if base is not None else None
@@ -248,7 +221,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- the same all-conv shape from scratch
     torch.manual_seed(2)
-    scratch = convify.replace_maxpool(ModelC(args.width), example, init="kaiming").train()
+    scratch = convify.replace_maxpool(original_model(args.width), example, init="kaiming").train()
 
     def scratch_row(epoch: int, seconds: float) -> None:
         row(f"all-conv from scratch, {epoch + 1} epoch{'s' if epoch else ''}", scratch, seconds, "labels only")

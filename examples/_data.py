@@ -2,21 +2,18 @@
 
 The Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files under
 ``/usr/share/datasets/fashion-mnist/``; set ``FASHION_MNIST_DIR`` to read them
-from elsewhere. ``--quick`` (and a machine without the files) uses small
-synthetic 28x28 images instead: ten classes of bright shapes on a black
+from elsewhere (``convify.zoo.fashion_mnist`` reads them). ``--quick`` uses
+small synthetic 28x28 images instead: ten classes of bright shapes on a black
 background, learnable in a few seconds, so the examples run anywhere.
 """
 from __future__ import annotations
 
-import gzip
-import os
-import struct
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+from convify import zoo
+
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -32,37 +29,6 @@ class Data(NamedTuple):
     train: Split
     test: Split
     source: str  # "Fashion-MNIST" or "synthetic stand-in"
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """One IDX file (``.gz`` or plain) as a uint8 tensor of its declared shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    _, _, dtype, ndim = struct.unpack(">BBBB", raw[:4])
-    if dtype != 0x08:
-        raise ValueError(f"{path}: IDX data type {dtype:#x}, expected unsigned bytes (0x08)")
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
-
-
-def _find(root: Path, stem: str) -> Path | None:
-    for name in (f"{stem}.gz", stem):
-        if (root / name).is_file():
-            return root / name
-    return None
-
-
-def fashion_mnist(root: Path | None = None) -> Data | None:
-    """The full dataset (60,000 train, 10,000 test), or None when the files are missing."""
-    root = Path(os.environ.get("FASHION_MNIST_DIR", root or DEFAULT_DIR))
-    splits = []
-    for prefix in ("train", "t10k"):
-        images, labels = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
-        if images is None or labels is None:
-            return None
-        splits.append(Split(_read_idx(images).unsqueeze(1).float() / 255.0, _read_idx(labels).long()))
-    return Data(splits[0], splits[1], "Fashion-MNIST")
 
 
 def _shape(label: int, g: torch.Generator) -> torch.Tensor:
@@ -106,11 +72,10 @@ def load(quick: bool) -> Data:
     """
     if quick:
         return synthetic()
-    data = fashion_mnist()
-    if data is None:
-        raise SystemExit(f"Fashion-MNIST not found under {DEFAULT_DIR} (or $FASHION_MNIST_DIR): "
-                         "`sudo apt-get install dataset-fashion-mnist`, or run with --quick")
-    return data
+    try:
+        return Data(Split(*zoo.fashion_mnist("train")), Split(*zoo.fashion_mnist("test")), "Fashion-MNIST")
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}, or run with --quick") from e
 
 
 def accuracy(model: torch.nn.Module, split: Split, batch_size: int = 1000) -> float:
