@@ -92,7 +92,7 @@ def variants(model: nn.Module, x: torch.Tensor, notes: list[str], name: str) -> 
             notes.append(f"{name}: no max pooling to rewrite")
             break
         label = f"pool {mode}"
-        if mode == "fold" and any("used mode='conv'" in r.note for r in rep.replaced):
+        if mode == "fold" and any(r.detail.fold_blocker for r in rep.replaced):
             label += " (some sites fell back to conv)"
         out.append(Variant(label, "pool", mode, rewritten, rep.exact))
     if not hasattr(convify.api, "replace_linear_head"):

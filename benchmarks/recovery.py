@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import convify
-from convify.fit import fit_maxpool
 from convify.zoo import fashion_mnist, model_c
 
 MEAN, STD = 0.2860, 0.3530
@@ -180,10 +179,10 @@ def main() -> None:
     fit = convify.replace_maxpool(original, example, init="fit", calibration=calibration)
     fit_seconds = time.perf_counter() - t0
     row("rewritten, init=fit, no training", fit, fit_seconds, f"{args.calibration} calibration images")
-    fit_notes = [r.note for r in convify.report(fit).replaced] + list(convify.report(fit).notes)
+    fit_notes = ([f"{r.name}: {r.fit.describe()}" for r in convify.report(fit).replaced if r.fit]
+                 + list(convify.report(fit).notes))
     t0 = time.perf_counter()
-    own = fit_maxpool(original, example, mode="conv", only=None, skip=None, inplace=False, calibration=calibration,
-                      target="pool")
+    own = convify.replace_maxpool(original, example, init="fit", calibration=calibration, fit_target="pool")
     row("rewritten, init=fit toward max pooling of its own input, no training", own, time.perf_counter() - t0,
         "the earlier target, for comparison")
 
