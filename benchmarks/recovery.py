@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import convify
+from convify.errors import DataError
 from convify.zoo import fashion_mnist, model_c
 
 MEAN, STD = 0.2860, 0.3530
@@ -130,7 +131,7 @@ def main() -> None:
     try:
         train_x, train_y = load_split("train")
         test_x, test_y = load_split("test")
-    except FileNotFoundError as e:
+    except DataError as e:
         sys.exit(str(e))
     if args.quick:
         train_x, train_y, test_x, test_y = train_x[:5000], train_y[:5000], test_x[:2000], test_y[:2000]

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConvifyError
 from .report import Report, report
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Heavy or optional parts (onnx, onnxruntime, training) load on first use, so
 # that `import convify` and `convify --help` stay fast.
@@ -28,8 +28,8 @@ _LAZY = {
     "export_onnx": "convify.onnx",
     "verify": "convify.verification",
     "Verification": "convify.verification",
-    "load": "convify.checkpoint",
-    "save": "convify.checkpoint",
+    "load": "convify.io",
+    "save": "convify.io",
     "distill": "convify.distillation",
     "History": "convify.distillation",
 }

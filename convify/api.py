@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -11,10 +12,7 @@ from .engine import first_input, run_pass
 from .errors import UsageError
 from .inputs import as_args
 from .rewrites import get
-from .rewrites.base import all_keywords, in_order, options_from_keywords, unknown_keywords
-
-Patterns = "str | Sequence[str] | None"
-
+from .rewrites.base import Rewrite, RewriteOptions, all_keywords, in_order, options_from_keywords, unknown_keywords
 
 def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = "conv", init: str = "avg",
                     only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
@@ -127,14 +125,33 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     unknown = unknown_keywords(options)
     if unknown:
         raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {all_keywords()}")
-    passes = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
+    planned = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: every pass reads it
-    if example_input is None and calibration is not None and any(o.wants_calibration() for _, o in passes):
+    if example_input is None and calibration is not None and any(o.wants_calibration() for _, o in planned):
         example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
+    return apply_steps(model, [Step(cls(opts), example, only, skip) for cls, opts in planned], calibration)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pass to apply: the rewrite (with its options), the example input
+    to trace at, the site filters, and for a rebuild the options it stands for."""
+
+    rewrite: Rewrite
+    example: Any
+    only: str | Sequence[str] | None = None
+    skip: str | Sequence[str] | None = None
+    rebuilt_from: RewriteOptions | None = None
+
+
+def apply_steps(model: nn.Module, steps: Sequence[Step], calibration: Iterable[Any] | None = None) -> nn.Module:
+    """Apply ``steps`` in order to a copy of ``model``; calibration targets
+    come from ``model`` itself. Shared by :func:`convify` and checkpoint rebuilds."""
     result = model
-    for cls, opts in passes:
-        result = run_pass(result, cls(opts), example, only=only, skip=skip, inplace=result is not model,
-                          calibration=calibration, teacher=model)
+    for step in steps:
+        result = run_pass(result, step.rewrite, step.example, only=step.only, skip=step.skip,
+                          inplace=result is not model, calibration=calibration, teacher=model,
+                          rebuilt_from=step.rebuilt_from)
     return copy.deepcopy(model) if result is model else result

@@ -13,13 +13,20 @@ on stderr (``--debug`` adds the traceback); reports go to stdout, notes to
 stderr, so ``--json`` output can be piped.
 
 Each subcommand is one ``Command`` row in :data:`COMMANDS`: a function that
-adds its arguments and one that runs it. Heavy modules (the rewrite engine,
-onnx, onnxruntime) are imported inside the commands that need them.
+adds its arguments and one that runs it. The rewrite flags (``--pool``,
+``--init``, ``--head``, ``--dense``...) are made from the options each
+registered rewrite declares, so a new rewrite brings its flags with it. Heavy
+modules (torch, the rewrite engine, onnx, onnxruntime) are imported only for
+the command that runs: ``convify --help`` imports none of them.
+
+Library errors name parameters in the library's terms; :data:`FLAGS` says
+how the command line spells them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -27,20 +34,23 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .errors import CheckpointError, ConvifyError, ExampleInputError, RewriteError
+from .errors import CheckpointError, ConvifyError, ExampleInputError, RewriteError, UsageError, one_line
 
 if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-    from .checkpoint import ModelSource
+    from .io import ModelSource, RecipePass
     from .report import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-
-class UsageError(ConvifyError):
-    """Options that contradict each other or name nothing."""
+#: How the command line spells the parameters library errors name (see convify.errors.PARAMETERS).
+FLAGS = {
+    "force": "--force", "trust_pickle": "--trust-pickle", "trust_code": "--trust-code", "path": "MODEL",
+    "weights": "--weights", "arch": "--arch", "arch_kwargs": "--arch-kwargs", "input_shape": "--input-shape",
+    "calibration": "--calibration DIR",
+}
 
 
 # --------------------------------------------------------------------------- arguments shared by commands
@@ -67,23 +77,32 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("rewrite (defaults: those of convify.convify)")
-    g.add_argument("--pool", choices=["conv", "depthwise", "fold", "none"], default="conv",
-                   help="max pooling becomes a dense strided conv, a depthwise one, or is folded into the "
-                        "conv before it (default: conv)")
-    g.add_argument("--head", choices=["conv", "gap", "none"], default="conv",
-                   help="Linear heads become exact convolutions, or a 1x1 conv + global average (default: conv)")
-    g.add_argument("--init", choices=["avg", "kaiming", "fit"], default="avg",
-                   help="weights of the new pooling convolutions: avg (average pooling, the default), kaiming "
-                        "(fresh), or fit (least squares against the max pooling on --calibration images)")
+    """One group of flags per registered rewrite, made from its options."""
+    from .rewrites.base import in_order  # noqa: PLC0415  (the registry imports torch)
+
+    for cls in in_order():
+        g = p.add_argument_group(f"{cls.name} rewrite: {cls.summary} (defaults: those of convify.convify)")
+        for f in dataclasses.fields(cls.Options):
+            key = cls.keyword if f.name == "mode" else f.name
+            flag = "--" + key.replace("_", "-")
+            helptext, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+            if isinstance(f.default, bool):
+                g.add_argument(flag, dest=key, action="store_true", help=helptext)
+            elif choices:
+                extra = ["none"] if f.name == "mode" else []
+                g.add_argument(flag, dest=key, choices=[*(c for c in choices if c is not None), *extra],
+                               default=f.default if f.default is not None else "none",
+                               help=f"{helptext} (default: {f.default or 'none'}"
+                                    f"{'; none: leave it out' if extra else ''})")
+            else:
+                g.add_argument(flag, dest=key, type=type(f.default), default=f.default, help=helptext)
+    g = p.add_argument_group("sites and calibration")
+    g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
+    g.add_argument("--skip", action="append", metavar="GLOB", help="leave sites matching GLOB alone (repeatable)")
     g.add_argument("--calibration", metavar="DIR",
                    help="with --init fit: a folder of images (flat, or class subfolders) to fit on")
     g.add_argument("--calibration-images", type=int, default=256, metavar="N",
                    help="with --init fit: use at most N calibration images (default: 256)")
-    g.add_argument("--dense", action="store_true",
-                   help="fully convolutional: larger inputs give a map of scores")
-    g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
-    g.add_argument("--skip", action="append", metavar="GLOB", help="leave sites matching GLOB alone (repeatable)")
 
 
 def _output_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -123,7 +142,7 @@ def _add_inspect(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     """A dry run: rewrite in memory, print what would be replaced and skipped."""
     shape = _given_shape(args)
-    options = _rewrite_options(args)
+    options = _rewrite_keywords(args)
     with _Progress(2) as progress:
         src, shape, rewritten = _load_and_rewrite(args, progress, shape, options, "rewriting in memory")
     rep = _report(rewritten, src)
@@ -155,10 +174,10 @@ def _add_rewrite(p: argparse.ArgumentParser) -> None:
 
 def run_rewrite(args: argparse.Namespace) -> int:
     """Rewrite MODEL and write OUT (and OUT.onnx); never over an input, never a partial file."""
-    from . import checkpoint as ck  # noqa: PLC0415
+    from . import io as ck  # noqa: PLC0415
 
     shape = _given_shape(args)
-    options = _rewrite_options(args)
+    options = _rewrite_keywords(args)
     inputs = [args.model, args.weights]
     ck.check_output(args.output, force=args.force, inputs=inputs)
     if args.onnx:
@@ -194,13 +213,12 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
     runs before the rename, so a failed export leaves no checkpoint either."""
     import torch  # noqa: PLC0415
 
-    from . import checkpoint as ck  # noqa: PLC0415
+    from . import io as ck  # noqa: PLC0415
 
     if src.pickled:
         payload: Any = rewritten
-    else:
-        recipe = ck.make_recipe(arch=src.arch, input_shape=shape, arch_kwargs=src.arch_kwargs, rewrite=options,
-                                before=src.history)
+    else:  # the recipe: every pass the report records, those of an input checkpoint first
+        recipe = ck.make_recipe(arch=src.arch, arch_kwargs=src.arch_kwargs, passes=ck.passes_of(rewritten))
         payload = ck.to_checkpoint(rewritten, recipe)
     written = [args.output]
 
@@ -242,7 +260,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export MODEL as it is (typically a convify checkpoint) to one ONNX file."""
-    from . import checkpoint as ck  # noqa: PLC0415
+    from . import io as ck  # noqa: PLC0415
 
     shape = _given_shape(args)
     ck.check_output(args.output, force=args.force, inputs=[args.model, args.weights])
@@ -277,7 +295,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     """Rewrite in memory and verify the rewrite against MODEL; writes nothing."""
     shape = _given_shape(args)
-    options = _rewrite_options(args)
+    options = _rewrite_keywords(args)
     with _Progress(3) as progress:
         src, shape, rewritten = _load_and_rewrite(args, progress, shape, options, "rewriting in memory")
         with progress.step("verifying through onnxruntime"):
@@ -310,10 +328,6 @@ def _verification_dict(verification: Any) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- demo
-
-
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    pass
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -365,7 +379,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
     import torch  # noqa: PLC0415
 
-    from . import checkpoint as ck  # noqa: PLC0415
+    from . import io as ck  # noqa: PLC0415
     from .distillation import distill, image_folder  # noqa: PLC0415
 
     ck.check_output(args.output, force=args.force, inputs=[args.model, args.teacher])
@@ -381,7 +395,7 @@ def run_distill(args: argparse.Namespace) -> int:
     if student_src.pickled:
         ck.save_pickled(student, args.output, force=args.force, inputs=[args.model, args.teacher])
     else:
-        recipe = {k: v for k, v in ck.read_file(args.model).items() if k != "state_dict"}
+        recipe = ck.recipe_of(ck.read_file(args.model))
         payload = ck.to_checkpoint(student, recipe)
         ck.atomic_write(args.output, lambda tmp: torch.save(payload, tmp), force=args.force,
                         inputs=[args.model, args.teacher])
@@ -396,7 +410,7 @@ def run_distill(args: argparse.Namespace) -> int:
 def _open_teacher(args: argparse.Namespace, student_src: "ModelSource") -> "nn.Module":
     """A convify checkpoint or pickled module as it is; a bare state_dict on
     the architecture the student's recipe names."""
-    from . import checkpoint as ck  # noqa: PLC0415
+    from . import io as ck  # noqa: PLC0415
 
     content = ck.read_file(args.teacher, trust_pickle=args.trust_pickle, what="teacher file")
     if ck.is_checkpoint(content):
@@ -426,7 +440,7 @@ class Command:
 
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None
     run: Callable[[argparse.Namespace], int]
 
 
@@ -436,14 +450,17 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "export a model or convify checkpoint to ONNX", _add_export, run_export),
     Command("verify", "rewrite in memory and verify it through onnxruntime; writes nothing", _add_verify,
             run_verify),
-    Command("demo", "rewrite, export and verify a small model, step by step", _add_demo, run_demo),
+    Command("demo", "rewrite, export and verify a small model, step by step", None, run_demo),
     Command("distill", "train a rewritten model toward the original on a folder of images", _add_distill,
             run_distill),
 )
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    """The argument parser: one subparser per row of ``commands``."""
+def build_parser(commands: Sequence[Command] = COMMANDS, argv: Sequence[str] | None = None
+                 ) -> argparse.ArgumentParser:
+    """The argument parser: one subparser per row of ``commands``. Only the
+    command named in ``argv`` gets its arguments (building them may import
+    torch; ``convify --help`` must not); None: every command gets them."""
     from . import __version__  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
@@ -459,14 +476,21 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
-        command.add_arguments(p)
+        if command.add_arguments is not None and (argv is None or command.name == _command_in(argv, commands)):
+            command.add_arguments(p)
         p.set_defaults(run=command.run)
     return parser
 
 
+def _command_in(argv: Sequence[str], commands: Sequence[Command]) -> str | None:
+    names = {c.name for c in commands}
+    return next((a for a in argv if a in names), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv=argv)
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help(sys.stderr)
@@ -489,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _classify(e: Exception) -> tuple[int, str]:
-    text = " ".join(str(e).split())
+    text = " ".join((e.render(FLAGS.get) if isinstance(e, ConvifyError) else str(e)).split())
     if isinstance(e, (CheckpointError, ExampleInputError, UsageError)):
         return EXIT_USAGE, text
     if isinstance(e, ConvifyError):
@@ -503,21 +527,23 @@ def _classify(e: Exception) -> tuple[int, str]:
 def _given_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
     if not args.input_shape:
         return None
-    from .checkpoint import parse_input_shape  # noqa: PLC0415
+    from .inputs import parse_input_shape  # noqa: PLC0415
 
     try:
         return parse_input_shape(args.input_shape)
-    except CheckpointError as e:
-        raise CheckpointError(f"--input-shape: {e}") from e
+    except UsageError as e:
+        raise UsageError(f"--input-shape: {e}") from e
 
 
-def _rewrite_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"pool": None if args.pool == "none" else args.pool, "head": None if args.head == "none" else args.head,
-            "init": args.init, "dense": args.dense, "only": args.only, "skip": args.skip}
+def _rewrite_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``convify.convify`` keywords the rewrite flags give (``none``: leave that rewrite out)."""
+    from .rewrites.base import all_keywords  # noqa: PLC0415
+
+    return {k: None if getattr(args, k) == "none" else getattr(args, k) for k in all_keywords()}
 
 
 def _open_model(args: argparse.Namespace) -> "ModelSource":
-    from .checkpoint import open_model, parse_arch_kwargs  # noqa: PLC0415
+    from .io import open_model, parse_arch_kwargs  # noqa: PLC0415
 
     return open_model(args.model, arch=args.arch, arch_kwargs=parse_arch_kwargs(args.arch_kwargs),
                       weights=args.weights, trust_pickle=args.trust_pickle, trust_code=args.trust_code)
@@ -528,7 +554,7 @@ def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[i
     worked out from the model."""
     import torch  # noqa: PLC0415
 
-    from .checkpoint import example_input  # noqa: PLC0415
+    from .inputs import zeros_like_model  # noqa: PLC0415
 
     if given is None and src.input_shape is not None:
         return tuple(src.input_shape)
@@ -542,10 +568,10 @@ def _resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[i
                                     "pass --input-shape N,C,H,W") from e
     try:
         with torch.no_grad():
-            src.model(example_input(src.model, given))
+            src.model(zeros_like_model(src.model, given))
     except Exception as e:
         raise ExampleInputError(f"{src.label} does not run on an input of shape {_shape_text(given)}: "
-                                f"{_one_line(e)}; pass the --input-shape it expects") from e
+                                f"{one_line(e)}; pass the --input-shape it expects") from e
     return given
 
 
@@ -561,43 +587,51 @@ def _load_and_rewrite(args: argparse.Namespace, progress: "_Progress", shape: tu
 
 
 def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...],
-             args: argparse.Namespace | None = None) -> "nn.Module":
-    from .checkpoint import apply_rewrite  # noqa: PLC0415
-
+             args: argparse.Namespace) -> "nn.Module":
+    """The passes the flags ask for, applied with the one code path that
+    rebuilds checkpoints (``convify.io.apply_passes``)."""
     import torch  # noqa: PLC0415
 
+    from .io import apply_passes, plan_passes  # noqa: PLC0415
+
     torch.manual_seed(0)  # --init kaiming gives the same weights on every run
-    calibration = _calibration(args, shape) if options.get("init") == "fit" else None
+    passes = plan_passes(options, shape, only=args.only, skip=args.skip)
+    calibration = _calibration(args, passes, shape)
     try:
-        return apply_rewrite(src.model, options, shape, calibration=calibration)
+        return apply_passes(src.model, passes, calibration=calibration)
     except ConvifyError:
         raise
     except Exception as e:
-        raise RewriteError(f"rewriting {src.label} failed: {_one_line(e)}") from e
+        raise RewriteError(f"rewriting {src.label} failed: {one_line(e)}") from e
 
 
-def _calibration(args: argparse.Namespace | None, shape: tuple[int, ...]) -> list[Any]:
-    """Batches of images from ``--calibration DIR``, resized to the input shape."""
-    folder = getattr(args, "calibration", None)
-    if not folder:
-        raise UsageError("--init fit needs --calibration DIR, a folder of images to fit the new convolutions on")
+def _calibration(args: argparse.Namespace, passes: Sequence["RecipePass"], shape: tuple[int, ...]
+                 ) -> list[Any] | None:
+    """Batches of images from ``--calibration DIR``, resized to the input
+    shape, when a pass needs them (None otherwise)."""
+    needing = [p.options for p in passes if p.options.needs_calibration()]
+    if not needing:
+        return None
+    if not args.calibration:
+        field, value = needing[0].calibration_option()
+        raise UsageError(f"--{field.replace('_', '-')} {value} needs --calibration DIR, a folder of images to fit "
+                         "the new weights on")
     import torch  # noqa: PLC0415
 
     from .distillation import image_folder  # noqa: PLC0415
 
-    data = image_folder(folder, shape)
+    data = image_folder(args.calibration, shape)
     count = min(len(data), max(1, args.calibration_images))
     images = [data[i][0] if isinstance(data[i], tuple) else data[i] for i in range(count)]
-    stacked = torch.stack(images)
-    return list(stacked.split(32))
+    return list(torch.stack(images).split(32))
 
 
 def _random_input(model: "nn.Module", shape: tuple[int, ...]) -> "torch.Tensor":
     import torch  # noqa: PLC0415
 
-    from .checkpoint import example_input  # noqa: PLC0415
+    from .inputs import zeros_like_model  # noqa: PLC0415
 
-    like = example_input(model, shape)
+    like = zeros_like_model(model, shape)
     g = torch.Generator().manual_seed(0)
     return torch.randn(like.shape, generator=g, dtype=like.dtype).to(like.device)
 
@@ -605,12 +639,10 @@ def _random_input(model: "nn.Module", shape: tuple[int, ...]) -> "torch.Tensor":
 def _report(model: "nn.Module", src: "ModelSource | None" = None) -> "Report":
     """The model's report; with ``src``, only the passes this run added (a
     convify checkpoint arrives with the passes it was made with)."""
-    from .report import Report, report  # noqa: PLC0415
+    from .report import report  # noqa: PLC0415
 
     rep = report(model)
-    if src is None:
-        return rep
-    return Report(rep.passes[len(report(src.model).passes):])
+    return rep if src is None else rep.since(report(src.model))
 
 
 def _summary(src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any], shape: tuple[int, ...]
@@ -645,11 +677,6 @@ def _note_if_nothing(rep: "Report", src: "ModelSource") -> None:
 
 def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(d) for d in shape)
-
-
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _note(text: str) -> None:

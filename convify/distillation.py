@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler
 
 from . import graph as G
-from .errors import CheckpointError, ConvifyError
+from .errors import CheckpointError, ConvifyError, DataError, UsageError
 
 CHECKPOINT_NAME = "distill-checkpoint.pt"
 #: ``schedule=`` of :func:`distill`.
@@ -116,7 +116,7 @@ def distill(teacher: nn.Module, student: nn.Module, data: Any, *, epochs: int = 
     """
     _check_arguments(teacher, student, epochs, temperature, alpha, resume, checkpoint_dir)
     if schedule not in SCHEDULES:
-        raise ConvifyError(f"distill: schedule must be one of {SCHEDULES}, not {schedule!r}")
+        raise UsageError(f"distill: schedule must be one of {SCHEDULES}, not {schedule!r}")
     ctx = _DistContext.start(device)
     try:
         return _Run(teacher, student, data, val_data, ctx, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -137,13 +137,13 @@ def _check_arguments(teacher: Any, student: Any, epochs: int, temperature: float
     if not any(p.requires_grad for p in student.parameters()):
         raise ConvifyError("distill: the student has no trainable parameters (all requires_grad=False)")
     if epochs < 1:
-        raise ConvifyError(f"distill: epochs must be at least 1, not {epochs}")
+        raise UsageError(f"distill: epochs must be at least 1, not {epochs}")
     if temperature <= 0:
-        raise ConvifyError(f"distill: temperature must be positive, not {temperature}")
+        raise UsageError(f"distill: temperature must be positive, not {temperature}")
     if not 0.0 <= alpha <= 1.0:
-        raise ConvifyError(f"distill: alpha weighs distillation against labels and must be in [0, 1], not {alpha}")
+        raise UsageError(f"distill: alpha weighs distillation against labels and must be in [0, 1], not {alpha}")
     if resume and checkpoint_dir is None:
-        raise ConvifyError("distill: resume=True needs checkpoint_dir= (the folder the checkpoints are in)")
+        raise UsageError("distill: resume=True needs checkpoint_dir= (the folder the checkpoints are in)")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -330,7 +330,7 @@ def image_folder(root: str | os.PathLike, input_shape: tuple[int, ...], **normal
     """
     path = Path(root)
     if not path.is_dir():
-        raise ConvifyError(f"{path} is not a directory of images")
+        raise DataError(f"{path} is not a directory of images")
     transform = image_transform(input_shape, **normalize)
     if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         from torchvision.datasets import ImageFolder  # noqa: PLC0415
@@ -338,10 +338,10 @@ def image_folder(root: str | os.PathLike, input_shape: tuple[int, ...], **normal
         try:
             return ImageFolder(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as e:
-            raise ConvifyError(f"{path}: {e}") from e
+            raise DataError(f"{path}: {e}") from e
     files = ImageFiles(path, transform)
     if not len(files):
-        raise ConvifyError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no class subfolders")
+        raise DataError(f"{path} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no class subfolders")
     return files
 
 

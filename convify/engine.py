@@ -90,8 +90,9 @@ def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
     if calibration is not None and options.wants_calibration():
         batches = calibration_batches(calibration, rewrite.name)
     elif options.needs_calibration():
-        raise UsageError(f"{rewrite.name}: {options.describe_calibration()} needs calibration=, an iterable of "
-                         "input batches (a list of tensors or a DataLoader) to fit the new weights on")
+        field, value = options.calibration_option()
+        raise UsageError(f"{rewrite.name}: {field}={value!r} needs calibration=, an iterable of input batches "
+                         "(a list of tensors or a DataLoader) to fit the new weights on")
     if teacher is SAME:
         teacher, why = (model, "") if not inplace or batches is None else _copy_for_teacher(model)
     else:
@@ -169,7 +170,8 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
         if pat not in col.matched_patterns:
             col.notes.append(f"pattern {pat!r} matched no {rewrite.name} site")
     done = Pass(
-        rewrite=rewrite.name, options=rewrite.options.to_dict(),
+        rewrite=rewrite.name, options=rewrite.options.to_dict(), only=filt.only, skip=filt.skip,
+        input_shape=tuple(args[0].shape) if len(args) == 1 else None,
         replaced=tuple(col.replaced), skipped=tuple(col.skipped),
         untraced=tuple(col.untraced), notes=tuple(dict.fromkeys(col.notes)),
     )

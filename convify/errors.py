@@ -2,11 +2,12 @@
 says what is wrong and what to do about it.
 
 Messages speak the library's language. Where a message tells the caller to
-pass a parameter, it names it as a placeholder (``{force}``) with the
-library's spelling (``force=True``); the command line renders the same error
-with its own flag (``--force``) through :meth:`ConvifyError.render`.
+pass a parameter, it names it as a placeholder (``{force}``) that reads in the
+library's spelling (``force=True``, from :data:`PARAMETERS`); the command line
+renders the same error with its own flags (``--force``) through
+:meth:`ConvifyError.render`.
 
->>> e = CheckpointError("out.pt exists: pass {force} to replace it", params={"force": "force=True"})
+>>> e = CheckpointError("out.pt exists: pass {force} to replace it")
 >>> str(e)
 'out.pt exists: pass force=True to replace it'
 >>> e.render({"force": "--force"}.get)
@@ -14,26 +15,40 @@ with its own flag (``--force``) through :meth:`ConvifyError.render`.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 #: Longest text :func:`one_line` keeps of a foreign exception's message.
 ONE_LINE_LIMIT = 300
+
+#: Parameters that messages name as ``{placeholder}``, in the library's spelling.
+PARAMETERS: dict[str, str] = {
+    "force": "force=True",
+    "trust_pickle": "trust_pickle=True",
+    "trust_code": "trust_code=True",
+    "path": "path",
+    "weights": "weights=",
+    "arch": "arch=",
+    "arch_kwargs": "arch_kwargs=",
+    "input_shape": "example_input=",
+    "calibration": "calibration=",
+}
 
 
 class ConvifyError(Exception):
     """Base class of every error convify raises on purpose."""
 
-    def __init__(self, message: str = "", *, params: Mapping[str, str] | None = None) -> None:
+    def __init__(self, message: str = "") -> None:
         self.template = message
-        self.params = dict(params or {})
         super().__init__(self.render())
 
     def render(self, spell: Callable[[str], str | None] | None = None) -> str:
-        """The message with each ``{param}`` written by ``spell(param)``
-        (a flag, for the command line), or in the library's spelling."""
+        """The message with each ``{parameter}`` written by ``spell(name)``
+        (a flag, for the command line) or else in the library's spelling."""
         text = self.template
-        for name, library in self.params.items():
-            text = text.replace("{" + name + "}", (spell(name) if spell else None) or library)
+        for name, library in PARAMETERS.items():
+            token = "{" + name + "}"
+            if token in text:
+                text = text.replace(token, (spell(name) if spell else None) or library)
         return text
 
 
@@ -70,6 +85,10 @@ class VerificationError(ConvifyError):
 
 class CheckpointError(ConvifyError):
     """A model or checkpoint file could not be read, trusted or written."""
+
+
+class DataError(ConvifyError):
+    """A data file or folder (images, IDX files) could not be read."""
 
 
 def one_line(e: BaseException, limit: int = ONE_LINE_LIMIT) -> str:

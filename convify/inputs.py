@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ExampleInputError
+from .errors import ExampleInputError, UsageError
 from .graph import eval_mode, meta_weights
 
 
@@ -173,3 +173,21 @@ def probe_input(model: nn.Module) -> torch.Tensor:
         f"{', '.join(tried)} and solving for its first Linear); pass example_input="
         f"torch.randn(1, {channels}, ...) of the size the model was built for"
     )
+
+
+def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``."""
+    if not isinstance(text, str):
+        parts: Sequence[Any] = list(text)
+    else:
+        body = text.strip().strip("()[]")
+        parts = [p.strip() for p in body.split("," if "," in body else "x")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"malformed input shape {text!r}: write N,C,H,W with whole numbers, "
+                         "e.g. 1,3,224,224") from e
+    if len(shape) < 3 or any(d <= 0 for d in shape):
+        raise UsageError(f"malformed input shape {text!r}: give batch, channels and at least one "
+                         "spatial size, all positive, e.g. 1,3,224,224")
+    return shape

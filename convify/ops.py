@@ -35,7 +35,6 @@ ACTIVATION_FUNCTIONS: frozenset[Callable] = frozenset({
     F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
 })
 PASS_THROUGH_FUNCTIONS: frozenset[Callable] = frozenset({F.dropout, F.alpha_dropout, torch.dropout})
-ELEMENTWISE_FUNCTIONS = ACTIVATION_FUNCTIONS | PASS_THROUGH_FUNCTIONS
 #: ``x * 2``, ``x + 1``...: elementwise and affine when the other operand is a number.
 SCALAR_OPERATORS: frozenset[Callable] = frozenset({
     operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.add,

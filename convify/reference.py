@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import ops
 from .weights import ceil_mode_extra_pad, ntuple
 
-_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, torch.max_pool1d: 1, torch.max_pool2d: 2,
-          torch.max_pool3d: 3}
-_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
 
@@ -34,10 +32,10 @@ class MaxAsAvg(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _POOLS:
+        if func not in ops.VALUE_MAX_POOL_FUNCTIONS:
             return func(*args, **kwargs)
         self.count += 1
-        dims = _POOLS[func]
+        dims = ops.VALUE_MAX_POOL_FUNCTIONS[func]
         a = dict(zip(_NAMES, args)) | kwargs
         k = ntuple(a["kernel_size"], dims)
         s = a.get("stride")
@@ -48,7 +46,7 @@ class MaxAsAvg(TorchFunctionMode):
             raise NotImplementedError("average pooling has no dilation: no reference for dilated max pooling")
         extra = [ceil_mode_extra_pad(*t) if a.get("ceil_mode") else 0 for t in zip(k, s, p, d)]
         pad = tuple(v for pi, e in zip(reversed(p), reversed(extra)) for v in (pi, pi + e))
-        return _AVG[dims](F.pad(a["input"], pad), k, s, 0)
+        return ops.AVG_POOL_FUNCTIONS[dims](F.pad(a["input"], pad), k, s, 0)
 
 
 def avg_reference(model: torch.nn.Module, *inputs: torch.Tensor) -> tuple[Any, int]:

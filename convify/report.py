@@ -87,6 +87,9 @@ class Pass:
 
     rewrite: str
     options: dict[str, Any] = field(default_factory=dict)
+    only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] | None = None
+    input_shape: Shape | None = None     # the example input it was traced at (one tensor)
     replaced: tuple[Replaced, ...] = ()
     skipped: tuple[Skipped, ...] = ()
     untraced: tuple[Untraced, ...] = ()
@@ -149,6 +152,7 @@ def _pass_to_dict(p: Pass) -> dict[str, Any]:
     return {
         "rewrite": p.rewrite,
         "options": {k: _jsonable(v) for k, v in p.options.items()},
+        "only": _jsonable(p.only), "skip": _jsonable(p.skip), "input_shape": _jsonable(p.input_shape),
         "replaced": [_jsonable(r) for r in p.replaced],
         "skipped": [_jsonable(s) for s in p.skipped],
         "untraced": [_jsonable(u) for u in p.untraced],

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import DataError, UsageError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files."""
 
@@ -129,16 +131,16 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[:2] != b"\0\0":
-        raise ValueError(f"{path}: not an IDX file (it should start with two zero bytes)")
+        raise DataError(f"{path}: not an IDX file (it should start with two zero bytes)")
     dtype, ndim = raw[2], raw[3]
     if dtype != 0x08:
-        raise ValueError(f"{path}: IDX data type {dtype:#04x}, expected unsigned bytes (0x08)")
+        raise DataError(f"{path}: IDX data type {dtype:#04x}, expected unsigned bytes (0x08)")
     start = 4 + 4 * ndim
     if len(raw) < start:
-        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions declared)")
+        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions declared)")
     shape = struct.unpack(f">{ndim}I", raw[4:start])
     if len(raw) - start != math.prod(shape):
-        raise ValueError(f"{path}: {len(raw) - start} bytes of data, but the header declares shape {shape}")
+        raise DataError(f"{path}: {len(raw) - start} bytes of data, but the header declares shape {shape}")
     if not math.prod(shape):
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(shape)
@@ -150,10 +152,10 @@ def fashion_mnist(split: str, root: str | os.PathLike | None = None) -> tuple[to
 
     Read from ``root``, else ``$FASHION_MNIST_DIR``, else :data:`FASHION_MNIST_DIR`;
     each file gzipped (``train-images-idx3-ubyte.gz``) or plain. Raises
-    ``FileNotFoundError`` (saying how to install them) when the files are missing.
+    ``DataError`` (saying how to install them) when the files are missing.
     """
     if split not in _FASHION_MNIST_PREFIX:
-        raise ValueError(f"Fashion-MNIST split {split!r}: expected 'train' or 'test'")
+        raise UsageError(f"Fashion-MNIST split {split!r}: expected 'train' or 'test'")
     folder = Path(root if root is not None else os.environ.get("FASHION_MNIST_DIR", FASHION_MNIST_DIR))
     prefix = _FASHION_MNIST_PREFIX[split]
     images, labels = (_find(folder, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
@@ -164,5 +166,5 @@ def _find(folder: Path, stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"Fashion-MNIST: no {stem}(.gz) under {folder} (set FASHION_MNIST_DIR, or "
+    raise DataError(f"Fashion-MNIST: no {stem}(.gz) under {folder} (set FASHION_MNIST_DIR, or "
                             "`sudo apt-get install dataset-fashion-mnist`)")

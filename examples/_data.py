@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from convify import zoo
+from convify.errors import DataError
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -74,7 +75,7 @@ def load(quick: bool) -> Data:
         return synthetic()
     try:
         return Data(Split(*zoo.fashion_mnist("train")), Split(*zoo.fashion_mnist("test")), "Fashion-MNIST")
-    except FileNotFoundError as e:
+    except DataError as e:
         raise SystemExit(f"{e}, or run with --quick") from e
 
 

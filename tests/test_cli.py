@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 import convify
-from convify import checkpoint as ck
+from convify import io as ck
 from cli_factories import WritesAFile, all_conv_net, tiny_net
 from conftest import rel_err, reinit
 
@@ -86,7 +86,9 @@ def test_rewrite_torchvision_checkpoint_and_load_it_back(tmp_path, r18_weights):
     assert proc.stderr.strip().splitlines() == [f"convify: wrote {out}"]
     raw = torch.load(out, weights_only=True)
     assert raw["arch"] == "torchvision:resnet18" and raw["arch_kwargs"] == {"num_classes": 10}
-    assert raw["input_shape"] == [1, 3, 64, 64] and raw["rewrite"] == ck.REWRITE_DEFAULTS
+    assert raw["input_shape"] == [1, 3, 64, 64]
+    assert [(p["rewrite"], p["options"]) for p in raw["passes"]] == [
+        ("maxpool", {"mode": "conv", "init": "avg"}), ("head", {"mode": "conv", "dense": False})]
     back = convify.load(out)
     want = r18_rewritten_in_process(r18_weights)
     x = torch.randn(3, 3, 64, 64)
@@ -146,7 +148,7 @@ def test_pickled_module_needs_trust_pickle_and_gives_a_pickled_module(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "needs the same trust" in proc.stderr
     out = torch.load(tmp_path / "out.pt", weights_only=False)
-    want = ck.apply_rewrite(model, {}, (1, 3, 16, 16))
+    want = convify.convify(model, torch.zeros(1, 3, 16, 16))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(out(x), want(x)) <= 1e-6

@@ -273,7 +273,7 @@ _TINY = textwrap.dedent('''
 def test_cli_distill_on_an_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from convify import checkpoint as ck
+    from convify import io as ck
     from convify.cli import main
 
     monkeypatch.chdir(tmp_path)

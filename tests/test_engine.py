@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import convify
 from convify.engine import rewrite_model
-from convify.errors import ConvifyError, ExampleInputError
+from convify.errors import ConvifyError, ExampleInputError, UsageError
 from convify.rewrites import REGISTRY, get
 
 
@@ -68,7 +68,7 @@ def test_pool_inside_an_opaque_leaf_is_reported():
 
 def test_registry_and_errors():
     assert "maxpool" in REGISTRY
-    with pytest.raises(KeyError, match="known: .*maxpool"):
+    with pytest.raises(UsageError, match="no rewrite named 'nope'; known: .*maxpool"):
         get("nope")
     with pytest.raises(ConvifyError, match="expected a torch.nn.Module"):
         rewrite_model("resnet", get("maxpool")())

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convify.errors import DataError, UsageError
 from convify.zoo import count_macs, fashion_mnist, model_c, read_idx
 
 # (kwargs, input shape, parameters): the demo's, the example's and the recovery benchmark's Model C.
@@ -117,11 +118,11 @@ def test_read_idx_round_trips(tmp_path: Path, name: str) -> None:
 
 def test_read_idx_rejects_other_types_and_short_files(tmp_path: Path) -> None:
     write_idx(tmp_path / "floats", torch.zeros(2, 3, dtype=torch.uint8), dtype=0x0D)
-    with pytest.raises(ValueError, match=r"floats: IDX data type 0x0d, expected unsigned bytes"):
+    with pytest.raises(DataError, match=r"floats: IDX data type 0x0d, expected unsigned bytes"):
         read_idx(tmp_path / "floats")
     write_idx(tmp_path / "short", torch.zeros(2, 3, dtype=torch.uint8))
     (tmp_path / "short").write_bytes((tmp_path / "short").read_bytes()[:-1])
-    with pytest.raises(ValueError, match=r"short: 5 bytes of data, but the header declares shape \(2, 3\)"):
+    with pytest.raises(DataError, match=r"short: 5 bytes of data, but the header declares shape \(2, 3\)"):
         read_idx(tmp_path / "short")
 
 
@@ -136,7 +137,7 @@ def test_fashion_mnist_reads_a_split(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
     assert torch.equal(x, images.unsqueeze(1).float() / 255)
     assert y.dtype == torch.int64 and y.tolist() == [9, 0, 4]
-    with pytest.raises(FileNotFoundError, match=r"no train-images-idx3-ubyte\(\.gz\) under .*dataset-fashion-mnist"):
+    with pytest.raises(DataError, match=r"no train-images-idx3-ubyte\(\.gz\) under .*dataset-fashion-mnist"):
         fashion_mnist("train", root=tmp_path)
-    with pytest.raises(ValueError, match="expected 'train' or 'test'"):
+    with pytest.raises(UsageError, match="expected 'train' or 'test'"):
         fashion_mnist("t10k")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from ..errors import UsageError
 from .base import REGISTRY, Rewrite, Site, register
 
 for _info in pkgutil.iter_modules(__path__):
@@ -16,7 +17,7 @@ def get(name: str) -> type[Rewrite]:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"no rewrite named {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+        raise UsageError(f"no rewrite named {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
 
 
 __all__ = ["REGISTRY", "Rewrite", "Site", "get", "register"]

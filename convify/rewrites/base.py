@@ -77,17 +77,17 @@ class RewriteOptions:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    def calibration_option(self) -> tuple[str, Any] | None:
+        """The option (name, value) that cannot be honoured without
+        calibration data (``("init", "fit")``), or None."""
+        return None
+
     def needs_calibration(self) -> bool:
-        """Whether these options cannot be honoured without calibration data."""
-        return False
+        return self.calibration_option() is not None
 
     def wants_calibration(self) -> bool:
         """Whether this pass fits weights on calibration data when given some."""
         return self.needs_calibration()
-
-    def describe_calibration(self) -> str:
-        """The option that asks for calibration data, for error messages."""
-        return "these options"
 
     def for_rebuild(self) -> "RewriteOptions":
         """The options that build the same modules without calibration data
@@ -226,9 +226,10 @@ def options_from_keywords(cls: type[Rewrite], values: Mapping[str, Any]) -> Rewr
         key = cls.keyword if f.name == "mode" else f.name
         if key in values:
             args[f.name] = values[key]
-    if "mode" in args and args["mode"] in (None, "none"):
+    if args.get("mode", "") in (None, "none"):
         return None
-    return cls.Options(**args)
+    options = cls.Options(**args)
+    return None if options.mode is None else options  # a rewrite whose mode defaults to None is opt-in
 
 
 def all_keywords() -> list[str]:

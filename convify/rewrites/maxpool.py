@@ -109,11 +109,8 @@ class MaxPoolOptions(RewriteOptions):
                               "or fit (least squares against the max pooling on calibration images)",
                        choices=("avg", "kaiming", "fit"))
 
-    def needs_calibration(self) -> bool:
-        return self.init == "fit"
-
-    def describe_calibration(self) -> str:
-        return "init='fit'"
+    def calibration_option(self) -> tuple[str, Any] | None:
+        return ("init", "fit") if self.init == "fit" else None
 
     def for_rebuild(self) -> "MaxPoolOptions":
         # the same modules with the average init; the fitted weights are loaded into them

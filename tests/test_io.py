@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 import convify
-from convify import checkpoint as ck
-from convify.errors import CheckpointError
+from convify import io as ck
+from convify.errors import CheckpointError, UsageError
 from cli_factories import WritesAFile, tiny_net
 from conftest import rel_err, reinit
 
@@ -62,18 +62,6 @@ def test_parse_arch_kwargs_reads_literals():
 def test_parse_arch_kwargs_refuses(item, match):
     with pytest.raises(CheckpointError, match=match):
         ck.parse_arch_kwargs([item])
-
-
-@pytest.mark.parametrize("text, shape", [("1,3,64,64", (1, 3, 64, 64)), ("2x3x8x9", (2, 3, 8, 9)),
-                                         (" 1, 3, 32 ", (1, 3, 32)), ([1, 3, 5, 5], (1, 3, 5, 5))])
-def test_parse_input_shape(text, shape):
-    assert ck.parse_input_shape(text) == shape
-
-
-@pytest.mark.parametrize("text", ["1,3,a,4", "1,3", "1,3,0,4", "1,3,-2,4", ""])
-def test_parse_input_shape_refuses(text):
-    with pytest.raises(CheckpointError, match="malformed input shape"):
-        ck.parse_input_shape(text)
 
 
 def test_build_arch_errors_name_the_fix():
@@ -161,7 +149,7 @@ def _evil(tmp_path: Path, fmt: str) -> tuple[Path, Path]:
 @pytest.mark.parametrize("fmt", ["zip", "legacy", "raw"])
 def test_malicious_pickle_never_runs_without_trust(tmp_path, fmt):
     path, marker = _evil(tmp_path, fmt)
-    with pytest.raises(CheckpointError, match=r"pickled Python objects \(.*open.*\).*runs code.*--trust-pickle"):
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(.*open.*\).*runs code.*trust_pickle=True"):
         ck.read_file(path)
     assert not marker.exists()
 
@@ -175,7 +163,7 @@ def test_malicious_pickle_runs_with_trust(tmp_path):
 
 def test_pickled_module_needs_trust(tmp_path):
     torch.save(tiny_net(), tmp_path / "m.pt")
-    with pytest.raises(CheckpointError, match=r"torch.nn.modules.*--trust-pickle"):
+    with pytest.raises(CheckpointError, match=r"torch.nn.modules.*trust_pickle=True"):
         ck.open_model(tmp_path / "m.pt")
     src = ck.open_model(tmp_path / "m.pt", trust_pickle=True)
     assert src.pickled and isinstance(src.model, nn.Sequential) and not src.model.training
@@ -195,7 +183,7 @@ def test_mismatch_lists_missing_unexpected_and_shapes():
     assert "1 missing (0.weight)" in text
     assert "1 unexpected (extra.weight)" in text
     assert "10.weight [3, 16] in file vs [10, 16] in model" in text
-    assert "--arch-kwargs" in text
+    assert "arch_kwargs=" in text and "--" not in text
 
 
 def test_lightning_prefix_and_missing_num_batches_tracked_fit():
@@ -207,17 +195,17 @@ def test_lightning_prefix_and_missing_num_batches_tracked_fit():
 
 
 def test_open_model_errors():
-    with pytest.raises(CheckpointError, match="no model given"):
+    with pytest.raises(UsageError, match="no model given"):
         ck.open_model()
-    with pytest.raises(CheckpointError, match="--weights needs --arch"):
+    with pytest.raises(UsageError, match="weights= needs arch="):
         ck.open_model(weights="w.pt")
-    with pytest.raises(CheckpointError, match="either as MODEL or with --weights"):
+    with pytest.raises(UsageError, match="either as path or with weights="):
         ck.open_model("a.pt", arch=TINY, weights="b.pt")
 
 
 def test_state_dict_without_arch_asks_for_arch(tmp_path):
     torch.save(tiny_net().state_dict(), tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match=r"holds a state_dict \(\d+ tensors\) but no architecture.*--arch"):
+    with pytest.raises(UsageError, match=r"holds a state_dict \(\d+ tensors\) but no architecture.*arch="):
         ck.open_model(tmp_path / "w.pt")
 
 
@@ -227,7 +215,7 @@ def test_state_dict_without_arch_asks_for_arch(tmp_path):
 def test_check_output_refusals(tmp_path):
     existing = tmp_path / "out.pt"
     existing.write_bytes(b"keep")
-    with pytest.raises(CheckpointError, match="exists: pass --force"):
+    with pytest.raises(CheckpointError, match="exists: pass force=True to replace it"):
         ck.check_output(existing)
     with pytest.raises(CheckpointError, match="refusing to write over the input"):
         ck.check_output(existing, force=True, inputs=[str(tmp_path / "." / "out.pt")])
@@ -264,16 +252,21 @@ def test_atomic_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
 def rewritten():
     model = reinit(tiny_net(), seed=2).eval()
     options = {"head": "conv", "pool": "conv", "init": "kaiming"}
-    return model, ck.apply_rewrite(model, options, SHAPE), options
+    torch.manual_seed(0)
+    return model, convify.convify(model, torch.zeros(SHAPE), **options), options
 
 
 def test_save_load_round_trip(tmp_path, rewritten):
     _model, new, options = rewritten
-    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options)
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY)
     raw = torch.load(out, weights_only=True)
     assert raw["format"] == "convify" and raw["version"] == convify.__version__
     assert raw["arch"] == TINY and raw["input_shape"] == list(SHAPE)
-    assert raw["rewrite"] == {**ck.REWRITE_DEFAULTS, **options}
+    assert raw["passes"] == [
+        {"rewrite": "maxpool", "options": {"mode": "conv", "init": "kaiming"}, "only": None, "skip": None,
+         "input_shape": list(SHAPE)},
+        {"rewrite": "head", "options": {"mode": "conv", "dense": False}, "only": None, "skip": None,
+         "input_shape": list(SHAPE)}]
     assert [r.rewrite for r in convify.report(new).replaced] == ["maxpool", "maxpool", "head"]
     with pytest.raises(CheckpointError, match=r"calling cli_factories:tiny_net, code chosen by whoever wrote.*trust"):
         convify.load(out)
@@ -289,20 +282,21 @@ def test_save_load_round_trip(tmp_path, rewritten):
 def test_save_refuses_a_recipe_that_does_not_rebuild(tmp_path, rewritten):
     _model, new, _options = rewritten
     with pytest.raises(CheckpointError, match="does not rebuild this model"):
-        convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite={"head": None})
+        convify.save(new, tmp_path / "c.pt", arch=TINY, passes=ck.plan_passes({"head": None}, SHAPE))
     assert not (tmp_path / "c.pt").exists()
 
 
 def test_chained_rewrites_round_trip(tmp_path):
     """A checkpoint rewritten again records both rewrites and rebuilds through both."""
     model = reinit(tiny_net(), seed=3).eval()
-    first = ck.apply_rewrite(model, {"head": None}, SHAPE)
-    convify.save(first, tmp_path / "a.pt", arch=TINY, input_shape=SHAPE, rewrite={"head": None})
+    first = convify.convify(model, torch.zeros(SHAPE), head=None)
+    convify.save(first, tmp_path / "a.pt", arch=TINY)
     src = ck.open_model(tmp_path / "a.pt", trust_code=True)
-    assert src.input_shape == SHAPE and src.history[0]["head"] is None
-    second = ck.apply_rewrite(src.model, {"pool": None}, SHAPE)
-    convify.save(second, tmp_path / "b.pt", arch=TINY, input_shape=SHAPE, rewrite={"pool": None},
-                 before=src.history)
+    assert src.input_shape == SHAPE and [p.rewrite for p in ck.passes_of(src.model)] == ["maxpool"]
+    second = convify.convify(src.model, torch.zeros(SHAPE), pool=None)
+    convify.save(second, tmp_path / "b.pt", arch=TINY)
+    raw = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert [p["rewrite"] for p in raw["passes"]] == ["maxpool", "head"]
     back = convify.load(tmp_path / "b.pt", trust_code=True)
     x = torch.randn(2, *SHAPE[1:])
     with torch.no_grad():
@@ -319,7 +313,7 @@ def test_load_refuses_a_plain_state_dict(tmp_path):
 
 def test_load_refuses_weights_that_do_not_fit_the_recipe(tmp_path, rewritten):
     _model, new, options = rewritten
-    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options, check=False)
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY, check=False)
     raw = torch.load(out, weights_only=True)
     raw["arch_kwargs"] = {"num_classes": 3}
     torch.save(raw, out)
@@ -329,7 +323,34 @@ def test_load_refuses_weights_that_do_not_fit_the_recipe(tmp_path, rewritten):
 
 def test_checkpoint_zip_holds_no_code(tmp_path, rewritten):
     _model, new, options = rewritten
-    out = convify.save(new, tmp_path / "c.pt", arch=TINY, input_shape=SHAPE, rewrite=options)
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY)
     with zipfile.ZipFile(out) as z:
         assert not any("/code/" in n for n in z.namelist())
     assert torch.serialization.get_unsafe_globals_in_checkpoint(out) == []
+
+
+def test_a_checkpoint_written_by_0_1_0_still_loads(tmp_path, rewritten):
+    """0.1.0 wrote one "rewrite" dict of convify() keywords (and earlier "before" steps)."""
+    _model, new, _options = rewritten
+    legacy = {"format": "convify", "version": "0.1.0", "arch": TINY, "arch_kwargs": {},
+              "rewrite": {"pool": "conv", "head": "conv", "init": "kaiming", "dense": False, "only": None,
+                          "skip": None},
+              "before": [], "input_shape": list(SHAPE), "state_dict": new.state_dict()}
+    torch.save(legacy, tmp_path / "old.pt")
+    back = convify.load(tmp_path / "old.pt", trust_code=True)
+    assert [p.rewrite for p in convify.report(back).passes] == ["maxpool", "head"]
+    assert convify.report(back).passes[0].options == {"mode": "conv", "init": "kaiming"}
+    x = torch.randn(3, *SHAPE[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(back(x), new(x)) <= 1e-6
+    # "before" steps and "none": a pooling-only step, then a head-only step
+    first = convify.convify(reinit(tiny_net(), seed=4).eval(), torch.zeros(SHAPE), head=None)
+    second = convify.convify(first, torch.zeros(SHAPE), pool=None)
+    legacy = {"format": "convify", "version": "0.1.0", "arch": TINY, "arch_kwargs": {},
+              "rewrite": {"pool": "none", "head": "conv", "input_shape": list(SHAPE)},
+              "before": [{"pool": "conv", "head": None, "input_shape": list(SHAPE)}],
+              "input_shape": list(SHAPE), "state_dict": second.state_dict()}
+    torch.save(legacy, tmp_path / "old2.pt")
+    back = convify.load(tmp_path / "old2.pt", trust_code=True)
+    with torch.no_grad():
+        assert rel_err(back(x), second(x)) <= 1e-6

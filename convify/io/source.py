@@ -1,0 +1,92 @@
+"""A model from what the user names: a file (a convify checkpoint, or a
+pickled module with ``trust_pickle``), or an architecture with optional weights.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from ..errors import UsageError
+from .arch import ArchSpec, build_arch, parse_arch
+from .files import read_file
+from .recipe import is_checkpoint, load_checkpoint, recipe_passes
+from .state import load_weights, unwrap
+
+@dataclass
+class ModelSource:
+    """A model as the user gave it, with what a recipe needs to rebuild it."""
+
+    model: nn.Module
+    label: str                            # for messages: "torchvision:resnet18 + w.pt"
+    arch: ArchSpec | None = None          # None: a pickled module, no recipe possible
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, ...] | None = None    # from a convify checkpoint
+    files: tuple[Path, ...] = ()          # files read (never written over)
+
+    @property
+    def pickled(self) -> bool:
+        return self.arch is None
+
+
+def open_model(path: str | os.PathLike[str] | None = None, *, arch: str | None = None,
+               arch_kwargs: Mapping[str, Any] | None = None, weights: str | os.PathLike[str] | None = None,
+               trust_pickle: bool = False, trust_code: bool = False) -> ModelSource:
+    """The model a user names: a file (convify checkpoint, or a pickled
+    module with ``trust_pickle``), or ``arch`` with optional ``weights``
+    (``path`` given together with ``arch`` is read as the weights).
+
+    >>> open_model(arch="torchvision:resnet18", weights="resnet18.pth").model
+    """
+    if path is not None and weights is not None:
+        raise UsageError("give the weights once: either as {path} or with {weights}, not both")
+    if arch is not None:
+        return _open_arch(arch, dict(arch_kwargs or {}), weights if weights is not None else path,
+                          trust_pickle=trust_pickle)
+    if weights is not None:
+        raise UsageError("{weights} needs {arch}: say which architecture the weights belong to")
+    if arch_kwargs:
+        raise UsageError("{arch_kwargs} needs {arch}")
+    if path is None:
+        raise UsageError("no model given: name a {path} or an architecture with {arch}")
+    return _open_file(Path(path), trust_pickle=trust_pickle, trust_code=trust_code)
+
+
+def _open_arch(arch: str, arch_kwargs: dict[str, Any], weights: str | os.PathLike[str] | None, *,
+               trust_pickle: bool) -> ModelSource:
+    spec = parse_arch(arch)
+    files: tuple[Path, ...] = ()
+    state_dict = None
+    if weights is not None:
+        wpath = Path(weights)
+        files = (wpath,)
+        content = read_file(wpath, trust_pickle=trust_pickle, what="weights file")
+        if is_checkpoint(content):
+            raise UsageError(f"{wpath} is a convify checkpoint: it names its own architecture, so give it "
+                             "as {path} without {arch}")
+        content = unwrap(content, wpath)
+        state_dict = content.state_dict() if isinstance(content, nn.Module) else content
+    model = build_arch(spec, arch_kwargs)
+    label = str(spec)
+    if state_dict is not None:
+        load_weights(model, state_dict, source=str(weights), target=str(spec))
+        label += f" + {weights}"
+    return ModelSource(model.eval(), label, spec, arch_kwargs, files=files)
+
+
+def _open_file(path: Path, *, trust_pickle: bool, trust_code: bool) -> ModelSource:
+    content = read_file(path, trust_pickle=trust_pickle)
+    if is_checkpoint(content):
+        model = load_checkpoint(content, source=str(path), trust_code=trust_code)
+        passes = recipe_passes(content, str(path))
+        shape = passes[-1].input_shape if passes else None
+        return ModelSource(model, str(path), parse_arch(content["arch"]), dict(content.get("arch_kwargs") or {}),
+                           shape, (path,))
+    content = unwrap(content, path)
+    if isinstance(content, nn.Module):
+        return ModelSource(content.eval(), str(path), files=(path,))
+    raise UsageError(f"{path} holds a state_dict ({len(content)} tensors) but no architecture: say which "
+                     "with {arch} torchvision:NAME, timm:NAME or package.module:factory")
