@@ -526,16 +526,16 @@ def _equivalence(new: list[torch.Tensor], old: list[torch.Tensor], rep: Report, 
 def _census_checks(rep: Report, before: Mapping[str, int] | None, after: Mapping[str, int]) -> list[CensusCheck]:
     """One check per rewrite that replaced something: the ONNX op types it
     declares it removes must drop by as many as its sites removed."""
-    from .rewrites import REGISTRY  # noqa: PLC0415
+    from .rewrites.base import in_order  # noqa: PLC0415
 
     checks = []
-    for name, cls in REGISTRY.items():
-        rows = [r for r in rep.replaced if r.rewrite == name]
+    for cls in in_order():
+        rows = [r for r in rep.replaced if r.rewrite == cls.name]
         if not rows or not cls.onnx_ops:
             continue
         removed = sum(cls.onnx_ops_removed(r) for r in rows)
         checks.append(_expect_fewer(cls.onnx_ops, before, after, removed,
-                                    f"{len(rows)} {name} site(s) replaced, {removed} op(s) removed"))
+                                    f"{len(rows)} {cls.name} site(s) replaced, {removed} op(s) removed"))
     return checks
 
 
