@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import convify
 from convify import graph as G
-from convify.errors import TraceError
+from convify.errors import ExampleInputError, TraceError
 
 
 class SamePool(nn.MaxPool2d):
@@ -56,11 +57,45 @@ def test_eval_mode_restores_each_flag():
 
 
 def test_probe_input_uses_pretrained_cfg_then_common_sizes():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.LazyLinear(3)) if False else \
-        nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    """The model runs at any size, so only the cfg can give 40x30 (the common sizes give 224)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    assert G.probe_input(model).shape == (1, 2, 224, 224)
+    model.pretrained_cfg = {"input_size": (2, 40, 30)}
+    assert G.probe_input(model).shape == (1, 2, 40, 30)
+    assert convify.report(convify.replace_maxpool(model)).replaced[0].in_shape == (1, 4, 38, 28)
+    model.pretrained_cfg = {"input_size": (3, 40, 30)}  # not this model's channels: ignored
+    assert G.probe_input(model).shape == (1, 2, 224, 224)
+    del model.pretrained_cfg
+    model.default_cfg = {"input_size": [2, 36, 20]}  # older timm
+    assert G.probe_input(model).shape == (1, 2, 36, 20)
+
+
+def test_probe_input_falls_back_when_the_pretrained_cfg_size_does_not_run():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
+    model.pretrained_cfg = {"input_size": (2, 40, 30)}
     assert G.probe_input(model).shape == (1, 2, 28, 28)
-    model.pretrained_cfg = {"input_size": (2, 28, 28)}
-    assert G.probe_input(model).shape == (1, 2, 28, 28)
+
+    class Wants1001(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3)
+            self.pretrained_cfg = {"input_size": (2, 40, 30)}
+
+        def forward(self, x):
+            if x.shape[-1] != 1001:
+                raise ValueError("wants 1001")
+            return self.conv(x)
+
+    with pytest.raises(ExampleInputError, match=r"tried 2 channels at sizes 40x30, 224, 32"):
+        G.probe_input(Wants1001())
+
+
+def test_probe_input_of_a_timm_model_is_its_pretrained_size():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=10).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 288, 288)  # 224, the first common size, also runs
+    assert G.probe_input(model).shape == (1, 3, 288, 288)
 
 
 def test_free_name_and_set_submodule():
