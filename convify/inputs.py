@@ -78,9 +78,10 @@ def _runs(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _pretrained_size(model: nn.Module) -> tuple[int, ...] | None:
+    """timm's ``pretrained_cfg["input_size"]``: channels first, then the spatial size (``(3, 288, 288)``)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and isinstance(cfg.get("input_size"), (tuple, list)):
-        return tuple(int(d) for d in cfg["input_size"][1:])
+        return tuple(int(d) for d in cfg["input_size"])
     return None
 
 

@@ -8,7 +8,9 @@ and random BatchNorm statistics; ``assert_input_dependent`` checks it worked.
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -49,7 +51,14 @@ def assert_input_dependent(outputs: torch.Tensor, min_ratio: float = 1e-3) -> No
     assert spread / scale > min_ratio, f"outputs barely depend on the input (spread/scale = {spread / scale:.2e})"
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def seeded():
+    """Every test starts from the same random state, so that what it draws
+    (inputs, default initializations, shuffles) is the same on every run,
+    alone or in the suite. The subprocesses the tests start seed themselves:
+    the CLI (``--init kaiming``, its random inputs), the demo, the examples and
+    the torchrun worker."""
+    random.seed(0)
+    np.random.seed(0)
     torch.manual_seed(0)
     yield

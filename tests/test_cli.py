@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -298,6 +299,62 @@ def test_verify_json_passes_an_exact_head_rewrite(tmp_path):
     assert listing(tmp_path) == []
 
 
+def test_readme_dense_rewrite_then_dynamic_spatial_export_runs_at_two_sizes(tmp_path):
+    """The README's command (rewrite --dense --onnx --verify), then export
+    --dynamic-spatial, run in onnxruntime at the traced size and at a larger, non-square one."""
+    import onnxruntime as ort
+
+    proc = run("rewrite", *TINY, "--dense", "-o", "dense.pt", "--onnx", "dense.onnx", "--verify", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "dense=True" in proc.stdout and "convify verify: PASSED" in proc.stdout
+    proc = run("export", "dense.pt", "--trust-code", "--dynamic-spatial", "-o", "dynamic.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(tmp_path) == ["dense.onnx", "dense.pt", "dynamic.onnx"]
+    model = convify.load(tmp_path / "dense.pt", trust_code=True)
+    assert convify.report(model).last.options["dense"] is True
+    fixed, dynamic = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                      for name in ("dense.onnx", "dynamic.onnx"))
+    g = torch.Generator().manual_seed(0)
+    for (h, w), scores in [((16, 16), (1, 1)), ((32, 24), (5, 3))]:  # 4x4 head kernel on an 8x6 map: 5x3
+        x = torch.randn(2, 3, h, w, generator=g)
+        with torch.no_grad():
+            want = model(x)
+        assert want.shape == (2, 10, *scores)
+        sessions = (fixed, dynamic) if (h, w) == (16, 16) else (dynamic,)
+        for session in sessions:
+            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+            assert got.shape == want.shape and rel_err(got, want) <= 1e-4
+
+
+def read_terminal(pid: int, fd: int, seconds: float) -> tuple[bytes, int | None]:
+    """What the child ``pid`` writes to the terminal ``fd`` and its exit code;
+    None when it runs past ``seconds`` (it is then killed), so that a child
+    waiting on its terminal fails the test instead of hanging it."""
+    import select
+    import signal
+
+    deadline = time.monotonic() + seconds
+    out = b""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return out, None
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return out, os.waitstatus_to_exitcode(status)
+
+
 @pytest.mark.skipif(os.name != "posix", reason="needs a pseudo-terminal")
 def test_progress_shows_on_a_terminal(tmp_path):
     """The other half of 'quiet when not a terminal' (checked in the tests above)."""
@@ -306,23 +363,15 @@ def test_progress_shows_on_a_terminal(tmp_path):
     import struct
     import termios
 
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     pid, fd = pty.fork()
     if pid == 0:  # the child: a terminal of 120 columns on stdout and stderr
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         os.chdir(tmp_path)
         os.execvpe(sys.executable, [sys.executable, "-m", "convify", "inspect", *TINY, "--json"], env)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    out, code = read_terminal(pid, fd, seconds=120)
+    assert code is not None, "convify inspect on a terminal ran past 120 s:\n" + out.decode(errors="replace")
+    assert code == 0, out.decode(errors="replace")
     assert b"convify: rewriting in memory [1/2]" in out
 
 

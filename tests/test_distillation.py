@@ -43,6 +43,17 @@ def _agreement(teacher: nn.Module, student: nn.Module, x: torch.Tensor) -> float
         return float((teacher(x).argmax(1) == student(x).argmax(1)).float().mean())
 
 
+def _sign_labels(x: torch.Tensor) -> torch.Tensor:
+    """1 for images brighter than zero on average, else 0: a rule the random
+    teacher does not know (``_pair(1)``'s teacher says class 3 for nearly every image)."""
+    return (x.mean((1, 2, 3)) > 0).long()
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == labels).float().mean())
+
+
 def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     teacher = reinit(Small(), seed).eval()
     student = convify.replace_maxpool(teacher, init="kaiming")
@@ -69,16 +80,37 @@ def test_distillation_raises_agreement_on_unlabelled_images() -> None:
     assert history.loss[-1] < history.loss[0]
 
 
-def test_labels_give_validation_accuracy_and_cross_entropy() -> None:
+def test_labels_give_validation_accuracy_apart_from_agreement() -> None:
     teacher, student = _pair(1)
     x = _images(128, 3)
-    with torch.no_grad():
-        labels = teacher(x).argmax(1)
+    labels = _sign_labels(x)
+    assert _accuracy(teacher, x, labels) < 0.1  # labels the teacher does not give: accuracy is not agreement
     loader = DataLoader(TensorDataset(x, labels), batch_size=32, shuffle=True)
     history = convify.distill(teacher, student, loader, val_data=TensorDataset(x, labels), device="cpu",
                               progress=False)
-    assert history.val_accuracy[0] == pytest.approx(history.val_agreement[0])  # labels are the teacher's
-    assert 0.0 <= history.val_accuracy[0] <= 1.0
+    accuracy, agreement = _accuracy(student, x, labels), _agreement(teacher, student, x)
+    assert abs(accuracy - agreement) > 0.2, (accuracy, agreement)
+    assert history.val_accuracy[0] == pytest.approx(accuracy)
+    assert history.val_agreement[0] == pytest.approx(agreement)
+
+
+def test_alpha_zero_follows_the_labels_not_the_teacher() -> None:
+    """alpha=0 leaves cross-entropy alone: the student learns labels that its
+    teacher never gives; alpha=1 on the same data follows the teacher instead."""
+    train, held_out = _images(256, 8), _images(256, 9)
+    data, val = TensorDataset(train, _sign_labels(train)), TensorDataset(held_out, _sign_labels(held_out))
+    runs, before = {}, {}
+    for alpha in (0.0, 1.0):
+        teacher, student = _pair(1)
+        before[alpha] = _accuracy(student, held_out, _sign_labels(held_out))
+        torch.manual_seed(0)
+        runs[alpha] = convify.distill(teacher, student, data, epochs=3, batch_size=16, lr=3e-2, alpha=alpha,
+                                      val_data=val, device="cpu", progress=False)
+    labels_only, teacher_only = runs[0.0], runs[1.0]
+    assert labels_only.val_accuracy[-1] > before[0.0] + 0.2, (before[0.0], labels_only.val_accuracy)
+    assert labels_only.val_accuracy[-1] > 0.75, labels_only.val_accuracy
+    assert labels_only.val_accuracy[-1] > labels_only.val_agreement[-1] + 0.5, labels_only
+    assert teacher_only.val_agreement[-1] > 0.9 and teacher_only.val_accuracy[-1] < 0.2, teacher_only
 
 
 def test_loss_is_kl_times_t_squared_plus_weighted_cross_entropy() -> None:

@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convify import graph as G
-from convify.inputs import probe_input
 from convify.errors import TraceError
 
 
@@ -54,14 +53,6 @@ def test_eval_mode_restores_each_flag():
     with G.eval_mode(model):
         assert not model.training and not model[0].training
     assert model.training and model[0].training and not model[1].training
-
-
-def test_probe_input_uses_pretrained_cfg_then_common_sizes():
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.LazyLinear(3)) if False else \
-        nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 3))
-    assert probe_input(model).shape == (1, 2, 28, 28)
-    model.pretrained_cfg = {"input_size": (2, 28, 28)}
-    assert probe_input(model).shape == (1, 2, 28, 28)
 
 
 def test_free_name_and_set_submodule():

@@ -502,9 +502,24 @@ def test_convify_applies_both_rewrites() -> None:
 
 # --------------------------------------------------------------------------- torchvision zoo
 
-# name -> input size: small, but at least one map position under every head
+def assert_map_not_mirror_symmetric(model: nn.Module, x: torch.Tensor, pool: str = "avgpool") -> None:
+    """The map a flatten head reads must change along each spatial axis: on a
+    map that is constant (a 1x1 map replicated by the adaptive pool) or mirror
+    symmetric, a head whose kernel taps are mirrored computes the same outputs."""
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(pool).register_forward_hook(lambda _m, _args, out: seen.append(out))
+    try:
+        run(model, x)
+    finally:
+        handle.remove()
+    for dim in (-2, -1):
+        assert rel_err(seen[0].flip(dim), seen[0]) > 1e-3, f"the {pool} map is symmetric along dim {dim}"
+
+
+# name -> input size (H, W): small, but at least one map position under every head. AlexNet's
+# flatten head at a non-square size whose 4x5 map the adaptive pool resamples (not replicates) to 6x6.
 ZOO = {
-    "alexnet": 63,
+    "alexnet": (159, 191),
     "resnet18": 32,
     "densenet121": 32,
     "mobilenet_v3_small": 32,
@@ -520,7 +535,10 @@ ZOO = {
 def test_zoo_heads_are_exact(name: str) -> None:
     model = build(name)
     size = ZOO[name]
-    new = assert_exact(model, torch.randn(2, 3, size, size))
+    x = torch.randn(2, 3, *((size, size) if isinstance(size, int) else size))
+    if name == "alexnet":
+        assert_map_not_mirror_symmetric(model, x)
+    new = assert_exact(model, x)
     rows = convify.report(new).replaced
     assert all(isinstance(new.get_submodule(r.module), nn.Conv2d) for r in rows)
     # whatever Linear is left sits inside the blocks (ConvNeXt's channel MLPs), not in a head
@@ -532,12 +550,13 @@ def vgg11() -> nn.Module:
     return build("vgg11")
 
 
-def test_zoo_vgg11_is_exact_and_says_why_it_is_not_dense_at_32(vgg11: nn.Module) -> None:
-    x = torch.randn(2, 3, 32, 32)
+def test_zoo_vgg11_is_exact_and_says_why_it_is_not_dense_at_64x96(vgg11: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 96)  # a 2x3 map, resampled (not replicated) to 7x7
+    assert_map_not_mirror_symmetric(vgg11, x)
     new = assert_exact(vgg11, x)
     assert new.get_submodule("classifier.0").kernel_size == (7, 7)
     dense = convify.replace_linear_head(vgg11, x, dense=True)
-    assert any("AdaptiveAvgPool2d((7, 7)) resamples 1x1 to 7x7" in n for n in convify.report(dense).replaced[0].notes)
+    assert any("AdaptiveAvgPool2d((7, 7)) resamples 2x3 to 7x7" in n for n in convify.report(dense).replaced[0].notes)
     gap = convify.replace_linear_head(vgg11, x, mode="gap")
     rep = convify.report(gap)
     assert not rep.exact and any("cannot be exact" in n for n in rep.replaced[0].notes)

@@ -169,6 +169,36 @@ def test_return_indices_unused_is_replaced():
         assert rel_err(out(x), F.avg_pool2d(model.conv(x), 2) * 2) <= 1e-6
 
 
+class AdaptiveMax(nn.Module):
+    """Adaptive max pooling as a module and as a call, behind a fixed-window one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.adaptive = nn.AdaptiveMaxPool2d((3, 2))
+
+    def forward(self, x):
+        x = self.pool(self.conv(x))
+        return self.adaptive(x) + F.adaptive_max_pool2d(x, (3, 2))
+
+
+def test_adaptive_max_pooling_is_skipped_with_reason():
+    model = AdaptiveMax().eval()
+    x = torch.randn(2, 3, 16, 12)
+    out = convify.replace_maxpool(model, x[:1])
+    rep = convify.report(out)
+    assert [r.name for r in rep.replaced] == ["pool"]
+    assert [(s.name, s.op) for s in rep.skipped] == [("adaptive", "AdaptiveMaxPool2d"),
+                                                     ("adaptive_max_pool2d", "adaptive_max_pool2d")]
+    for s in rep.skipped:
+        assert s.reason.startswith("adaptive max pooling: its windows depend on the input size"), s.reason
+    assert isinstance(out.get_submodule("adaptive"), nn.AdaptiveMaxPool2d)
+    with torch.no_grad():
+        expected = 2 * F.adaptive_max_pool2d(F.avg_pool2d(model.conv(x), 2), (3, 2))
+        assert rel_err(out(x), expected) <= 1e-6
+
+
 class SamePool(nn.MaxPool2d):
     """Like timm's MaxPool2dSame: pads with -inf before pooling."""
 
@@ -221,7 +251,8 @@ def test_untraceable_model_falls_back_to_submodules():
     rep = convify.report(out)
     assert not isinstance(out, fx.GraphModule) and isinstance(out, Untraceable)
     assert [r.name for r in rep.replaced] == ["features.2", "pool"]
-    assert rep.untraced[0].name == "" and "TraceError" in rep.untraced[0].reason or rep.untraced[0].reason
+    assert [u.name for u in rep.untraced] == [""]  # the root only: its children traced
+    assert rep.untraced[0].reason.startswith("TraceError: ") and "control flow" in rep.untraced[0].reason
     skipped = {s.name: s.reason for s in rep.skipped}
     assert "max_pool2d" in skipped and "cannot trace" in skipped["max_pool2d"]
     with torch.no_grad():
