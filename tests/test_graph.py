@@ -83,7 +83,7 @@ def test_scope_names_from_module_stack():
 
 
 def test_convify_modules_stay_one_call_when_retraced():
-    from convify.rewrites.head import HeadConv2d
+    from convify.rewrites.head.kernel import HeadConv2d
 
     gm = G.trace(nn.Sequential(HeadConv2d(4, 3, 2), nn.ReLU()))
     assert [n.op for n in gm.graph.nodes][1] == "call_module"
