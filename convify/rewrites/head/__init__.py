@@ -26,6 +26,11 @@ Modes:
 global average pooling (the head then runs at every position) and an adaptive
 pooling that is an identity at the traced size.
 
+The new convolutions are the standard ``nn.Conv1d/2d/3d``, each under its
+Linear's module name, so checkpoints and exports see ordinary modules;
+``convify.matmul_heads`` is the opt-in that runs them as one matrix multiply
+on CPU.
+
 Generated code, before and after (``resnet18``, ``dense=True``)::
 
     avgpool = self.avgpool(layer4);  flatten = torch.flatten(avgpool, 1);  fc = self.fc(flatten)
@@ -39,9 +44,7 @@ finding sites, the order of the steps); each step is a module of its own:
 * :mod:`.plan`: the :class:`~.plan.HeadPlan` of one head: the map its first
   convolution reads, the kernel, the :class:`~.plan.PoolRemoval`;
 * :mod:`.exactness`: what the planned head computes (:class:`~.exactness.Exactness`);
-* :mod:`.building`: the new convolutions and the graph surgery;
-* :mod:`.kernel`: :class:`~.kernel.HeadConv2d`, the 2-D convolution that runs
-  as one matrix multiply on CPU.
+* :mod:`.building`: the new convolutions and the graph surgery.
 """
 from __future__ import annotations
 
@@ -71,8 +74,8 @@ class HeadRecord:
     """The typed record of one converted head (``Replaced.detail``).
 
     ``linears``: the head's Linear modules in graph order, by qualified name;
-    each is now the convolution of the same name (later passes find them
-    here). ``kernel``: the first convolution's kernel; ``mode`` and
+    each is now the convolution of the same name (``convify.matmul_heads``
+    finds them here). ``kernel``: the first convolution's kernel; ``mode`` and
     ``dense``: how it was built; ``removal``: what became of the pooling in
     front of it; ``exactness``: what its output is next to the Linear head's
     (``Replaced.exact`` is ``exactness is Exactness.EXACT``).

@@ -1,8 +1,9 @@
 """Carrying out a :class:`~.plan.HeadPlan`: the new convolutions and the graph
 surgery that puts them where the head's Linears were.
 
-Each convolution is put at its Linear's module name; in 2-D it is a
-:class:`~.kernel.HeadConv2d`.
+The convolutions are the standard ``nn.Conv1d/2d/3d`` (``ops.CONV_MODULES``),
+each at its Linear's module name, so the rewritten model holds no convify
+class; ``convify.matmul_heads`` is the opt-in that runs them as a GEMM on CPU.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import torch.nn as nn
 from ... import graph as G
 from ... import ops
 from ... import weights as W
-from .kernel import HeadConv2d
-from .matching import Head, reaches_linear, is_output_like, reduce_dims, shape
+from .matching import Head, is_output_like, reaches_linear, reduce_dims, shape
 from .plan import HeadMode, HeadPlan, PoolRemoval
 
 
@@ -118,7 +118,7 @@ def conv_for(linear: nn.Linear, head: Head, kernel: tuple[int, ...] | None, gap:
     else:
         new_weight, in_ch, k = W.linear_to_conv_weight(weight, head.channels, kernel), head.channels, kernel
     # skip_init: the constructor's random init (of up to 100M weights, VGG's fc6) is overwritten at once
-    conv = nn.utils.skip_init(HeadConv2d if dims == 2 else ops.CONV_MODULES[dims], in_ch, linear.out_features, k,
+    conv = nn.utils.skip_init(ops.CONV_MODULES[dims], in_ch, linear.out_features, k,
                               bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(new_weight)
