@@ -165,3 +165,12 @@ def test_sped_up_heads_are_conv_in_onnx(tmp_path, exporter: str) -> None:
     path = convify.export_onnx(fast, tmp_path / "fast.onnx", x, exporter=exporter)
     census = op_census(path)
     assert census.get("Conv") == 4 and not {"Gemm", "MatMul"} & set(census), census
+
+
+def test_verify_compares_the_exported_conv_with_the_eager_gemm() -> None:
+    pytest.importorskip("onnxruntime")
+    model = reinit(VGGish()).eval()
+    plain, x = rewritten(model)
+    v = convify.verify(model, convify.matmul_heads(plain), x, exporter="legacy")
+    assert v.passed and v.equivalence.exact, str(v)
+    assert v.census_rewritten.get("Gemm", 0) + v.census_rewritten.get("MatMul", 0) == 0
