@@ -37,17 +37,23 @@ def matmul_heads(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     :class:`~convify.rewrites.head.HeadRecord` names its modules), so
     ``model`` must come from ``replace_linear_head``, ``convify`` or ``load``.
     Heads of 1-D and 3-D models stay as they are. Works on a copy unless
-    ``inplace=True``.
+    ``inplace=True``. The state_dict does not change, so a checkpoint saved
+    from either model is the same; ``convify.load`` rebuilds plain heads
+    (call this again after loading).
 
-    When it is faster (eager CPU, measured in ``benchmarks/RESULTS.md`` and
-    with single layers at 2 threads, torch 2.14): for a flatten head (AlexNet,
-    VGG) at the native size the first layer runs 7-11x faster at batch 1 and
-    2.5x at batch 64, in a dense pass (451x451 image) 2.5x; a 1x1 layer over
-    4096 channels 2-5x; a small 1x1 head (512 -> 1000) on a global-average
-    map 2.4x at batch 64, the same at batch 1, and about 10% slower over many
-    positions and images (8 images of 14x14). Every body convolution stays a
-    convolution: a GEMM over ``unfold`` is 10x slower on a 3x3 kernel over a
-    56x56 map.
+    When it is faster (eager PyTorch on CPU; ``benchmarks/dense.py``, whose
+    tables are in ``benchmarks/RESULTS.md``, torch 2.14, 1-2 threads):
+
+    * a flatten head's first layer (AlexNet's 6x6, VGG's 7x7 kernel over a
+      map of that size): 10-11x at batch 1, 2.6-2.8x at batch 64, 3x in a
+      dense pass over a 451x451 image; whole models at 224x224, batch 1: the
+      plain heads cost 1.4-3.8x the original Linear model, these heads 1.0x;
+      dense AlexNet and VGG-11 passes run 1.35-1.8x faster;
+    * 1x1 layers: 2.5x at batch 64, 1.06-3x over 4096 channels on an 8x8
+      map; about even (0.83-1.16x) at batch 1 and for a 512 -> 1000 layer
+      over 8 images of 14x14;
+    * never on the body: a GEMM over ``unfold`` is 3x slower than oneDNN on
+      a 3x3 convolution over a 56x56 map, so only the heads are swapped.
 
     What stays plain: on other devices, and whenever the model is exported
     (ONNX, ``torch.export``), compiled, scripted, traced by torch.jit or by
