@@ -32,11 +32,13 @@ _LAZY = {
     "save": "convify.io",
     "distill": "convify.distillation",
     "History": "convify.distillation",
+    "matmul_heads": "convify.head_matmul",
 }
 
 __all__ = [
     "replace_maxpool", "replace_linear_head", "convify", "report", "export_onnx", "verify", "load",
     "distill", "Report", "Verification", "History", "ConvifyError", "save", "__version__",
+    "matmul_heads",
 ]
 
 

@@ -28,7 +28,7 @@ from . import graph as G
 from .errors import ConvifyError, ExampleInputError, RewriteError, TraceError, UsageError, one_line
 from .inputs import as_args
 from .report import Pass, Replaced, Skipped, Untraced, attach, report
-from .rewrites.base import Rewrite, RewriteOptions, Site, leaf_modules
+from .rewrites.base import NamesModules, Rewrite, RewriteOptions, Site, leaf_modules
 
 
 class _Same:
@@ -219,11 +219,19 @@ def _rewrite_graph(gm: fx.GraphModule, prefix: str, rewrite: Rewrite, filt: _Fil
         except Exception as e:
             raise RewriteError(f"{rewrite.name} failed at {G.join(prefix, site.name)!r} "
                                f"({site.node.format_node()}): {one_line(e)}") from e
-        col.replaced.append(dataclasses.replace(
-            row, name=G.join(prefix, row.name), module=G.join(prefix, row.module) if row.module else ""))
+        col.replaced.append(_qualified(row, prefix))
     col.notes.extend(rewrite.finish(gm, col.replaced))
     G.finalize(gm)
     return True
+
+
+def _qualified(row: Replaced, prefix: str) -> Replaced:
+    """``row`` with the names local to a submodule's graph made names in the model."""
+    if not prefix:
+        return row
+    detail = row.detail.with_prefix(prefix) if isinstance(row.detail, NamesModules) else row.detail
+    return dataclasses.replace(row, name=G.join(prefix, row.name),
+                               module=G.join(prefix, row.module) if row.module else "", detail=detail)
 
 
 def _sites_inside_leaves(gm: fx.GraphModule, prefix: str, rewrite: Rewrite) -> list[Skipped]:

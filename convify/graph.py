@@ -55,8 +55,8 @@ class ConvifyTracer(fx.Tracer):
     -inf first) must stay one call_module node, so that the rewrite sees it as
     the pooling it is and can refuse it, instead of finding the bare
     ``F.max_pool2d`` inside it. Classes with ``convify_leaf = True`` (the
-    modules convify itself creates) stay one call too, so a rewritten model
-    retraces to the same graph.
+    opt-in ``MatmulConv2d`` of ``convify.matmul_heads``, whose forward has a
+    CPU path) stay one call too, so a sped-up model retraces to the same graph.
     """
 
     def __init__(self, extra_leaves: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()):

@@ -73,8 +73,9 @@ def test_scope_names_from_module_stack():
     assert G.scope_of(call) == "1"
 
 
-def test_convify_modules_stay_one_call_when_retraced():
-    from convify.rewrites.head import HeadConv2d
+def test_convify_leaf_modules_stay_one_call_when_retraced():
+    from convify.head_matmul import MatmulConv2d
 
-    gm = G.trace(nn.Sequential(HeadConv2d(4, 3, 2), nn.ReLU()))
+    gm = G.trace(nn.Sequential(MatmulConv2d(4, 3, 2), nn.ReLU()))
     assert [n.op for n in gm.graph.nodes][1] == "call_module"
+    assert type(gm.get_submodule("0")) is MatmulConv2d

@@ -603,32 +603,59 @@ def test_zoo_resnet18_dense_map_mean() -> None:
     assert rel_err(got.mean((2, 3)), run(model, x)) <= TOL
 
 
-# --------------------------------------------------------------------------- HeadConv2d
+# --------------------------------------------------------------------------- standard modules
 
 
-@pytest.mark.parametrize("n,size,kernel", [(1, 9, 3), (3, 9, 3), (3, 4, 4), (2, 6, 1), (1, 6, 1), (40, 5, 5)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_head_conv_as_matmul_equals_conv2d(n: int, size: int, kernel: int, bias: bool) -> None:
-    from convify.rewrites.head import conv2d_as_matmul
-
-    g = torch.Generator().manual_seed(n * size + kernel)
-    x = torch.randn(n, 8, size, size, generator=g)
-    w = torch.randn(5, 8, kernel, kernel, generator=g)
-    b = torch.randn(5, generator=g) if bias else None
-    want = F.conv2d(x, w, b)
-    got = conv2d_as_matmul(x, w, b)
-    assert got.shape == want.shape and got.is_contiguous()
-    assert rel_err(got, want) <= TOL
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules the report's head records name (the former Linears)."""
+    return [model.get_submodule(name) for row in convify.report(model).replaced for name in row.detail.linears]
 
 
-def test_head_conv_exports_as_a_convolution() -> None:
-    model = tiny(LeNet("torch.flatten"))
-    new = convify.replace_linear_head(model, torch.randn(1, 1, 32, 32))
-    assert type(new.get_submodule("fc1")).__name__ == "HeadConv2d"
-    program = torch.export.export(new, (torch.randn(1, 1, 32, 32),))
+@pytest.mark.parametrize("make,size,kwargs", [
+    (lambda: LeNet("torch.flatten"), (1, 32, 32), {}),
+    (lambda: LeNet("view-1"), (1, 32, 32), {"dense": True}),
+    (lambda: GapNet("mean", mlp=True), (3, 12, 12), {"mode": "gap"}),
+])
+def test_heads_are_standard_convolutions(make, size, kwargs) -> None:
+    """No convify class in a rewritten model: eager runs what is exported."""
+    model = tiny(make())
+    x = torch.randn(2, *size)
+    new = convify.replace_linear_head(model, x[:1], **kwargs)
+    heads = head_modules(new)
+    assert heads and all(type(m) is nn.Conv2d for m in heads)
+    assert not [type(m) for m in new.modules() if type(m).__module__.startswith("convify")]
+    program = torch.export.export(new, (x,))
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
-    assert sum("conv2d" in t for t in targets) == 5
+    assert sum("conv2d" in t for t in targets) == sum(isinstance(m, nn.Conv2d) for m in new.modules())
     assert not any(op in t for t in targets for op in ("addmm", "aten.mm", "matmul", "linear"))
+
+
+def test_head_record_carries_the_plan() -> None:
+    from convify.rewrites.head import Exactness, HeadMode, HeadRecord, PoolRemoval
+
+    model = tiny(GapNet("module", mlp=True))
+    x = torch.randn(1, 3, 12, 12)
+    flat = convify.report(convify.replace_linear_head(model, x)).replaced[0].detail
+    dense = convify.report(convify.replace_linear_head(model, x, dense=True)).replaced[0].detail
+    assert isinstance(flat, HeadRecord) and flat.linears == dense.linears == ("fc.0", "fc.3")
+    assert (flat.mode, flat.dense, flat.removal, flat.exactness) == (
+        HeadMode.CONV, False, PoolRemoval.NONE, Exactness.EXACT)
+    assert (dense.dense, dense.removal, dense.kernel) == (True, PoolRemoval.GLOBAL, (1, 1))
+    assert dense.exactness is Exactness.PER_POSITION  # the MLP has a Hardswish
+
+
+def test_dense_head_with_dropout_between_linears_is_a_score_map_whose_mean_is_exact() -> None:
+    """Dropout between the Linears is affine in eval mode: the mean of the score map is the original."""
+    from convify.rewrites.head import Exactness
+
+    model = reinit(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(8, 16), nn.Dropout(), nn.Linear(16, 5))).eval()
+    new = convify.replace_linear_head(model, torch.randn(1, 3, 8, 8), dense=True)
+    row = convify.report(new).replaced[0]
+    assert row.detail.exactness is Exactness.SCORE_MAP_MEAN and not row.exact
+    assert any("mean over the positions equals the original output" in n for n in row.notes)
+    x = torch.randn(2, 3, 12, 12)
+    assert rel_err(run(new, x).mean((2, 3)), run(model, x)) <= TOL
 
 
 def test_one_linear_shared_by_two_heads_gets_two_sites() -> None:

@@ -16,7 +16,8 @@ of convify needs to know about it is declared on the class, once:
 It finds its :class:`Site` s in a shape-propagated graph (each with a skip
 reason when it must be left alone) and applies itself to one site at a time,
 returning a :class:`~convify.report.Replaced` row whose ``detail`` is the
-rewrite's own typed record. The engine (``convify.engine``) does the rest for
+rewrite's own typed record (a record that names modules implements
+:class:`NamesModules`). The engine (``convify.engine``) does the rest for
 all of them: copying, tracing with a fallback for untraceable models,
 ``only``/``skip`` filtering, giving each call of a shared module its own name,
 graph hygiene. Rewrites that can use calibration data implement
@@ -27,7 +28,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch.fx as fx
 import torch.nn as nn
@@ -110,6 +111,16 @@ class Site:
     op: str
     skip_reason: str | None = None
     params: Any = None
+
+
+@runtime_checkable
+class NamesModules(Protocol):
+    """A site record (``Replaced.detail``) that names modules of the graph it
+    was made in. The engine qualifies those names with the path of the
+    submodule whose graph it was (as it does ``Replaced.name`` and
+    ``module``), so that the record names modules of the whole model."""
+
+    def with_prefix(self, prefix: str) -> Any: ...
 
 
 class Rewrite(abc.ABC):

@@ -1,0 +1,67 @@
+"""Whether a rebuilt head computes what the Linear head did, and if not, what
+its output is instead."""
+from __future__ import annotations
+
+import enum
+
+import torch.fx as fx
+import torch.nn as nn
+
+from ... import ops
+from .matching import Head, shape
+from .plan import HeadMode, HeadPlan, PoolRemoval
+
+
+class Exactness(enum.Enum):
+    """What a rebuilt head's output is, compared with the Linear head's."""
+
+    EXACT = "exact"                        # the same output at the traced size
+    SCORE_MAP_MEAN = "score map mean"      # dense: a score map whose mean over positions is the original output
+    PER_POSITION = "per-position"          # dense: a classifier at each position; its mean is not the original
+    APPROXIMATE = "approximate"            # gap: an initialization (``init="fit"`` fits it on calibration data)
+
+    @property
+    def exact(self) -> bool:
+        return self is Exactness.EXACT
+
+
+def judge(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[Exactness, str | None]:
+    """How the head rebuilt by ``plan`` relates to the original, and a note
+    saying why when it is not exact."""
+    affine_front = all(ops.elementwise_kind(gm, n) is ops.Elementwise.AFFINE for n in head.between + head.pre_ops)
+    removed_global = plan.removal is PoolRemoval.GLOBAL
+    point_map = not removed_global or all(s == 1 for s in shape(head.pool.source)[2:])
+    if plan.mode is HeadMode.CONV and (not plan.dense or point_map):
+        return Exactness.EXACT, None
+    if plan.mode is HeadMode.GAP and not removed_global:
+        if all(s == 1 for s in head.spatial):
+            return Exactness.EXACT, None
+        return Exactness.APPROXIMATE, (
+            "gap: the Linear read a flattened map, so a global-average head cannot be exact; initialized with "
+            "its weights summed over the positions (exact on spatially constant maps)")
+    if plan.mode is HeadMode.GAP and not plan.dense:
+        if affine_front:
+            return Exactness.EXACT, None
+        return Exactness.APPROXIMATE, ("gap: the ops between the pooling and the Linear are not affine (a "
+                                       "LayerNorm, an activation): averaging after them differs")
+    if point_map:
+        return Exactness.EXACT, None
+    if affine_front and _affine_tail(gm, head):
+        return Exactness.SCORE_MAP_MEAN, (
+            "dense: the output is a score map; the head after the pooling is affine, so its mean over the "
+            "positions equals the original output at any input size")
+    return Exactness.PER_POSITION, (
+        "dense: the output is a per-position classifier (the head after the pooling is not affine: a "
+        "non-linear MLP or a LayerNorm); its mean over the positions is not the original output")
+
+
+def _affine_tail(gm: fx.GraphModule, head: Head) -> bool:
+    return all(n in head.linears or ops.elementwise_kind(gm, n) is ops.Elementwise.AFFINE
+               or _is_eval_batchnorm(gm, n) for n in head.tree)
+
+
+def _is_eval_batchnorm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training
