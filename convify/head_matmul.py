@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .report import attach, report
+from .report import report
 from .rewrites.head import HeadRecord
 
 #: From this many output positions on, a GEMM per image is as fast as one over all positions.
@@ -71,7 +71,6 @@ def matmul_heads(model: nn.Module, *, inplace: bool = False) -> nn.Module:
                          "the head's convolutions in it; pass the model replace_linear_head, convify or load "
                          "returned")
     out = model if inplace else copy.deepcopy(model)
-    attach(out, report(model))  # a GraphModule's deepcopy drops plain attributes
     swapped: dict[int, MatmulConv2d] = {}  # one module registered under two names stays one module
     records = [row.detail for p in passes for row in p.replaced if isinstance(row.detail, HeadRecord)]
     for name in (n for record in records for n in record.linears):

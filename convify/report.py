@@ -225,10 +225,17 @@ def report(model: "nn.Module") -> Report:
     >>> print(convify.report(rewritten))
     """
     found = getattr(model, REPORT_ATTR, None)
+    if not isinstance(found, Report):  # a GraphModule's deepcopy keeps only its ``meta`` of such extras
+        found = (getattr(model, "meta", None) or {}).get(REPORT_ATTR) if isinstance(getattr(model, "meta", None),
+                                                                                      dict) else None
     return found if isinstance(found, Report) else Report()
 
 
 def attach(model: "nn.Module", rep: Report) -> None:
     # A plain attribute (not a buffer): it travels with deepcopy and pickle but
-    # never into the state_dict.
+    # never into the state_dict. A torch.fx GraphModule rebuilds itself on
+    # deepcopy and keeps only its ``meta`` dict: the report goes there too.
     object.__setattr__(model, REPORT_ATTR, rep)
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict):
+        meta[REPORT_ATTR] = rep

@@ -41,3 +41,14 @@ def test_format_table_aligns_columns():
     table = format_table(["a", "bb"], [["xxx", "y"], ["z", "wwww"]])
     lines = table.splitlines()
     assert lines[0].index("bb") == lines[2].index("y") == lines[3].index("wwww")
+
+
+def test_report_travels_with_deepcopy_and_pickle_of_a_graph_module():
+    import copy
+    import pickle
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)).eval()
+    rewritten = convify.replace_maxpool(model, torch.randn(1, 3, 8, 8))
+    assert isinstance(rewritten, torch.fx.GraphModule)
+    for twin in (copy.deepcopy(rewritten), pickle.loads(pickle.dumps(rewritten))):
+        assert [r.name for r in convify.report(twin).replaced] == ["1"]
