@@ -489,7 +489,7 @@ def test_corrupt_checkpoint_is_refused_or_loads_the_same_weights(tmp_path, rewri
 @pytest.mark.parametrize("damage, match", [
     ("a tensor value", "the weights do not match the digest in its recipe"),
     ("a tensor shape", "the weights do not match the digest in its recipe"),
-    ("no digest", r"its recipe has no digest of its weights, which every convify checkpoint of version '0\.2\.0' carries"),
+    ("no digest", r"its recipe has no digest of its weights, which every convify checkpoint of version '0\.2\.0'"),
     ("another algorithm", "the digest in its recipe is unreadable"),
 ])
 def test_load_refuses_weights_that_do_not_match_the_digest(tmp_path, rewritten, damage, match):
