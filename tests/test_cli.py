@@ -278,6 +278,49 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
     assert err.strip().splitlines()[-1].startswith("convify: error: unknown torchvision architecture")
 
 
+def _corrupt_checkpoint(folder: Path) -> tuple[Path, Path]:
+    """A convify checkpoint of tiny_net, and a copy with 50 bytes of its
+    largest tensor's data changed (torch.load reads the copy without complaint)."""
+    good = convify.save(convify.convify(tiny_net().eval(), torch.zeros(1, 3, 16, 16)), folder / "good_ck.pt",
+                        arch="cli_factories:tiny_net")
+    data = bytearray(good.read_bytes())
+    weight = torch.load(good, weights_only=True)["state_dict"]["8.weight"]  # 8 KiB of float32
+    start = bytes(data).index(weight.numpy().tobytes()[:64])
+    data[start + 1000:start + 1050] = bytes(50)
+    bad = folder / "bad_ck.pt"
+    bad.write_bytes(bytes(data))
+    changed = torch.load(bad, weights_only=True)["state_dict"]["8.weight"]  # read without complaint
+    assert not torch.equal(changed, weight)
+    return good, bad
+
+
+def test_corrupt_checkpoint_is_one_line_exit_2(tmp_path):
+    _corrupt_checkpoint(tmp_path)
+    before = _snapshot(tmp_path)
+    proc = run("inspect", "bad_ck.pt", "--trust-code", cwd=tmp_path)
+    assert_one_line_error(proc, r"bad_ck\.pt: the weights do not match the digest in its recipe \(the file is corrupt")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args", [
+    ["rewrite", "bad_ck.pt", "-o", "out.pt"],
+    ["verify", "bad_ck.pt"],
+    ["export", "bad_ck.pt", "-o", "out.onnx"],
+    ["distill", "good_ck.pt", "--teacher", "bad_ck.pt", "--data", "images", "-o", "out.pt"],
+], ids=lambda args: args[0])
+def test_every_command_refuses_a_corrupt_checkpoint(tmp_path, monkeypatch, capsys, args):
+    from convify.cli import main
+
+    _corrupt_checkpoint(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    code = main([*args, "--trust-code"])
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err),
+                          r"bad_ck\.pt: the weights do not match the digest")
+    assert _snapshot(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- verification
 
 

@@ -3,7 +3,10 @@ their code, state_dict wrappers, key mismatches, atomic writes, and the
 save -> load round trip."""
 from __future__ import annotations
 
+import copy
 import pickle
+import random
+import re
 import zipfile
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch.nn as nn
 import convify
 from convify import io as ck
 from convify.errors import CheckpointError, UsageError
+from convify.io.digest import weights_digest
 from cli_factories import WritesAFile, tiny_net
 from conftest import rel_err, reinit
 
@@ -391,3 +395,119 @@ def test_a_checkpoint_written_by_0_1_0_still_loads(tmp_path, rewritten):
     back = convify.load(tmp_path / "old2.pt", trust_code=True)
     with torch.no_grad():
         assert rel_err(back(x), second(x)) <= 1e-6
+
+
+# --------------------------------------------------------------------------- the digest of the weights
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _payloads(path: Path) -> tuple[list[range], int, int]:
+    """Where the tensors' bytes lie in a checkpoint (zip) file, and where its
+    first and last tensor entries start and end."""
+    data = path.read_bytes()
+    ranges = []
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            if "/data/" not in info.filename or "/.data/" in info.filename:
+                continue
+            local = info.header_offset
+            start = local + 30 + int.from_bytes(data[local + 26:local + 28], "little") \
+                + int.from_bytes(data[local + 28:local + 30], "little")
+            ranges.append(range(start, start + info.compress_size))
+    return ranges, min(r.start for r in ranges), max(r.stop for r in ranges)
+
+
+def test_checkpoint_records_the_digest_of_its_weights(tmp_path, rewritten):
+    _model, new, _options = rewritten
+    raw = torch.load(convify.save(new, tmp_path / "c.pt", arch=TINY), weights_only=True)
+    assert raw["digest"]["algorithm"] == "sha256" and len(raw["digest"]["value"]) == 64
+    assert raw["digest"] == weights_digest(new.state_dict())
+    assert "digest" not in ck.recipe_of(raw) and "digest" not in ck.make_recipe(arch=TINY, passes=[])
+    # a recipe carried over to other weights (as distill does) gets their digest, not the stale one
+    other = reinit(copy.deepcopy(new), seed=9)
+    moved = ck.to_checkpoint(other, raw)
+    assert moved["digest"] == weights_digest(other.state_dict()) != raw["digest"]
+
+
+def test_weights_digest_sees_each_change():
+    base = {"a.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.zeros(0),
+            "b.weight": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor(3)}
+    changed = {
+        "a value": {**base, "a.weight": base["a.weight"] + torch.eye(2, 3) * 1e-6},
+        "a shape": {**base, "a.weight": base["a.weight"].reshape(3, 2)},
+        "a dtype": {**base, "a.weight": base["a.weight"].double()},
+        "an empty shape": {**base, "a.bias": torch.zeros(0, 4)},
+        "a bfloat16 value": {**base, "b.weight": torch.tensor([1.0, 1.0078125], dtype=torch.bfloat16)},
+        "a key": {("c.weight" if k == "a.weight" else k): v for k, v in base.items()},
+        "an entry less": {k: v for k, v in base.items() if k != "n"},
+    }
+    digest = weights_digest(base)["value"]
+    assert weights_digest(dict(reversed(base.items())))["value"] == digest  # key order, not insertion order
+    transposed = {k: v.t() if v.dim() == 2 else v for k, v in base.items()}
+    assert weights_digest(transposed)["value"] != digest  # the values in order, not the storage
+    assert weights_digest({**base, "a.weight": base["a.weight"].t().contiguous().t()})["value"] == digest
+    for name, state_dict in changed.items():
+        assert weights_digest(state_dict)["value"] != digest, name
+
+
+def test_corrupt_checkpoint_is_refused_or_loads_the_same_weights(tmp_path, rewritten):
+    """Bytes changed at seeded places in the header, the tensor data and the end of
+    a checkpoint: each copy is refused with a CheckpointError, or (where the damage
+    missed everything that is read) loads with the original's exact tensors."""
+    _model, new, _options = rewritten
+    path = convify.save(new, tmp_path / "c.pt", arch=TINY)
+    data, want = path.read_bytes(), _weights(path)
+    payloads, first, last = _payloads(path)
+    rng = random.Random(13)
+    positions = ([rng.randrange(0, first) for _ in range(10)] + [rng.randrange(first, last) for _ in range(10)]
+                 + [rng.randrange(last, len(data)) for _ in range(10)])
+    outcomes = {}
+    for i, pos in enumerate(positions):
+        damaged = bytearray(data)
+        damaged[pos] ^= rng.randrange(1, 256)
+        copy_path = tmp_path / f"damaged{i}.pt"
+        copy_path.write_bytes(bytes(damaged))
+        try:
+            got = convify.load(copy_path, trust_code=True).state_dict()
+        except CheckpointError as e:
+            assert str(copy_path) in str(e) and "\n" not in str(e)
+            outcomes[pos] = "refused"
+            if any(pos in r for r in payloads):
+                assert "do not match the digest in its recipe" in str(e)
+            continue
+        outcomes[pos] = "same"
+        assert list(got) == list(want)
+        assert all(got[k].dtype == v.dtype and torch.equal(got[k], v) for k, v in want.items())
+        assert not any(pos in r for r in payloads), f"byte {pos} of the tensor data changed and was loaded"
+    assert sum(any(p in r for r in payloads) for p in positions) >= 5  # the draw does reach the tensor data
+    assert "refused" in outcomes.values()
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("a tensor value", "the weights do not match the digest in its recipe"),
+    ("a tensor shape", "the weights do not match the digest in its recipe"),
+    ("no digest", r"its recipe has no digest of its weights, which every convify checkpoint of version '0\.2\.0'"),
+    ("another algorithm", "the digest in its recipe is unreadable"),
+])
+def test_load_refuses_weights_that_do_not_match_the_digest(tmp_path, rewritten, damage, match):
+    """Refused before the model is built: the import-path architecture is not even asked about."""
+    _model, new, _options = rewritten
+    out = convify.save(new, tmp_path / "c.pt", arch=TINY)
+    raw = torch.load(out, weights_only=True)
+    sd = raw["state_dict"]
+    if damage == "a tensor value":
+        sd["0.weight"][0, 0, 0, 0] += 1.0
+    elif damage == "a tensor shape":
+        sd["0.bias"] = sd["0.bias"].reshape(2, -1)
+    elif damage == "no digest":
+        del raw["digest"]
+    else:
+        raw["digest"]["algorithm"] = "md5"
+    torch.save(raw, out)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(out))}: {match}"):
+        convify.load(out)
+    with pytest.raises(CheckpointError, match=match):
+        ck.open_model(out, trust_code=True)

@@ -6,6 +6,7 @@
 * ``state``: state dicts as training scripts save them, and loading them;
 * ``recipe``: convify checkpoints (a recipe of rewrite passes plus weights):
   ``save``, ``load``, rebuilding;
+* ``digest``: the SHA-256 of a checkpoint's weights that ``load`` checks;
 * ``writing``: atomic writes that never clobber an input or a file;
 * ``source``: a model from what a user names (``open_model``).
 """

@@ -43,12 +43,12 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _zip_names(path: Path) -> list[str] | None:
-    if not zipfile.is_zipfile(path):
-        return None
     try:
+        if not zipfile.is_zipfile(path):
+            return None
         with zipfile.ZipFile(path) as z:
             return z.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # a damaged directory raises more than BadZipFile: torch.load then says why
         return None
 
 

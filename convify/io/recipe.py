@@ -8,6 +8,7 @@
                 {"rewrite": "head", "options": {"mode": "conv", "dense": False},
                  "only": None, "skip": None, "input_shape": [1, 3, 224, 224]}],
      "input_shape": [1, 3, 224, 224],          # the example input of the last pass
+     "digest": {"algorithm": "sha256", "value": "3f1c...e0"},   # of the state_dict
      "state_dict": {...}}
 
 The passes are the rewrites as the model's report recorded them, each with
@@ -17,6 +18,10 @@ the architecture, applies the passes on zero inputs of their shapes and loads
 the weights with ``strict=True``. Checkpoints written by convify 0.1.0 (one
 ``"rewrite"`` dict of ``convify.convify`` keywords plus earlier ``"before"``
 steps) are read as the same passes.
+
+The digest (``convify.io.digest``) is checked before anything is built: a
+file whose weights were damaged is refused, never loaded. 0.1.0 checkpoints
+carry none and are not checked.
 
 Nothing here unpickles code unless asked to; a recipe that names an import
 path is refused unless the caller trusts the code it would run.
@@ -35,6 +40,7 @@ from ..errors import CheckpointError, ConvifyError, UsageError, one_line
 from ..inputs import parse_input_shape, zeros_like_model
 from ..report import report
 from .arch import ArchSpec, build_arch, parse_arch
+from .digest import check_digest, weights_digest
 from .files import read_file
 from .state import compare_keys
 from .writing import atomic_write
@@ -198,8 +204,10 @@ def make_recipe(*, arch: str | ArchSpec, passes: Sequence[RecipePass],
 
 
 def to_checkpoint(model: nn.Module, recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """A recipe from :func:`make_recipe` plus the model's weights (on the CPU)."""
-    return {**recipe, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    """A recipe from :func:`make_recipe` plus the model's weights (on the CPU)
+    and their digest (any digest in ``recipe`` was another model's)."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {**recipe_of(recipe), "digest": weights_digest(state_dict), "state_dict": state_dict}
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | ArchSpec,
@@ -249,7 +257,13 @@ def rebuild(recipe: Mapping[str, Any], *, source: str = "<recipe>", trust_code: 
             f"{source} builds its model by calling {arch}, code chosen by whoever wrote the file; "
             "pass {trust_code} only if you trust that code")
     model = build_arch(arch, arch_kwargs)
-    return apply_passes(model, passes).eval()
+    try:
+        return apply_passes(model, passes).eval()
+    except CheckpointError:
+        raise
+    except Exception as e:  # the passes come from a file: a damaged shape or option fails here
+        raise CheckpointError(f"{source}: the passes of its recipe do not rebuild on {arch} ({one_line(e)}); "
+                              "is the recipe damaged, or written by another convify version?") from e
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module:
@@ -259,6 +273,7 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
     and the saved weights are loaded with ``strict=True``. A recipe whose
     architecture is an import path (``package.module:factory``) would run
     code chosen by the file's author: it is refused unless ``trust_code=True``.
+    A file whose weights do not match the digest in its recipe is refused.
 
     >>> allconv = convify.load("resnet18_allconv.pt")
     >>> allconv(torch.randn(1, 3, 224, 224)).shape
@@ -272,11 +287,13 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False) -> nn.Module
 
 
 def load_checkpoint(obj: Mapping[str, Any], *, source: str, trust_code: bool = False) -> nn.Module:
-    """:func:`load` for a checkpoint dict already read from ``source``."""
-    model = rebuild(obj, source=source, trust_code=trust_code)
+    """:func:`load` for a checkpoint dict already read from ``source``: the
+    one place convify checkpoints are read, so the digest is checked here."""
     state_dict = obj.get("state_dict")
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{source} is a convify checkpoint without a state_dict")
+    check_digest(obj, source)
+    model = rebuild(obj, source=source, trust_code=trust_code)
     mismatch = compare_keys(model, state_dict)
     if mismatch:
         raise CheckpointError(f"the weights in {source} do not fit the model its recipe rebuilds "
@@ -289,5 +306,5 @@ def load_checkpoint(obj: Mapping[str, Any], *, source: str, trust_code: bool = F
 
 
 def recipe_of(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint without its state_dict."""
-    return {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    """A checkpoint without its state_dict and the digest of it."""
+    return {k: v for k, v in checkpoint.items() if k not in ("state_dict", "digest")}
