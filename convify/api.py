@@ -69,9 +69,13 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
         example_input: a tensor (or tuple of tensors) at the size the head was
             built for; worked out from the model when omitted.
         mode: ``"conv"``: the first Linear becomes an ``HxW`` convolution on the
-            unflattened map, the others 1x1 convolutions; exact. ``"gap"``: a
-            1x1 convolution and global average pooling (Network in Network);
-            exact for GAP -> Linear heads, an initialization for MLP heads.
+            unflattened map, the others 1x1 convolutions; exact. ``"gap"``: the
+            paper's head (Network in Network): one 1x1 convolution to the
+            classes and global average pooling; on a flattened map (VGG) the
+            hidden layers are dropped and it is not exact; behind a global
+            average (ResNet) the MLP stays as 1x1 convolutions, exact.
+            ``"gap_mlp"``: a 1x1 convolution, global average pooling and the
+            MLP as 1x1 convolutions.
         dense: also drop what pins the input size (the final flatten, global
             average pooling, adaptive pooling that is an identity at the
             example size), so a larger input gives an ``(N, K, H', W')`` map.
@@ -79,7 +83,8 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
             path: ``"fc"``, ``"classifier.*"``).
         calibration: input batches; with ``mode="gap"`` the heads that cannot
             be exact get their 1x1 convolution fitted toward the original
-            logits by least squares.
+            logits by least squares (``"gap_mlp"``: toward the first Linear's
+            output).
         inplace: skip the deep copy: the result reuses ``model``'s modules and
             parameters (an untraceable model is rewritten in place); use the
             returned model, not ``model``, afterwards.
@@ -107,7 +112,7 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
 
     * ``pool``: ``mode`` of :func:`replace_maxpool` (``"conv"``, ``"depthwise"``,
       ``"fold"``), or None to keep the poolings; ``init``: as there;
-    * ``head``: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``),
+    * ``head``: ``mode`` of :func:`replace_linear_head` (``"conv"``, ``"gap"``, ``"gap_mlp"``),
       or None to keep the head; ``dense``: as there.
 
     Args:

@@ -43,6 +43,7 @@ from . import weights as W
 from .errors import ExampleInputError, RewriteError, one_line
 from .inputs import to_model
 from .report import Fit, Pass, Replaced
+from .rewrites.head import HeadRecord
 from .rewrites.maxpool import PoolParams, PoolRecord
 
 #: Ridge strength relative to the mean diagonal of ``X^T X`` (scale-free).
@@ -377,38 +378,47 @@ def _relative_error(normal: _Normal, w: torch.Tensor) -> float:
 
 
 def fit_gap_heads(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any]) -> Pass:
-    """Least-squares fit of the first 1x1 convolution of every ``mode="gap"``
-    head of ``done`` that is not exact (a Linear that read a flattened
-    ``C x H x W`` map, or one behind non-affine ops), in place; returns the
-    pass with each fitted row's ``fit`` set.
+    """Least-squares fit of the first 1x1 convolution of every ``gap`` or
+    ``gap_mlp`` head of ``done`` that is not exact, in place; returns the pass
+    with each fitted row's ``fit`` set.
 
     Global average pooling commutes with the 1x1 convolution, so the head's
     first layer computes ``W @ mean_hw(x) + b``: a ``(C + 1)``-feature least
-    squares whose target is ``teacher``'s Linear output on the same batch
-    (so it also absorbs an earlier pooling rewrite's drift). On spatially
-    stationary inputs the summed weights are already about optimal; the fit
-    gains where the maps have spatial structure (centred objects, as in real
-    images).
+    squares on the pooled features of the map the convolution reads, ridge
+    toward its data-free init. The target comes from ``teacher`` on the same
+    batch (so it also absorbs an earlier pooling rewrite's drift):
+
+    * ``gap``, the paper's head (:attr:`HeadRecord.collapsed`): the original
+      logits, the output of the head's last Linear; the fit's top-1
+      agreement with the original on the calibration data goes in the report;
+    * ``gap_mlp``: the output of the first Linear (the MLP after it is kept).
+
+    On spatially stationary inputs the data-free init is already about
+    optimal; the fit gains where the maps have spatial structure (centred
+    objects, as in real images) and, for ``gap``, where the MLP's activations
+    are far from identities.
 
     >>> allconv = convify.convify(vgg, x, head="gap", init="fit", calibration=batches)
     """
     if teacher is None:
         return dataclasses.replace(done, notes=done.notes + (
             "init=fit skipped for the gap heads: no original model to take the targets from",))
-    rows = tuple(row if row.exact else _with_fit(row, _fit_gap_row(teacher, model, row, batches))
-                 for row in done.replaced)
+    rows = tuple(_with_fit(row, _fit_gap_row(teacher, model, row.detail, batches))
+                 if not row.exact and isinstance(row.detail, HeadRecord) else row for row in done.replaced)
     return dataclasses.replace(done, replaced=rows)
 
 
-def _fit_gap_row(original: nn.Module, rewritten: nn.Module, row: Replaced, batches: Sequence[Any]) -> Fit | str:
+def _fit_gap_row(original: nn.Module, rewritten: nn.Module, record: HeadRecord, batches: Sequence[Any]) -> Fit | str:
     try:
-        linear = original.get_submodule(row.name)
-        conv = rewritten.get_submodule(row.module)
+        linear = original.get_submodule(record.logits_from)
+        conv = rewritten.get_submodule(record.linears[0])
     except AttributeError:
         return "init=fit skipped: the head's Linear or its new convolution could not be found by name"
     if not isinstance(linear, nn.Linear) or not isinstance(conv, nn.modules.conv._ConvNd):
         return "init=fit skipped: expected a Linear replaced by a 1x1 convolution"
     normal = _Normal()
+    pooled: list[torch.Tensor] = []
+    classes: list[torch.Tensor] = []
     for batch in batches:
         targets, inputs = _capture(original, linear, batch, "output"), _capture(rewritten, conv, batch, "input")
         if len(targets) != len(inputs):
@@ -417,11 +427,26 @@ def _fit_gap_row(original: nn.Module, rewritten: nn.Module, row: Replaced, batch
         for y, x in zip(targets, inputs):
             feats = x.flatten(2).mean(-1).double()
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
-            _add(normal, feats.T @ feats, feats.T @ y.double().reshape(len(feats), -1),
-                 (y.double() ** 2).sum(), len(feats))
+            y = y.double().reshape(len(feats), -1)
+            _add(normal, feats.T @ feats, feats.T @ y, (y ** 2).sum(), len(feats))
+            if record.collapsed:
+                pooled.append(feats)
+                classes.append(y.argmax(1))
     if normal.gram is None:
         return "init=fit skipped: the calibration batches never reached this head"
-    return _solve_and_install(conv, normal, False, start="summed-weight init", toward="the original's logits")
+    if not record.collapsed:
+        return _solve_and_install(conv, normal, False, start="summed-weight init", toward="the first Linear's output")
+    prior = _weights_as_matrix(conv, False, normal.gram.dtype, normal.gram.device)
+    fit = _solve_and_install(conv, normal, False, start="product init", toward="the original's logits")
+    solution = _weights_as_matrix(conv, False, normal.gram.dtype, normal.gram.device)
+    feats, want = torch.cat(pooled), torch.cat(classes)
+    return dataclasses.replace(fit, agreement=top1_agreement(feats @ solution, want),
+                               agreement_before=top1_agreement(feats @ prior, want))
+
+
+def top1_agreement(logits: torch.Tensor, classes: torch.Tensor) -> float:
+    """The fraction of rows whose highest logit is at ``classes``."""
+    return float((logits.argmax(1) == classes).double().mean())
 
 
 def _capture(model: nn.Module, module: nn.Module, batch: Any, what: str) -> list[torch.Tensor]:

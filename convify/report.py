@@ -31,10 +31,18 @@ class Fit:
     samples: int
     start: str
     toward: str
+    #: Top-1 agreement with the original's classes on the calibration data
+    #: after and before the fit, for a fit toward logits (else None).
+    agreement: float | None = None
+    agreement_before: float | None = None
 
     def describe(self) -> str:
-        return (f"init=fit, reconstruction error {self.error_after:.3g} ({self.start} {self.error_before:.3g}) "
+        text = (f"init=fit, reconstruction error {self.error_after:.3g} ({self.start} {self.error_before:.3g}) "
                 f"on {self.samples} calibration samples, toward {self.toward}")
+        if self.agreement is not None:
+            before = f" ({self.start} {self.agreement_before:.1%})" if self.agreement_before is not None else ""
+            text += f"; top-1 agreement with the original {self.agreement:.1%}{before}"
+        return text
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,52 @@ def linear_to_gap_weight(weight: torch.Tensor, in_channels: int, spatial: Sequen
     kernel = linear_to_conv_weight(weight, in_channels, spatial)
     dims = tuple(range(2, kernel.dim()))
     return kernel.sum(dim=dims, keepdim=True) if dims else kernel
+
+
+def compose_affine(steps: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one affine map ``x -> W x + b`` that applying ``steps`` in order computes.
+
+    A step is ``(weight, bias)``: a ``(out, in)`` matrix (a Linear), or a
+    vector that scales each feature (an eval BatchNorm1d, a constant factor);
+    ``bias`` may be None. Computed in float64 from the last step back (for a
+    classifier the product narrows to the K classes first), returned in the
+    first weight's dtype.
+
+    >>> w, b = compose_affine([(fc1.weight, fc1.bias), (fc2.weight, fc2.bias)])   # fc2(fc1(x)) == w @ x + b
+    """
+    if not steps:
+        raise ValueError("compose_affine needs at least one step")
+    first = steps[0][0]
+    weight: torch.Tensor | None = None  # the product of the steps seen so far, from the last one back
+    bias: torch.Tensor | None = None
+    for step_weight, step_bias in reversed(steps):
+        w = step_weight.detach().to(torch.float64)
+        b = None if step_bias is None else step_bias.detach().to(w)
+        if weight is None:
+            weight = torch.diag(w) if w.dim() == 1 else w
+            bias = b if b is not None else torch.zeros(weight.shape[0], dtype=w.dtype, device=w.device)
+            continue
+        if b is not None:
+            bias = bias + weight @ b
+        weight = weight * w if w.dim() == 1 else weight @ w
+    return weight.to(first.dtype), bias.to(first.dtype)
+
+
+def flattened_head_to_gap(steps: Sequence[tuple[torch.Tensor, torch.Tensor | None]], in_channels: int,
+                          spatial: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``(K, C, 1, ...)`` and bias ``(K,)`` of the paper's global-average
+    head (one pointwise convolution to the K classes, then global average
+    pooling) standing in for a head of Linear layers on a flattened
+    ``(C, *spatial)`` map: the product of the head's affine ``steps`` (see
+    :func:`compose_affine`; the first is the Linear on the flattened map), its
+    first factor summed over the positions (:func:`linear_to_gap_weight`).
+
+    Exact on maps that are constant over their positions when nothing but
+    the given affine steps lies between the Linear layers (activations taken
+    as identities): an initialization, the data-free one.
+    """
+    (first_weight, first_bias), rest = steps[0], list(steps[1:])
+    summed = linear_to_gap_weight(first_weight.detach(), in_channels, spatial)
+    dims = summed.dim() - 2
+    weight, bias = compose_affine([(summed.reshape(summed.shape[0], in_channels), first_bias), *rest])
+    return weight.reshape(*weight.shape, *([1] * dims)), bias

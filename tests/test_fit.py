@@ -327,3 +327,53 @@ def test_convify_fits_gap_heads_that_are_not_exact() -> None:
     head_fit = convify.convify(model, example, pool=None, head="gap", init="fit", calibration=calibration)
     head_avg = convify.convify(model, example, pool=None, head="gap")
     assert _model_err(model, head_fit, x) < 0.8 * _model_err(model, head_avg, x)
+
+
+def _agreement(model: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((rewritten(x).argmax(1) == model(x).argmax(1)).double().mean())
+
+
+def test_gap_fit_toward_the_logits_raises_the_top1_agreement() -> None:
+    """The paper's GAP head: least squares from the pooled features toward the
+    original logits beats the data-free product init, and the report says by how much."""
+    model = reinit(FlatHead(), seed=2).eval()
+    example = torch.randn(1, 3, 8, 8)
+    calibration = [_structured(64, s) for s in range(1, 9)]
+    fit = convify.replace_linear_head(model, example, mode="gap", calibration=calibration)
+    free = convify.replace_linear_head(model, example, mode="gap")
+    row = convify.report(fit).replaced[0]
+    assert row.detail.collapsed and not row.exact and linears_of(fit) == []
+    assert row.fit.toward == "the original's logits" and row.fit.samples == 512
+    assert row.fit.error_after < 0.8 * row.fit.error_before
+    assert row.fit.agreement > row.fit.agreement_before + 0.1
+    assert f"top-1 agreement with the original {row.fit.agreement:.1%}" in str(convify.report(fit))
+    x = _structured(512, 99)
+    assert _agreement(model, fit, x) > _agreement(model, free, x) + 0.1
+    assert _model_err(model, fit, x) < 0.8 * _model_err(model, free, x)
+
+
+def test_gap_mlp_fit_targets_the_first_linear_and_keeps_the_mlp() -> None:
+    model = reinit(FlatHead()).eval()
+    example = torch.randn(1, 3, 8, 8)
+    calibration = [_structured(16, s) for s in range(1, 5)]
+    fit = convify.replace_linear_head(model, example, mode="gap_mlp", calibration=calibration)
+    free = convify.replace_linear_head(model, example, mode="gap_mlp")
+    row = convify.report(fit).replaced[0]
+    assert row.fit.toward == "the first Linear's output" and row.fit.agreement is None
+    assert [type(fit.get_submodule(n)) for n in ("fc1", "fc2")] == [nn.Conv2d, nn.Conv2d]
+    x = _structured(128, 99)
+    assert _model_err(model, fit, x) < 0.8 * _model_err(model, free, x)
+
+
+def test_exact_gap_heads_are_not_fitted() -> None:
+    model = reinit(nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(6, 4))).eval()
+    fit = convify.replace_linear_head(model, torch.randn(1, 3, 8, 8), mode="gap",
+                                      calibration=[_structured(8, 1)])
+    row = convify.report(fit).replaced[0]
+    assert row.exact and row.fit is None
+
+
+def linears_of(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

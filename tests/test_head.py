@@ -361,7 +361,7 @@ def test_linear_subclass_with_own_forward_is_skipped() -> None:
 
 
 def test_bad_mode_is_refused() -> None:
-    with pytest.raises(OptionError, match="head: mode must be one of 'conv', 'gap', not 'fc'"):
+    with pytest.raises(OptionError, match="head: mode must be one of 'conv', 'gap', 'gap_mlp', not 'fc'"):
         convify.replace_linear_head(tiny(LeNet()), torch.randn(1, 1, 32, 32), mode="fc")
 
 
@@ -460,19 +460,112 @@ def test_gap_mode_is_exact_for_gap_heads_at_any_size(pool: str) -> None:
     assert rel_err(run(new, x), run(model, x)) <= TOL
 
 
-def test_gap_mode_on_flattened_mlp_is_marked_not_exact() -> None:
+def test_gap_mode_on_flattened_mlp_is_the_papers_head() -> None:
+    """One 1x1 convolution to the classes, global average, flatten: the hidden layers are gone."""
+    from convify.rewrites.head import Exactness, HeadRecord
+
     model = tiny(LeNet("torch.flatten"))
     x = torch.randn(4, 1, 32, 32)
     new = convify.replace_linear_head(model, x, mode="gap")
-    rep = convify.report(new)
-    assert not rep.exact and any("cannot be exact" in n for n in rep.replaced[0].notes)
-    assert new.get_submodule("fc1").kernel_size == (1, 1)
+    row = convify.report(new).replaced[0]
+    assert not row.exact and any("not exact: the paper's GAP head replaces the MLP" in n for n in row.notes)
+    assert any("dropped the hidden layers fc2, fc3" in n for n in row.notes)
+    record: HeadRecord = row.detail
+    assert (record.linears, record.dropped, record.collapsed) == (("fc1",), ("fc2", "fc3"), True)
+    assert record.exactness is Exactness.APPROXIMATE and record.logits_from == "fc3"
+    assert record.parameters == (400 * 120 + 120 + 120 * 84 + 84 + 84 * 10 + 10, 16 * 10 + 10)
+    conv = new.get_submodule("fc1")
+    assert type(conv) is nn.Conv2d and (conv.in_channels, conv.out_channels, conv.kernel_size) == (16, 10, (1, 1))
+    assert not hasattr(new, "fc2") and not hasattr(new, "fc3") and linears(new) == []
+    assert row.new == "Conv2d(16, 10, k=1x1) -> GAP -> flatten"
+    assert run(new, x).shape == (4, 10) and rel_err(run(new, x), run(model, x)) > 1e-3
+    assert run(new, torch.randn(2, 1, 48, 40)).shape == (2, 10)  # no size pinned any more
+
+
+class IdentityMLP(nn.Module):
+    """A flattened head whose layers have only affine ops between them (dropout, an eval BatchNorm1d, a scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc1, self.bn, self.fc2, self.fc3 = nn.Linear(6 * 4 * 4, 12), nn.BatchNorm1d(12), nn.Linear(12, 9), \
+            nn.Linear(9, 4)
+        self.drop = nn.Dropout()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.conv(x), 1)
+        return self.fc3(self.fc2(self.drop(self.bn(self.fc1(x)))) * 0.5)
+
+
+def test_gap_data_free_init_is_exact_on_constant_maps_with_identity_activations() -> None:
+    model = tiny(IdentityMLP())
+    new = convify.replace_linear_head(model, torch.randn(1, 3, 6, 6), mode="gap")
+    assert convify.report(new).replaced[0].detail.dropped == ("fc2", "fc3")
+    constant = torch.randn(5, 6, 1, 1).expand(5, 6, 4, 4)  # the map the head reads, the same at every position
+    head = lambda m, fmap: m.fc3(m.fc2(m.drop(m.bn(m.fc1(fmap.flatten(1))))) * 0.5)
+    with torch.no_grad():
+        want = head(model, constant)
+        got = new.get_submodule("fc1")(constant).mean((2, 3))
+    assert_input_dependent(want)
+    assert rel_err(got, want) <= TOL
+    varying = torch.randn(5, 6, 4, 4)
+    with torch.no_grad():
+        assert rel_err(new.get_submodule("fc1")(varying).mean((2, 3)), head(model, varying)) > 1e-3
+
+
+def test_gap_mlp_keeps_the_mlp_as_1x1_convolutions() -> None:
+    """Today's variant under its own name: the first Linear's weight summed over the positions, the MLP kept."""
+    model = tiny(LeNet("torch.flatten"))
+    x = torch.randn(4, 1, 32, 32)
+    new = convify.replace_linear_head(model, x, mode="gap_mlp")
+    row = convify.report(new).replaced[0]
+    assert not row.exact and any("gap_mlp: " in n and "cannot be exact" in n for n in row.notes)
+    assert (row.detail.linears, row.detail.dropped, row.detail.collapsed) == (("fc1", "fc2", "fc3"), (), False)
+    assert [new.get_submodule(n).kernel_size for n in ("fc1", "fc2", "fc3")] == [(1, 1)] * 3
     assert rel_err(run(new, x), run(model, x)) > 1e-3
-    flat = torch.randn(2, 16, 1, 1).expand(2, 16, 5, 5)  # the head is exact on spatially constant maps
+    flat = torch.randn(2, 16, 1, 1).expand(2, 16, 5, 5)  # exact on spatially constant maps, ReLUs and all
     tail = lambda m: m.fc3(F.relu(m.fc2(F.relu(m.fc1(flat.flatten(1))))))
     head_only = convify.replace_linear_head(nn.Sequential(nn.Flatten(), model.fc1, nn.ReLU(), model.fc2,
-                                                          nn.ReLU(), model.fc3), flat, mode="gap")
+                                                          nn.ReLU(), model.fc3), flat, mode="gap_mlp")
     assert rel_err(run(head_only, flat), tail(model).detach()) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["gap", "gap_mlp"])
+def test_gap_modes_keep_gap_heads_exact(mode: str) -> None:
+    """Behind a global average (ResNet style) the MLP as 1x1 convolutions is exact: gap keeps it."""
+    model = tiny(GapNet("module", mlp=True))
+    new = assert_exact(model, torch.randn(2, 3, 12, 12), mode=mode)
+    record = convify.report(new).replaced[0].detail
+    assert (record.linears, record.dropped, record.collapsed) == (("fc.0", "fc.3"), (), False)
+
+
+def test_gap_on_a_branching_head_keeps_the_mlp_with_a_note() -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc1 = nn.Conv2d(3, 4, 3), nn.Linear(4 * 4 * 4, 8)
+            self.a, self.b = nn.Linear(8, 3), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = F.relu(self.fc1(torch.flatten(self.conv(x), 1)))
+            return self.a(h), self.b(h)
+
+    model = tiny(Branching())
+    x = torch.randn(2, 3, 6, 6)
+    new = convify.replace_linear_head(model, x, mode="gap")
+    row = convify.report(new).replaced[0]
+    assert any("gap: the head branches at" in n and "mode='gap_mlp' does" in n for n in row.notes)
+    assert (row.detail.collapsed, row.detail.linears) == (False, ("fc1", "a", "b"))
+    assert [t.shape for t in run(new, x)] == [(2, 3), (2, 2)]
+
+
+def test_gap_dense_on_a_flattened_head_is_a_class_map() -> None:
+    model = tiny(TinyVGG())
+    x = torch.randn(2, 3, 16, 16)  # a 4x4 map: the AdaptiveAvgPool2d(4) is an identity, and goes
+    gap, dense = (convify.replace_linear_head(model, x, mode="gap", dense=d) for d in (False, True))
+    assert convify.report(dense).replaced[0].out_shape == (2, 5, 4, 4)
+    y = torch.randn(2, 3, 40, 24)
+    assert rel_err(run(dense, y).mean((2, 3)), run(gap, y)) <= TOL
 
 
 def test_gap_weight_sums_over_positions() -> None:
@@ -557,18 +650,33 @@ def test_zoo_vgg11_is_exact_and_says_why_it_is_not_dense_at_64x96(vgg11: nn.Modu
     assert new.get_submodule("classifier.0").kernel_size == (7, 7)
     dense = convify.replace_linear_head(vgg11, x, dense=True)
     assert any("AdaptiveAvgPool2d((7, 7)) resamples 2x3 to 7x7" in n for n in convify.report(dense).replaced[0].notes)
+
+
+def test_zoo_vgg11_gap_is_the_papers_head(vgg11: nn.Module) -> None:
+    x = torch.randn(2, 3, 64, 96)
     gap = convify.replace_linear_head(vgg11, x, mode="gap")
-    rep = convify.report(gap)
-    assert not rep.exact and any("cannot be exact" in n for n in rep.replaced[0].notes)
+    row = convify.report(gap).replaced[0]
+    assert not row.exact and any("the paper's GAP head replaces the MLP" in n for n in row.notes)
+    assert row.detail.removal.value == "resampling"  # the AdaptiveAvgPool2d(7) went with the MLP
     assert gap.get_submodule("classifier.0").kernel_size == (1, 1)
+    body = sum(p.numel() for p in vgg11.features.parameters())
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(vgg11) == 132_863_336 and count(gap) == body + 512 * 1000 + 1000 == 9_733_480
+    assert row.detail.parameters == (count(vgg11) - body, 513_000)
+    assert run(gap, torch.randn(1, 3, 80, 80)).shape == (1, 1000)
+    keep = convify.replace_linear_head(vgg11, x, mode="gap_mlp")
+    assert count(keep) == body + 512 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000 == 32_200_040
 
 
-def test_zoo_alexnet_gap_head_is_marked_not_exact() -> None:
+def test_zoo_alexnet_gap_head_is_the_papers_head() -> None:
     model = build("alexnet")
     x = torch.randn(2, 3, 127, 127)  # a 3x3 map resampled to 6x6: not constant over the positions
     new = convify.replace_linear_head(model, x, mode="gap")
-    rep = convify.report(new)
-    assert not rep.exact and any("cannot be exact" in n for n in rep.replaced[0].notes)
+    row = convify.report(new).replaced[0]
+    assert not row.exact and any("the paper's GAP head replaces the MLP" in n for n in row.notes)
+    assert row.detail.dropped == ("classifier.4", "classifier.6")
+    body = sum(p.numel() for p in model.features.parameters())
+    assert sum(p.numel() for p in new.parameters()) == body + 256 * 1000 + 1000
     assert rel_err(run(new, x), run(model, x)) > 1e-3
 
 
@@ -615,6 +723,7 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
     (lambda: LeNet("torch.flatten"), (1, 32, 32), {}),
     (lambda: LeNet("view-1"), (1, 32, 32), {"dense": True}),
     (lambda: GapNet("mean", mlp=True), (3, 12, 12), {"mode": "gap"}),
+    (lambda: LeNet("torch.flatten"), (1, 32, 32), {"mode": "gap"}),
 ])
 def test_heads_are_standard_convolutions(make, size, kwargs) -> None:
     """No convify class in a rewritten model: eager runs what is exported."""
@@ -700,3 +809,27 @@ def test_layernorm_between_head_linears_ends_the_head_with_a_note():
     assert any("the head ends at" in n for n in row.notes) and any("stay Linear" in n for n in row.notes)
     with torch.no_grad():
         assert rel_err(out(x), model(x)) <= 1e-5
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("options", [{"head": "gap"}, {"head": "gap", "dense": True}, {"head": "gap_mlp"},
+                                     {"head": "gap", "calibrate": True}])
+def test_gap_recipes_round_trip(tmp_path, options) -> None:
+    """Saved and loaded back: the same modules (the hidden layers stay gone), weights (fitted ones
+    too: the rebuild makes the data-free init, the checkpoint's weights replace it) and outputs."""
+    from cli_factories import tiny_net
+
+    options = dict(options)
+    shape = (1, 3, 16, 16)
+    model = reinit(tiny_net(), seed=4).eval()
+    calibration = [torch.randn(8, 3, 16, 16) for _ in range(2)] if options.pop("calibrate", False) else None
+    new = convify.convify(model, torch.zeros(shape), pool=None, calibration=calibration, **options)
+    assert convify.report(new).replaced[0].detail.collapsed == (options["head"] == "gap")
+    assert (convify.report(new).replaced[0].fit is not None) == (calibration is not None)
+    back = convify.load(convify.save(new, tmp_path / "c.pt", arch="cli_factories:tiny_net"), trust_code=True)
+    want_sd, got_sd = new.state_dict(), back.state_dict()
+    assert list(got_sd) == list(want_sd) and all(torch.equal(got_sd[k], v) for k, v in want_sd.items())
+    x = torch.randn(2, 3, 24, 32)
+    assert rel_err(run(back, x), run(new, x)) <= 1e-6

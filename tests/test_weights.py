@@ -52,3 +52,31 @@ def test_ntuple():
     assert W.ntuple([2], 3) == (2, 2, 2)
     with pytest.raises(ValueError, match="expected 2 values"):
         W.ntuple((1, 2, 3), 2)
+
+
+def test_compose_affine_is_the_chain_of_its_steps():
+    fc1, fc2 = torch.nn.Linear(6, 5).double(), torch.nn.Linear(5, 3, bias=False).double()
+    scale, shift = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    weight, bias = W.compose_affine([(fc1.weight, fc1.bias), (scale, shift), (fc2.weight, None)])
+    assert weight.shape == (3, 6) and bias.shape == (3,)
+    assert torch.allclose(x @ weight.T + bias, fc2(fc1(x) * scale + shift), atol=1e-12)
+    with pytest.raises(ValueError, match="at least one step"):
+        W.compose_affine([])
+
+
+def test_flattened_head_to_gap_is_exact_on_spatially_constant_maps():
+    """The data-free init of the paper's GAP head: the product of the head's
+    Linear layers, summed over the positions; exact with identity activations
+    on a map that is the same at every position, not on any other map."""
+    fc1, fc2, fc3 = (torch.nn.Linear(4 * 3 * 5, 8).double(), torch.nn.Linear(8, 6).double(),
+                     torch.nn.Linear(6, 2).double())
+    head = lambda fmap: fc3(fc2(fc1(fmap.flatten(1))))
+    weight, bias = W.flattened_head_to_gap([(m.weight, m.bias) for m in (fc1, fc2, fc3)], 4, (3, 5))
+    assert weight.shape == (2, 4, 1, 1) and weight.dtype == torch.float64
+    gap_head = lambda fmap: F.conv2d(fmap, weight, bias).mean((2, 3))
+    constant = torch.randn(3, 4, 1, 1, dtype=torch.float64).expand(3, 4, 3, 5)
+    with torch.no_grad():
+        assert torch.allclose(gap_head(constant), head(constant), atol=1e-12)
+        varying = torch.randn(3, 4, 3, 5, dtype=torch.float64)
+        assert (gap_head(varying) - head(varying)).abs().max() > 1e-3

@@ -18,9 +18,24 @@ Modes:
 * ``conv``: the first Linear becomes ``ConvNd(C, K, kernel=S_P)`` on ``P`` (its
   weight reshaped), every later Linear a 1x1 convolution, and a flatten keeps
   the ``(N, K)`` output. Exact at the traced size.
-* ``gap``: a 1x1 convolution (the Linear's weight summed over ``S_P``), global
-  average pooling, then the rest of the head as 1x1 convolutions and a flatten.
-  Exact for GAP -> Linear heads; an initialization elsewhere.
+* ``gap``: the paper's head (Network in Network, All-CNN-C) for a head that
+  reads a flattened map (VGG, AlexNet, LeNet): one 1x1 convolution to the K
+  classes on the map in front of the flatten (an average pooling there goes
+  too), global average pooling, a flatten; the hidden Linears, their
+  activations, dropouts and BatchNorm1d are gone. Initialized without data
+  by the product of the head's weight matrices summed over the positions
+  (exact on spatially constant maps when the activations between the Linears
+  are identities), or with ``calibration=`` by least squares from the pooled
+  features toward the original logits. Not exact. A head behind a global
+  average (ResNet style) becomes what ``gap_mlp`` makes of it, which is exact
+  there.
+* ``gap_mlp``: a 1x1 convolution (the first Linear's weight summed over
+  ``S_P``), global average pooling, then the rest of the head as 1x1
+  convolutions and a flatten. Exact for GAP -> Linear heads; for a head on a
+  flattened map an initialization that keeps the MLP and its activations,
+  so it stays much closer to a trained model than ``gap``'s single
+  convolution, at the MLP's size (VGG-11: 32.2M parameters against ``gap``'s
+  9.7M, the original's 132.9M).
 
 ``dense=True`` also removes what pins the spatial size: the final flatten, a
 global average pooling (the head then runs at every position) and an adaptive
@@ -78,7 +93,11 @@ class HeadRecord:
     finds them here). ``kernel``: the first convolution's kernel; ``mode`` and
     ``dense``: how it was built; ``removal``: what became of the pooling in
     front of it; ``exactness``: what its output is next to the Linear head's
-    (``Replaced.exact`` is ``exactness is Exactness.EXACT``).
+    (``Replaced.exact`` is ``exactness is Exactness.EXACT``). ``collapsed``:
+    the paper's GAP head (``gap`` on a flattened map): ``linears`` is its one
+    convolution, at the first Linear's name, and ``dropped`` the hidden
+    Linears it replaced. ``parameters``: the head's parameter count before
+    and after (its Linears and BatchNorm1d, then its convolutions).
     """
 
     linears: tuple[str, ...]
@@ -87,23 +106,35 @@ class HeadRecord:
     dense: bool
     removal: PoolRemoval
     exactness: Exactness
+    collapsed: bool = False
+    dropped: tuple[str, ...] = ()
+    parameters: tuple[int, int] = (0, 0)
 
     def with_prefix(self, prefix: str) -> "HeadRecord":
         """The record with its module names qualified by ``prefix`` (the
         engine calls it for a head found in a submodule's graph)."""
-        return dataclasses.replace(self, linears=tuple(G.join(prefix, n) for n in self.linears))
+        return dataclasses.replace(self, linears=tuple(G.join(prefix, n) for n in self.linears),
+                                   dropped=tuple(G.join(prefix, n) for n in self.dropped))
+
+    @property
+    def logits_from(self) -> str:
+        """The original model's Linear whose output this head's output stands
+        for: the last Linear of a collapsed head, else the first (the one the
+        global average moved across)."""
+        return (self.linears + self.dropped)[-1] if self.collapsed else self.linears[0]
 
 
 @dataclass(frozen=True)
 class HeadOptions(RewriteOptions):
     """Options of :func:`convify.replace_linear_head`."""
 
-    mode: str = option("conv", "Linear heads become exact convolutions, or a 1x1 conv + global average",
+    mode: str = option("conv", "Linear heads become exact convolutions (conv), the paper's 1x1 conv to the "
+                       "classes + global average (gap), or a 1x1-conv MLP behind a global average (gap_mlp)",
                        choices=tuple(m.value for m in HeadMode))
     dense: bool = option(False, "fully convolutional: larger inputs give a map of scores")
 
     def wants_calibration(self) -> bool:
-        return self.mode == HeadMode.GAP.value
+        return HeadMode(self.mode).averages
 
 
 @register
@@ -129,7 +160,9 @@ class ReplaceLinearHead(Rewrite):
 
     @classmethod
     def onnx_ops_removed(cls, row: Replaced) -> int:
-        return len(row.detail.linears) if isinstance(row.detail, HeadRecord) else 1
+        if not isinstance(row.detail, HeadRecord):
+            return 1
+        return len(row.detail.linears) + len(row.detail.dropped)
 
     def calibrate(self, teacher: nn.Module | None, model: nn.Module, done: Pass,
                   calibration: Sequence[Any]) -> Pass:
@@ -201,9 +234,21 @@ class ReplaceLinearHead(Rewrite):
         plan = plan_head(head, HeadMode(self.options.mode), self.options.dense)
         exactness, why = judge(gm, head, plan)  # on the original head, before the rebuild erases it
         in_shape, out = shape(plan.source), out_shape(head, plan)
-        notes = (plan.note, *rebuild(gm, head, plan), why)
-        record = HeadRecord(tuple(n.target for n in head.linears), plan.kernel, plan.mode, plan.dense,
-                            plan.removal, exactness)
+        names = tuple(n.target for n in head.linears)
+        modules = tuple(dict.fromkeys(n.target for n in head.tree if n.op == "call_module"))
+        before = _parameters(gm, modules)
+        notes = (plan.kept_mlp, plan.note, *rebuild(gm, head, plan), why)
+        kept = names[:1] if plan.collapsed else names
+        after = _parameters(gm, kept if plan.collapsed else modules)  # the same names, now convolutions
+        if plan.collapsed:
+            dropped = f"dropped the hidden layers {', '.join(names[1:])}; " if len(names) > 1 else ""
+            notes += (f"gap: {dropped}the head has {after:,} parameters instead of {before:,}",)
+        record = HeadRecord(kept, plan.kernel, plan.mode, plan.dense, plan.removal, exactness,
+                            collapsed=plan.collapsed, dropped=names[len(kept):], parameters=(before, after))
         return Replaced(self.name, site.name, site.op, describe_new(gm, head, plan), in_shape, out,
                         exact=exactness.exact, module=site.node.target, notes=tuple(n for n in notes if n),
                         detail=record)
+
+
+def _parameters(gm: fx.GraphModule, modules: Sequence[str]) -> int:
+    return sum(p.numel() for name in modules for p in gm.get_submodule(name).parameters())

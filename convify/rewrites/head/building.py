@@ -27,7 +27,7 @@ def rebuild(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[str, ...]:
         cur = _base_map(graph, head, plan)
         for op in head.pre_ops:
             cur = graph.node_copy(op, lambda n, c=cur: c)
-        env = _rebuild_tree(gm, head, plan, cur)
+        env = (_rebuild_collapsed if plan.collapsed else _rebuild_tree)(gm, head, plan, cur)
         notes = _hand_over_users(gm, head, plan, env)
     for node in reversed(head.tree):
         graph.erase_node(node)
@@ -58,10 +58,10 @@ def _rebuild_tree(gm: fx.GraphModule, head: Head, plan: HeadPlan, base: fx.Node)
         if node.op == "call_module" and node in head.linears:
             first = node is root
             linear: nn.Linear = gm.get_submodule(node.target)
-            conv = conv_for(linear, head, plan.kernel if first else None, gap=first and plan.mode is HeadMode.GAP)
+            conv = conv_for(linear, head, plan.kernel if first else None, gap=first and plan.mode.averages)
             new = graph.call_module(node.target, (base if first else env[node.args[0]],))
             G.set_submodule(gm, node.target, conv)
-            if first and plan.mode is HeadMode.GAP and not plan.dense:
+            if first and plan.mode.averages and not plan.dense:
                 new = graph.call_function(ops.ADAPTIVE_AVG_POOL_FUNCTIONS[head.dims], (new, 1))
         elif node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.BatchNorm1d:
             bn = batchnorm_nd(gm.get_submodule(node.target), head.dims)
@@ -73,6 +73,75 @@ def _rebuild_tree(gm: fx.GraphModule, head: Head, plan: HeadPlan, base: fx.Node)
     return env
 
 
+def _rebuild_collapsed(gm: fx.GraphModule, head: Head, plan: HeadPlan, base: fx.Node) -> dict[fx.Node, fx.Node]:
+    """The paper's GAP head (the tree is a chain, :func:`~.plan.chain_break`):
+    one 1x1 convolution to the classes under the first Linear's name, global
+    average pooling, then the ops after the last Linear; the hidden layers
+    (Linears, their activations, dropouts, BatchNorm1d) are dropped."""
+    graph = gm.graph
+    root, last = head.linears[0], head.linears[-1]
+    conv = collapsed_conv(gm, head)
+    new = graph.call_module(root.target, (base,))
+    G.set_submodule(gm, root.target, conv)
+    if not plan.dense:
+        new = graph.call_function(ops.ADAPTIVE_AVG_POOL_FUNCTIONS[head.dims], (new, 1))
+    env: dict[fx.Node, fx.Node] = {last: new}
+    for node in head.tree[head.tree.index(last) + 1:]:  # e.g. a final activation: it reads the classes
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    return env
+
+
+def collapsed_conv(gm: fx.GraphModule, head: Head) -> nn.Module:
+    """The 1x1 convolution of the paper's GAP head, with the data-free init:
+    the product of the head's affine steps (:func:`head_steps`) summed over
+    the positions (:func:`convify.weights.flattened_head_to_gap`)."""
+    first = gm.get_submodule(head.linears[0].target)
+    last = gm.get_submodule(head.linears[-1].target)
+    weight, bias = W.flattened_head_to_gap(head_steps(gm, head), head.channels, head.spatial)
+    conv = nn.utils.skip_init(ops.CONV_MODULES[head.dims], head.channels, last.out_features, (1,) * head.dims,
+                              device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    conv.train(first.training)
+    return conv
+
+
+def head_steps(gm: fx.GraphModule, head: Head) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The head's chain from its first to its last Linear as affine steps
+    (:func:`convify.weights.compose_affine`): each Linear's weight and bias;
+    an affine op between them (an eval BatchNorm1d, a constant factor,
+    dropout) as its per-feature scale and shift; an activation as the identity."""
+    steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    like = gm.get_submodule(head.linears[0].target).weight
+    last = head.tree.index(head.linears[-1])
+    for node in head.tree[:last + 1]:
+        if node in head.linears:
+            linear: nn.Linear = gm.get_submodule(node.target)
+            steps.append((linear.weight, linear.bias))
+        elif ops.elementwise_kind(gm, node) is not ops.Elementwise.NONLINEAR:
+            steps.append(_per_feature_affine(gm, node, like))
+    return steps
+
+
+def _per_feature_affine(gm: fx.GraphModule, node: fx.Node, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of an op that acts on each feature alone and affinely,
+    read off its outputs (in eval mode) on zeros and ones; ``like``: the
+    dtype and device of the head's weights."""
+    features = shape(node)[1]
+    probe = torch.stack([torch.zeros(features), torch.ones(features)]).to(like)
+    with torch.no_grad():
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            with G.eval_mode(module):
+                out = module(probe)
+        elif node.op == "call_function":
+            out = node.target(probe, *node.args[1:], **node.kwargs)
+        else:
+            out = getattr(probe, node.target)(*node.args[1:], **node.kwargs)
+    return out[1] - out[0], out[0]
+
+
 def _hand_over_users(gm: fx.GraphModule, head: Head, plan: HeadPlan, env: dict[fx.Node, fx.Node]
                      ) -> tuple[str, ...]:
     """Point every user outside the tree at the new nodes: flattened, so it
@@ -81,9 +150,10 @@ def _hand_over_users(gm: fx.GraphModule, head: Head, plan: HeadPlan, env: dict[f
     flats: dict[fx.Node, fx.Node] = {}
     kept_flatten: list[str] = []
     stopped: list[str] = []
+    inside = set(head.tree)
     for node in head.tree:
         for user in list(node.users):
-            if user in env:
+            if user in inside:
                 continue
             if plan.dense and is_output_like(user):
                 user.replace_input_with(node, env[node])
@@ -147,8 +217,10 @@ def describe_new(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> str:
         conv = gm.get_submodule(node.target)
         ks = "x".join(map(str, conv.kernel_size))
         parts.append(f"Conv{head.dims}d({conv.in_channels}, {conv.out_channels}, k={ks})")
-        if k == 0 and plan.mode is HeadMode.GAP and not plan.dense:
+        if k == 0 and plan.mode.averages and not plan.dense:
             parts.append("GAP")
+        if plan.collapsed:
+            break  # the head's only convolution
     if not plan.dense:
         parts.append("flatten")
     return " -> ".join(parts)
@@ -160,7 +232,7 @@ def out_shape(head: Head, plan: HeadPlan) -> tuple[int, ...] | None:
     last = shape(head.linears[-1])
     if last is None or not plan.dense:
         return last
-    if plan.removal is PoolRemoval.GLOBAL:
+    if plan.removal in (PoolRemoval.GLOBAL, PoolRemoval.RESAMPLING):
         size = shape(head.pool.source)[2:]
     elif head.map_node is not None:
         size = head.spatial

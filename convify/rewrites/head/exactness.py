@@ -18,7 +18,7 @@ class Exactness(enum.Enum):
     EXACT = "exact"                        # the same output at the traced size
     SCORE_MAP_MEAN = "score map mean"      # dense: a score map whose mean over positions is the original output
     PER_POSITION = "per-position"          # dense: a classifier at each position; its mean is not the original
-    APPROXIMATE = "approximate"            # gap: an initialization (``init="fit"`` fits it on calibration data)
+    APPROXIMATE = "approximate"            # gap, gap_mlp: an initialization (``calibration=`` fits it)
 
     @property
     def exact(self) -> bool:
@@ -33,13 +33,19 @@ def judge(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[Exactness, st
     point_map = not removed_global or all(s == 1 for s in shape(head.pool.source)[2:])
     if plan.mode is HeadMode.CONV and (not plan.dense or point_map):
         return Exactness.EXACT, None
-    if plan.mode is HeadMode.GAP and not removed_global:
+    if plan.collapsed:
+        return Exactness.APPROXIMATE, (
+            "not exact: the paper's GAP head replaces the MLP (one 1x1 convolution to the classes, global "
+            "average pooling; the hidden layers are gone); initialized with the product of the head's weight "
+            "matrices summed over the positions (exact on spatially constant maps when the activations between "
+            "the Linear layers are identities); calibration= fits it toward the original logits")
+    if plan.mode.averages and not removed_global:
         if all(s == 1 for s in head.spatial):
             return Exactness.EXACT, None
         return Exactness.APPROXIMATE, (
-            "gap: the Linear read a flattened map, so a global-average head cannot be exact; initialized with "
-            "its weights summed over the positions (exact on spatially constant maps)")
-    if plan.mode is HeadMode.GAP and not plan.dense:
+            f"{plan.mode.value}: the Linear read a flattened map, so a global-average head cannot be exact; "
+            "initialized with its weights summed over the positions (exact on spatially constant maps)")
+    if plan.mode.averages and not plan.dense:
         if affine_front:
             return Exactness.EXACT, None
         return Exactness.APPROXIMATE, ("gap: the ops between the pooling and the Linear are not affine (a "

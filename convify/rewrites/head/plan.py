@@ -7,6 +7,7 @@ it stays when it had better go. :mod:`.building` carries it out and
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -16,10 +17,16 @@ from .matching import Head, PoolKind, shape
 
 
 class HeadMode(enum.Enum):
-    """What the first Linear becomes (``HeadOptions.mode``)."""
+    """What the head becomes (``HeadOptions.mode``)."""
 
-    CONV = "conv"    # ConvNd(C, K, kernel=S_P): exact at the traced size
-    GAP = "gap"      # a 1x1 convolution, then global average pooling
+    CONV = "conv"          # ConvNd(C, K, kernel=S_P), the rest 1x1: exact at the traced size
+    GAP = "gap"            # the paper's head: one 1x1 convolution to the K classes, global average pooling
+    GAP_MLP = "gap_mlp"    # a 1x1 convolution, global average pooling, the rest of the MLP as 1x1 convolutions
+
+    @property
+    def averages(self) -> bool:
+        """Whether the head reads a global average of the map (``gap``, ``gap_mlp``)."""
+        return self is not HeadMode.CONV
 
 
 class PoolRemoval(enum.Enum):
@@ -28,6 +35,7 @@ class PoolRemoval(enum.Enum):
     NONE = "none"            # no pooling, or it stays in front of the head
     GLOBAL = "global"        # a global average pooling was removed: the head runs at every position
     IDENTITY = "identity"    # an adaptive average pooling that is an identity at the traced size was removed
+    RESAMPLING = "resampling"  # gap: an adaptive average pooling that resamples was removed (the global average follows)
 
 
 @dataclass(frozen=True)
@@ -39,7 +47,10 @@ class HeadPlan:
     flatten was a spatial reduction) the pooling's input; the per-position ops
     between pooling and flatten are replayed on it. ``kernel`` is the first
     convolution's kernel. ``note`` says why a pooling stays where
-    ``dense``/``gap`` wanted it gone.
+    ``dense``/``gap`` wanted it gone. ``collapsed``: the paper's GAP head,
+    one 1x1 convolution to the classes whose weights come from the whole
+    head; its hidden layers are dropped. ``kept_mlp`` says why ``gap`` built
+    ``gap_mlp`` instead (the head is no chain).
     """
 
     mode: HeadMode
@@ -48,13 +59,26 @@ class HeadPlan:
     kernel: tuple[int, ...]
     removal: PoolRemoval
     note: str | None = None
+    collapsed: bool = False
+    kept_mlp: str | None = None
 
 
 def plan_head(head: Head, mode: HeadMode, dense: bool) -> HeadPlan:
     """The plan for ``head`` in ``mode``; ``dense`` also removes what pins the
-    spatial size (a global average pooling, an adaptive one that is an identity)."""
+    spatial size (a global average pooling, an adaptive one that is an identity).
+
+    ``gap`` on a head that reads a flattened map (VGG, AlexNet, LeNet) is the
+    paper's head (:func:`_collapse`); on a head behind a global average it
+    is ``gap_mlp``, which is exact there."""
+    if mode is HeadMode.GAP and reads_positions(head):
+        branching = chain_break(head)
+        if branching is None:
+            return _collapse(head, dense)
+        return dataclasses.replace(plan_head(head, HeadMode.GAP_MLP, dense), kept_mlp=(
+            f"gap: {branching}, so its hidden layers cannot be dropped; kept them as 1x1 convolutions behind "
+            "the global average, as mode='gap_mlp' does"))
     pool = head.pool
-    want_free = dense or mode is HeadMode.GAP  # the pool should not pin the size
+    want_free = dense or mode.averages  # the pool should not pin the size
     if head.map_node is None:  # a reduction over the spatial dims, fused with the flatten
         if want_free and pool.kind is PoolKind.AVG:
             return HeadPlan(mode, dense, pool.source, head.spatial, PoolRemoval.GLOBAL)
@@ -75,3 +99,38 @@ def plan_head(head: Head, mode: HeadMode, dense: bool) -> HeadPlan:
     if pool.is_global and not pool.is_identity:
         return HeadPlan(mode, dense, pool.source, (1,) * head.dims, PoolRemoval.GLOBAL)
     return HeadPlan(mode, dense, pool.source, head.spatial, PoolRemoval.IDENTITY)
+
+
+def reads_positions(head: Head) -> bool:
+    """Whether the head's first Linear reads more than one position of a map
+    (a flattened map, not a global average)."""
+    return head.map_node is not None and any(s != 1 for s in head.spatial)
+
+
+def chain_break(head: Head) -> str | None:
+    """Why the head's tree is no chain ``Linear -> ... -> Linear -> ...`` whose
+    last node alone is read outside it (a hidden layer that is also an output,
+    two Linears on one hidden layer), or None when it is one."""
+    inside = set(head.tree)
+    last = head.tree[-1]
+    for node in head.tree:
+        users = [u for u in node.users if u in inside]
+        if len(users) > 1:
+            return f"the head branches at {node.name} ({', '.join(u.name for u in users)})"
+        if node is not last and len(users) < len(node.users):
+            return f"{node.name}, a hidden layer of the head, is also read outside it"
+    return None
+
+
+def _collapse(head: Head, dense: bool) -> HeadPlan:
+    """The paper's GAP head: one 1x1 convolution on the map in front of the
+    flatten; an average pooling there (adaptive, at any size) goes too, since
+    the global average after the convolution takes its place."""
+    pool, kernel = head.pool, (1,) * head.dims
+    if pool is None:
+        return HeadPlan(HeadMode.GAP, dense, head.map_node, kernel, PoolRemoval.NONE, collapsed=True)
+    if pool.kind is not PoolKind.AVG:
+        return HeadPlan(HeadMode.GAP, dense, head.map_node, kernel, PoolRemoval.NONE,
+                        f"{pool.desc} is no average: kept before the head", collapsed=True)
+    removal = PoolRemoval.IDENTITY if pool.is_identity else PoolRemoval.RESAMPLING
+    return HeadPlan(HeadMode.GAP, dense, pool.source, kernel, removal, collapsed=True)
