@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from . import ops
 from .errors import ExampleInputError, TraceError, one_line
 
 META = "convify"

@@ -79,3 +79,13 @@ def test_convify_leaf_modules_stay_one_call_when_retraced():
     gm = G.trace(nn.Sequential(MatmulConv2d(4, 3, 2), nn.ReLU()))
     assert [n.op for n in gm.graph.nodes][1] == "call_module"
     assert type(gm.get_submodule("0")) is MatmulConv2d
+
+
+def test_meta_shape_propagation_shortcuts_shape_preserving_modules():
+    """On meta tensors, BatchNorm and activations hand their input on (no fallback to a real forward)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    gm = G.trace(model, (nn.MaxPool2d,))
+    with torch.no_grad(), G.meta_weights(gm):
+        G.ShapeProp(gm, shortcut_shape_preserving=True).run(torch.randn(1, 3, 10, 10, device="meta"))
+    assert [G.info(n).shape for n in gm.graph.nodes if n.op == "call_module"] == [
+        (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 4, 4)]
