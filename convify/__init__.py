@@ -32,11 +32,14 @@ _LAZY = {
     "save": "convify.io",
     "distill": "convify.distillation",
     "History": "convify.distillation",
+    "dense_map": "convify.dense",
+    "receptive_field": "convify.geometry",
 }
 
 __all__ = [
     "replace_maxpool", "replace_linear_head", "convify", "report", "export_onnx", "verify", "load",
-    "distill", "Report", "Verification", "History", "ConvifyError", "save", "__version__",
+    "distill", "Report", "Verification", "History", "ConvifyError", "save", "dense_map", "receptive_field",
+    "__version__",
 ]
 
 

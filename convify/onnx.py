@@ -57,7 +57,7 @@ class ExportResult:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *,
-                dynamic_batch: bool = True, dynamic_spatial: bool = False, opset: int | None = None,
+                dynamic_batch: bool = True, dynamic_spatial: bool | None = None, opset: int | None = None,
                 exporter: str = "dynamo", verbose: bool = False) -> Path:
     """Export ``model`` (an ``nn.Module`` or a convify ``GraphModule``) to one ONNX file.
 
@@ -69,6 +69,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
         dynamic_batch: make dimension 0 of every input and output dynamic.
         dynamic_spatial: make every input dimension after the channels dynamic
             (height and width), so a fully convolutional model runs at other sizes.
+            ``None`` (the default): dynamic for a model made with
+            ``replace_linear_head(..., dense=True)`` (its report says so), fixed otherwise.
         opset: ONNX opset version; the exporter's default when ``None``.
         exporter: ``"dynamo"`` (torch's current exporter; on failure the legacy one
             is used with an ``ExportFallbackWarning`` stating the reason) or ``"legacy"``.
@@ -87,11 +89,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *, dynamic_batch: bool = True,
-           dynamic_spatial: bool = False, opset: int | None = None, exporter: str = "dynamo",
+           dynamic_spatial: bool | None = None, opset: int | None = None, exporter: str = "dynamo",
            verbose: bool = False) -> ExportResult:
     """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
+    if dynamic_spatial is None:
+        from .dense import is_dense  # noqa: PLC0415
+
+        dynamic_spatial = is_dense(model)
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be 'dynamo' or 'legacy', not {exporter!r}")
     path = Path(path)
