@@ -449,7 +449,12 @@ class _runner:  # noqa: N801  (a context manager used as a function)
         if onnx is None or onnx is False:
             return _TorchRunner(model, device, dtype)
         if onnx is True:
+            import onnxruntime as ort  # noqa: PLC0415
+
             from .onnx import export_onnx  # noqa: PLC0415
+            from .verification import _provider  # noqa: PLC0415
+
+            _provider(provider, ort)  # an unavailable provider fails before the export, not after
 
             self.tmp = tempfile.TemporaryDirectory(prefix="convify-dense-")
             side = max(minimum_tile(a) for a in graph_geometry(G.trace(model)).axes)
