@@ -128,7 +128,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     parser.add_argument("--json", type=Path, help="append the rows to this JSON-lines file too")
+    parser.add_argument("--from-json", type=Path, help="only render (and --write) the rows of a JSON-lines file")
+    parser.add_argument("--note", default="", help="a sentence added under the table (with --from-json)")
     args = parser.parse_args()
+    if args.from_json:
+        import torch
+
+        rows = [json.loads(line) for line in args.from_json.read_text().splitlines() if line.strip()]
+        text = (f"## Tiled dense scanning against one pass (`benchmarks/dense_tiles.py`)\n\n"
+                f"On {platform.machine()}, 2 threads, torch {torch.__version__}; each run is one fresh process "
+                "(peak RSS = `ru_maxrss`, model weights and the uint8 image included); one timed run each, random "
+                "weights, random uint8 image. Halo overhead: input pixels computed over image pixels. "
+                + args.note + "\n\n" + table(rows))
+        print(text)
+        if args.write:
+            sys.path.insert(0, str(HERE))
+            from results import write_section
+
+            write_section("dense-tiles", text)
+        return
     if args.child:
         model, size, mode, threads = args.child
         print(json.dumps(child(model, int(size), mode, int(threads))))

@@ -378,17 +378,17 @@ def run_scan(args: argparse.Namespace) -> int:
         with progress.step("loading the model"):
             src = _open_model(args)
             shape = _resolve_shape(src, shape)
+            try:  # read before any conversion: a bad image fails fast
+                image = load_image(args.image, shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3)
+            except DataError as e:
+                raise UsageError(str(e)) from e
         model = src.model.eval()
+        converted = not is_dense(model)
         with progress.step("converting the head (dense=True)"):
-            if not is_dense(model):
+            if converted:
                 from . import replace_linear_head  # noqa: PLC0415
 
                 model = replace_linear_head(model, _random_input(model, shape), dense=True)
-                _note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
-    try:
-        image = load_image(args.image, shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3)
-    except DataError as e:
-        raise UsageError(str(e)) from e
     result = scan(model, image, tile=args.tile, batch_size=args.batch_size, device=args.device,
                   progress=not args.json, onnx=True if args.onnx else None, provider=args.provider,
                   normalize=_IMAGENET if args.normalize == "imagenet" else None)
@@ -414,6 +414,8 @@ def run_scan(args: argparse.Namespace) -> int:
         _print_json({**summary, "written": written})
     else:
         print(_scan_headline(summary))
+    if converted:  # said after success, so that an error stays one line
+        _note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
     for path in written:
         _note(f"wrote {path}")
     return EXIT_OK
