@@ -84,20 +84,22 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
     >>> convify.export_onnx(allconv, "sq.onnx", torch.randn(1, 3, 224, 224), dynamic_spatial=True)
     PosixPath('sq.onnx')
     """
-    return export(model, path, example_input, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
+    if dynamic_spatial is None and isinstance(model, nn.Module):
+        from .dense import is_dense  # noqa: PLC0415
+
+        dynamic_spatial = is_dense(model)
+    return export(model, path, example_input, dynamic_batch=dynamic_batch, dynamic_spatial=bool(dynamic_spatial),
                   opset=opset, exporter=exporter, verbose=verbose).path
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *, dynamic_batch: bool = True,
-           dynamic_spatial: bool | None = None, opset: int | None = None, exporter: str = "dynamo",
+           dynamic_spatial: bool = False, opset: int | None = None, exporter: str = "dynamo",
            verbose: bool = False) -> ExportResult:
-    """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why)."""
+    """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why). Spatial axes
+    are fixed unless asked for: ``verify`` exports at its example size (and wraps dense models in an
+    average over positions, which the legacy exporter cannot make dynamic)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
-    if dynamic_spatial is None:
-        from .dense import is_dense  # noqa: PLC0415
-
-        dynamic_spatial = is_dense(model)
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be 'dynamo' or 'legacy', not {exporter!r}")
     path = Path(path)
