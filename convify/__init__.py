@@ -33,12 +33,14 @@ _LAZY = {
     "distill": "convify.distillation",
     "History": "convify.distillation",
     "matmul_heads": "convify.head_matmul",
+    "dense_map": "convify.dense",
+    "receptive_field": "convify.geometry",
 }
 
 __all__ = [
     "replace_maxpool", "replace_linear_head", "convify", "report", "export_onnx", "verify", "load",
-    "distill", "Report", "Verification", "History", "ConvifyError", "save", "__version__",
-    "matmul_heads",
+    "distill", "Report", "Verification", "History", "ConvifyError", "save", "matmul_heads", "dense_map",
+    "receptive_field", "__version__",
 ]
 
 

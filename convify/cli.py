@@ -6,6 +6,7 @@
     convify rewrite --arch torchvision:resnet18 --weights resnet18.pth -o allconv.pt --onnx allconv.onnx
     convify verify allconv.pt --head none
     convify export allconv.pt -o allconv.onnx --dynamic-spatial
+    convify scan --arch torchvision:resnet18 --weights resnet18.pth slide.tiff -o scores.npy --png heat.png
 
 Exit codes: 0 success (also when there was nothing to rewrite), 1 a failed
 rewrite or verification, 2 bad usage or unreadable input. Errors are one line
@@ -119,8 +120,11 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, help="relative tolerance (default: convify.verify's)")
 
 
-def _onnx_arguments(p: argparse.ArgumentParser) -> None:
+def _onnx_arguments(p: argparse.ArgumentParser, spatial: bool = True) -> None:
     g = p.add_argument_group("ONNX export")
+    if spatial:
+        g.add_argument("--dynamic-spatial", action=argparse.BooleanOptionalAction, default=None,
+                       help="make height and width dynamic (default: yes for a --dense model, no otherwise)")
     g.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                    help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
     g.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -226,7 +230,8 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
         torch.save(payload, tmp)
         if args.onnx:
             progress.set("exporting to ONNX")
-            _export(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset)
+            _export(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset,
+                    dynamic_spatial=args.dynamic_spatial)
             written.append(args.onnx)
 
     ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
@@ -254,7 +259,6 @@ def _emit(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", 
 def _add_export(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     _output_arguments(p, "the .onnx file to write")
-    p.add_argument("--dynamic-spatial", action="store_true", help="make height and width dynamic too")
     _onnx_arguments(p)
 
 
@@ -288,7 +292,7 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
     _rewrite_arguments(p)
     _verify_arguments(p)
-    _onnx_arguments(p)
+    _onnx_arguments(p, spatial=False)
     _json_argument(p)
 
 
@@ -325,6 +329,111 @@ def _verification_dict(verification: Any) -> dict[str, Any] | None:
     if callable(to_dict):
         return to_dict()
     return {"passed": bool(verification.passed), "table": str(verification)}
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _add_scan(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("image", metavar="IMAGE", help="a PNG, JPEG or TIFF image of any size")
+    _output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W')")
+    g = p.add_argument_group("scanning (convify.dense_map)")
+    g.add_argument("--png", metavar="FILE.png",
+                   help="also write a heat map over the image: each position in its top class's colour")
+    g.add_argument("--class", dest="class_index", type=int, metavar="K",
+                   help="with --png: the probability map of class K instead of the top class")
+    g.add_argument("--tile", type=int, metavar="N",
+                   help="tile side in input pixels (default: the largest that fits in memory)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="tiles per forward pass (default: what fits)")
+    g.add_argument("--normalize", choices=["none", "imagenet"], default="none",
+                   help="pixels are scaled to [0, 1]; imagenet: then normalized with ImageNet's mean and std")
+    g.add_argument("--device", help="torch device for the model (default: cpu)")
+    g.add_argument("--onnx", action="store_true",
+                   help="run the tiles through onnxruntime (the model exported with dynamic height and width)")
+    g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="with --onnx: onnxruntime provider (default: cpu)")
+    _json_argument(p)
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    """Score every window of IMAGE with MODEL made dense, in exact tiles; write OUT.npy (and a PNG)."""
+    import numpy as np  # noqa: PLC0415
+
+    from . import io as ck  # noqa: PLC0415
+    from .dense import heatmap, is_dense, load_image, scan  # noqa: PLC0415
+    from .errors import DataError  # noqa: PLC0415
+
+    inputs = [args.model, args.weights, args.image]
+    ck.check_output(args.output, force=args.force, inputs=inputs)
+    if args.png:
+        ck.check_output(args.png, force=args.force, inputs=inputs + [args.output])
+    if not os.path.isfile(args.image):
+        raise UsageError(f"{args.image}: no such image file")
+    shape = _given_shape(args)
+    with _Progress(2) as progress:
+        with progress.step("loading the model"):
+            src = _open_model(args)
+            shape = _resolve_shape(src, shape)
+            try:  # read before any conversion: a bad image fails fast
+                image = load_image(args.image, shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3)
+            except DataError as e:
+                raise UsageError(str(e)) from e
+        model = src.model.eval()
+        converted = not is_dense(model)
+        with progress.step("converting the head (dense=True)"):
+            if converted:
+                from . import replace_linear_head  # noqa: PLC0415
+
+                model = replace_linear_head(model, _random_input(model, shape), dense=True)
+    result = scan(model, image, tile=args.tile, batch_size=args.batch_size, device=args.device,
+                  progress=not args.json, onnx=True if args.onnx else None, provider=args.provider,
+                  normalize=_IMAGENET if args.normalize == "imagenet" else None)
+    scores = result.scores
+    assert scores is not None  # one process: rank 0
+    written = [args.output]
+
+    def write(tmp: Any) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, scores.numpy().astype(np.float32))
+        if args.png:
+            picture = heatmap(result.image, scores, result.plan.geometry, args.class_index)
+            ck.atomic_write(args.png, lambda t: picture.save(t, format="PNG"), force=args.force,
+                            inputs=inputs + [args.output])
+            written.append(args.png)
+
+    if args.class_index is not None and not 0 <= args.class_index < scores.shape[1]:
+        raise UsageError(f"--class {args.class_index}: the map has {scores.shape[1]} classes "
+                         f"(0 .. {scores.shape[1] - 1})")
+    ck.atomic_write(args.output, write, force=args.force, inputs=inputs)
+    summary = _scan_summary(src.label, result)
+    if args.json:
+        _print_json({**summary, "written": written})
+    else:
+        print(_scan_headline(summary))
+    if converted:  # said after success, so that an error stays one line
+        _note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
+    for path in written:
+        _note(f"wrote {path}")
+    return EXIT_OK
+
+
+def _scan_summary(label: str, result: Any) -> dict[str, Any]:
+    plan = result.plan
+    return {"model": label, "image": list(result.image.shape), "map": list(result.scores.shape),
+            "geometry": plan.geometry.to_dict(), "tile": list(plan.tile), "tiles": len(plan.tiles),
+            "batch_size": result.batch_size, "halo_overhead": round(plan.overhead, 4), "runner": result.runner}
+
+
+def _scan_headline(s: dict[str, Any]) -> str:
+    g = s["geometry"]
+    return (f"{s['model']}  image {_shape_text(s['image'])} -> map {_shape_text(s['map'])}  stride "
+            f"{_shape_text(g['stride'])}, receptive field {_shape_text(g['size'])}, offset "
+            f"{','.join(map(str, g['offset']))}  {s['tiles']} tiles of {_shape_text(s['tile'])} (halo overhead "
+            f"{s['halo_overhead']:.2f}x) on {s['runner']}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -450,6 +559,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "export a model or convify checkpoint to ONNX", _add_export, run_export),
     Command("verify", "rewrite in memory and verify it through onnxruntime; writes nothing", _add_verify,
             run_verify),
+    Command("scan", "score every window of a large image in exact tiles (convify.dense_map)", _add_scan,
+            run_scan),
     Command("demo", "rewrite, export and verify a small model, step by step", None, run_demo),
     Command("distill", "train a rewritten model toward the original on a folder of images", _add_distill,
             run_distill),

@@ -57,7 +57,7 @@ class ExportResult:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *,
-                dynamic_batch: bool = True, dynamic_spatial: bool = False, opset: int | None = None,
+                dynamic_batch: bool = True, dynamic_spatial: bool | None = None, opset: int | None = None,
                 exporter: str = "dynamo", verbose: bool = False) -> Path:
     """Export ``model`` (an ``nn.Module`` or a convify ``GraphModule``) to one ONNX file.
 
@@ -69,6 +69,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
         dynamic_batch: make dimension 0 of every input and output dynamic.
         dynamic_spatial: make every input dimension after the channels dynamic
             (height and width), so a fully convolutional model runs at other sizes.
+            ``None`` (the default): dynamic for a model made with
+            ``replace_linear_head(..., dense=True)`` (its report says so), fixed otherwise.
         opset: ONNX opset version; the exporter's default when ``None``.
         exporter: ``"dynamo"`` (torch's current exporter; on failure the legacy one
             is used with an ``ExportFallbackWarning`` stating the reason) or ``"legacy"``.
@@ -82,14 +84,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
     >>> convify.export_onnx(allconv, "sq.onnx", torch.randn(1, 3, 224, 224), dynamic_spatial=True)
     PosixPath('sq.onnx')
     """
-    return export(model, path, example_input, dynamic_batch=dynamic_batch, dynamic_spatial=dynamic_spatial,
+    if dynamic_spatial is None and isinstance(model, nn.Module):
+        from .dense import is_dense  # noqa: PLC0415
+
+        dynamic_spatial = is_dense(model)
+    return export(model, path, example_input, dynamic_batch=dynamic_batch, dynamic_spatial=bool(dynamic_spatial),
                   opset=opset, exporter=exporter, verbose=verbose).path
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *, dynamic_batch: bool = True,
            dynamic_spatial: bool = False, opset: int | None = None, exporter: str = "dynamo",
            verbose: bool = False) -> ExportResult:
-    """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why)."""
+    """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why). Spatial axes
+    are fixed unless asked for: ``verify`` exports at its example size (and wraps dense models in an
+    average over positions, which the legacy exporter cannot make dynamic)."""
     if not isinstance(model, nn.Module):
         raise ExportError(f"export_onnx needs a torch.nn.Module, got {type(model).__name__}")
     if exporter not in EXPORTERS:

@@ -343,8 +343,8 @@ def test_verify_json_passes_an_exact_head_rewrite(tmp_path):
 
 
 def test_readme_dense_rewrite_then_dynamic_spatial_export_runs_at_two_sizes(tmp_path):
-    """The README's command (rewrite --dense --onnx --verify), then export
-    --dynamic-spatial, run in onnxruntime at the traced size and at a larger, non-square one."""
+    """The README's command (rewrite --dense --onnx --verify): a dense model's ONNX file takes any height and
+    width without being asked; export --dynamic-spatial does the same, --no-dynamic-spatial pins the size."""
     import onnxruntime as ort
 
     proc = run("rewrite", *TINY, "--dense", "-o", "dense.pt", "--onnx", "dense.onnx", "--verify", cwd=tmp_path)
@@ -352,21 +352,103 @@ def test_readme_dense_rewrite_then_dynamic_spatial_export_runs_at_two_sizes(tmp_
     assert "dense=True" in proc.stdout and "convify verify: PASSED" in proc.stdout
     proc = run("export", "dense.pt", "--trust-code", "--dynamic-spatial", "-o", "dynamic.onnx", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert listing(tmp_path) == ["dense.onnx", "dense.pt", "dynamic.onnx"]
+    proc = run("export", "dense.pt", "--trust-code", "--no-dynamic-spatial", "-o", "fixed.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert listing(tmp_path) == ["dense.onnx", "dense.pt", "dynamic.onnx", "fixed.onnx"]
     model = convify.load(tmp_path / "dense.pt", trust_code=True)
     assert convify.report(model).last.options["dense"] is True
-    fixed, dynamic = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
-                      for name in ("dense.onnx", "dynamic.onnx"))
+    rewritten, dynamic, fixed = (ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                                 for name in ("dense.onnx", "dynamic.onnx", "fixed.onnx"))
     g = torch.Generator().manual_seed(0)
     for (h, w), scores in [((16, 16), (1, 1)), ((32, 24), (5, 3))]:  # 4x4 head kernel on an 8x6 map: 5x3
         x = torch.randn(2, 3, h, w, generator=g)
         with torch.no_grad():
             want = model(x)
         assert want.shape == (2, 10, *scores)
-        sessions = (fixed, dynamic) if (h, w) == (16, 16) else (dynamic,)
+        sessions = (rewritten, dynamic, fixed) if (h, w) == (16, 16) else (rewritten, dynamic)
         for session in sessions:
             got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
             assert got.shape == want.shape and rel_err(got, want) <= 1e-4
+    with pytest.raises(Exception, match="Got invalid dimensions for input"):
+        fixed.run(None, {"input": torch.randn(1, 3, 32, 24).numpy()})
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _png(path: Path, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    Image.fromarray(pixels.numpy()).save(path)
+    return pixels.permute(2, 0, 1)
+
+
+def _tiny_dense() -> torch.nn.Module:
+    return convify.replace_linear_head(tiny_net().eval(), torch.zeros(1, 3, 16, 16), dense=True)
+
+
+def test_scan_converts_the_head_and_writes_the_map_and_a_heat_map(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pixels = _png(tmp_path / "big.png", 70, 61)
+    proc = run("scan", *TINY, "big.png", "-o", "scores.npy", "--png", "heat.png", "--tile", "24", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "is not dense: converted its head" in proc.stderr
+    assert re.search(r"image 3x70x61 -> map 1x10x14x12 .* stride 4x4, receptive field 2\dx2\d", proc.stdout)
+    assert listing(tmp_path) == ["big.png", "heat.png", "scores.npy"]
+    scores = torch.from_numpy(np.load(tmp_path / "scores.npy"))
+    with torch.no_grad():
+        want = _tiny_dense()(pixels[None].float() / 255)
+    assert scores.shape == want.shape and rel_err(scores, want) <= 1e-5
+    assert Image.open(tmp_path / "heat.png").size == (61, 70)
+    # the same through onnxruntime, as JSON; a per-class heat map
+    proc = run("scan", *TINY, "big.png", "-o", "ort.npy", "--onnx", "--json", "--png", "class3.png", "--class", "3",
+               "--tile", "24", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["runner"] == "onnxruntime (cpu)" and summary["tiles"] > 1 and summary["map"] == [1, 10, 14, 12]
+    assert rel_err(torch.from_numpy(np.load(tmp_path / "ort.npy")), want) <= 1e-4
+
+
+def test_scan_reads_a_dense_checkpoint_as_it_is(tmp_path):
+    import numpy as np
+
+    pixels = _png(tmp_path / "image.png", 40, 52)
+    assert run("rewrite", *TINY, "--dense", "-o", "dense.pt", cwd=tmp_path).returncode == 0
+    proc = run("scan", "dense.pt", "image.png", "--trust-code", "-o", "scores.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "converted its head" not in proc.stderr
+    model = convify.load(tmp_path / "dense.pt", trust_code=True)
+    with torch.no_grad():
+        want = model(pixels[None].float() / 255)
+    assert rel_err(torch.from_numpy(np.load(tmp_path / "scores.npy")), want) <= 1e-5
+
+
+@pytest.mark.parametrize("case, args, match, code", [
+    ("existing output", ["image.png", "-o", "taken.npy"], r"taken.npy exists: pass --force", 2),
+    ("missing image", ["nothing.png", "-o", "s.npy"], r"nothing.png: no such image file", 2),
+    ("not an image", ["notes.png", "-o", "s.npy"], r"notes.png: cannot read it as an image", 2),
+    ("no such class", ["image.png", "-o", "s.npy", "--png", "h.png", "--class", "10"], r"--class 10: the map has 10", 2),
+    ("tile too small", ["image.png", "-o", "s.npy", "--tile", "0"], r"tile must be a positive number", 2),
+])
+def test_scan_errors_are_one_line_and_write_nothing(tmp_path, case, args, match, code):
+    _png(tmp_path / "image.png", 30, 30)
+    (tmp_path / "taken.npy").write_bytes(b"old")
+    (tmp_path / "notes.png").write_text("not a picture")
+    before = listing(tmp_path)
+    proc = run("scan", *TINY, *args, cwd=tmp_path)
+    assert_one_line_error(proc, match, code)
+    assert listing(tmp_path) == before and (tmp_path / "taken.npy").read_bytes() == b"old"
+
+
+def test_scan_of_a_model_that_cannot_be_dense_names_the_node(tmp_path):
+    _png(tmp_path / "image.png", 30, 30)
+    proc = run("scan", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "image.png", "-o",
+               "s.npy", cwd=tmp_path)
+    assert_one_line_error(proc, r"node '_3' .*AdaptiveAvgPool2d.*not dense", 1)
+    assert listing(tmp_path) == ["image.png"]
 
 
 def read_terminal(pid: int, fd: int, seconds: float) -> tuple[bytes, int | None]:

@@ -53,6 +53,9 @@ def test_dense_heatmap(tmp_path: Path) -> None:
     hits = re.search(r"item's class: (\d+)/(\d+)", stdout)
     assert hits, stdout
     assert int(hits[1]) > 0.5 * int(hits[2]), stdout  # the stand-in is easy: chance would be 10%
+    large = re.search(r"large canvas 256x256: (\d+) tiles .* max dev / max ([0-9.e+-]+)", stdout)
+    assert large and int(large[1]) > 1 and float(large[2]) <= 1e-5, stdout  # tiled, and equal to one pass
+    assert_small_png(tmp_path / "dense_heatmap_large.png")
 
 
 def test_class_activation_map(tmp_path: Path) -> None:
