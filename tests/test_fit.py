@@ -166,8 +166,10 @@ def test_original_target_lowers_the_model_error(mode: str) -> None:
 
 def test_original_target_falls_back_with_a_note_when_calls_do_not_line_up() -> None:
     model = reinit(TwoPools()).eval()
+    model.p2 = nn.MaxPool2d(3, 2)  # p1 folds; p2 cannot (c2 at stride 2 gives 4x4, the pool 3x3): a conv to fit
     fold = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
     rep = convify.report(fold)
+    assert [r.detail.outcome.value for r in rep.replaced] == ["fold", "conv"]
     assert any("fitted toward max pooling of the rewritten model's own activations" in n
                and "the original ran 2 max poolings" in n for n in rep.notes)
     fitted = [r for r in rep.replaced if r.fit is not None]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import convify
 from convify.reference import avg_reference
 from convify.rewrites.maxpool import PoolOutcome
+from convify.zoo import model_c
 from conftest import assert_input_dependent, rel_err, reinit
 from convify.errors import ExampleInputError, OptionError
 from zoo import MAXPOOL_ZOO, build
@@ -371,6 +372,61 @@ def test_fold_mode_moves_stride_onto_producer():
         expected = F.avg_pool2d(F.avg_pool2d(y, 3, 2, 1) + 0 * y.mean(), 2)
         assert rel_err(out(x), expected) <= 1e-5
     assert model.conv1.stride == (1, 1)
+
+
+def plain_chain() -> nn.Module:
+    """conv -> BN -> ReLU -> maxpool -> conv -> ReLU -> maxpool (issue 13's report)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def vgg_chain() -> nn.Module:
+    """VGG-style: two convolutions, then a pool, three times."""
+    layers: list[nn.Module] = []
+    for cin, cout in [(3, 8), (8, 16), (16, 16)]:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("make,size", [
+    (plain_chain, 32), (vgg_chain, 32), (lambda: model_c(8), 32), (lambda: model_c(8, batch_norm=True), 33),
+    (lambda: build("vgg11", seed=1), 64)], ids=["plain", "vgg_style", "model_c", "model_c_bn", "vgg11"])
+def test_fold_chains_fold_every_pool(make, size):
+    """Each fold is decided on the shapes as they are after the earlier folds."""
+    model = reinit(make()).eval()
+    x = torch.randn(2, 3, size, size)
+    pool_shapes = []
+    hooks = [m.register_forward_hook(lambda _m, a, o: pool_shapes.append((tuple(a[0].shape), tuple(o.shape))))
+             for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    out = convify.replace_maxpool(model, x[:1], mode="fold")
+    rows = convify.report(out).replaced
+    assert len(rows) == len(pool_shapes) > 1
+    assert [r.detail.fold_blocker for r in rows] == [None] * len(rows)
+    assert all(r.detail.outcome is PoolOutcome.FOLD for r in rows)
+    assert [(r.in_shape, r.out_shape) for r in rows] == pool_shapes
+    assert pools_left(out) == []
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert out(x).shape == model(x).shape
+
+
+def test_fold_chain_computes_the_strided_network():
+    model = reinit(plain_chain()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = convify.replace_maxpool(model, x[:1], mode="fold")
+    rows = convify.report(out).replaced
+    assert [(r.module, r.in_shape, r.out_shape) for r in rows] == [
+        ("0", (1, 8, 32, 32), (1, 8, 16, 16)), ("4", (1, 8, 16, 16), (1, 8, 8, 8))]
+    c1, bn, c2 = model[0], model[1], model[4]
+    with torch.no_grad():
+        h = F.relu(bn(F.conv2d(x, c1.weight, c1.bias, 2, 1)))
+        expected = F.relu(F.conv2d(h, c2.weight, c2.bias, 2, 1))
+        assert rel_err(out(x), expected) <= 1e-6
 
 
 def test_fold_refused_when_shape_would_change():

@@ -392,6 +392,19 @@ def _fold_blocker(gm: fx.GraphModule, site: Site) -> str | None:
     return None
 
 
+def _now_pool_sized(producer: fx.Node, pool: fx.Node, out: G.TensorInfo | None) -> None:
+    """After a fold, the convolution and the elementwise ops up to the pool
+    output what the pool did (the fold was allowed because the shapes agree):
+    say so in their recorded shapes, so that a later fold, or a later site's
+    report row, reads the shapes as they are now, not as they were before."""
+    cur = pool.args[0] if pool.args else pool.kwargs.get("input")
+    while isinstance(cur, fx.Node):
+        cur.meta[G.META] = out
+        if cur is producer:
+            return
+        cur = cur.args[0]
+
+
 def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
     params: PoolParams = site.params
     producer, _ = _fold_chain(gm, site)
@@ -400,6 +413,7 @@ def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
     conv.stride = params.stride
     node = site.node
     inp, out = G.input_info(node), G.info(node)  # read before the node is erased
+    _now_pool_sized(producer, node, out)
     node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
     gm.graph.erase_node(node)
     return Replaced(
