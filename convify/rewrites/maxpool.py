@@ -278,7 +278,7 @@ class ReplaceMaxPool(Rewrite):
         # third of replace_maxpool's time on googlenet, whose pools have up to 832 channels)
         conv = nn.utils.skip_init(ops.CONV_MODULES[params.dims], channels, channels, params.kernel, stride=params.stride,
                                   padding=params.padding, dilation=params.dilation,
-                                  groups=channels if depthwise else 1, bias=True, device=inp.device,
+                                  groups=channels if depthwise else 1, bias=True, device=_device_at(gm, node, inp),
                                   dtype=inp.dtype)
         self._initialize(conv, params, channels, depthwise)
         if node.op == "call_module":
@@ -330,6 +330,38 @@ class ReplaceMaxPool(Rewrite):
                 conv.weight = nn.Parameter(W.average_weight(channels, params.kernel, depthwise=depthwise,
                                                             dtype=conv.weight.dtype, device=conv.weight.device))
             conv.bias.zero_()
+
+
+def _device_at(gm: fx.GraphModule, node: fx.Node, inp: G.TensorInfo) -> torch.device:
+    """Where a new module at ``node`` must live: with the nearest module
+    upstream that holds floating-point tensors, else with the model.
+
+    Not the recorded device: shapes are propagated on meta tensors, which
+    record every node on the example input's device. The dtype is the one
+    recorded for the site's input: what arrives there, which the example
+    input check (:func:`convify.inputs.as_args`) keeps in the model's dtype.
+    """
+    seen: set[fx.Node] = set()
+    frontier = list(node.all_input_nodes)
+    while frontier and len(seen) < 64:  # a few hops find it; a pathological graph falls back to the model
+        cur = frontier.pop(0)
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "call_module":
+            found = _first_float(gm.get_submodule(cur.target))
+            if found is not None:
+                return found.device
+        frontier.extend(cur.all_input_nodes)
+    found = _first_float(gm)
+    return found.device if found is not None else inp.device
+
+
+def _first_float(module: nn.Module) -> torch.Tensor | None:
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
 
 
 def _is_getitem(node: fx.Node, index: int) -> bool:
