@@ -44,7 +44,7 @@ from .errors import ExampleInputError, RewriteError, one_line
 from .inputs import to_model
 from .report import Fit, Pass, Replaced
 from .rewrites.head import HeadRecord
-from .rewrites.maxpool import PoolParams, PoolRecord
+from .rewrites.maxpool import PadSame, PoolParams, PoolRecord
 
 #: Ridge strength relative to the mean diagonal of ``X^T X`` (scale-free).
 RIDGE = 1e-4
@@ -270,17 +270,23 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn
     depthwise = site.conv.groups > 1
     targets: list[torch.Tensor] = []
     seen = [0]
+    last_pad: list[tuple[torch.Tensor, torch.Tensor]] = []  # (output, input) of the latest PadSame call
+
+    def pad_hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        last_pad[:] = [(out, args[0])]
 
     def hook(_m: nn.Module, args: tuple) -> None:
         if calls is None:
-            _accumulate(normal, site, args[0], depthwise)
+            _accumulate(normal, site, args[0], depthwise, unpadded=_unpadded(site, args[0], last_pad))
             return
         _accumulate(normal, site, args[0], depthwise, targets[seen[0]])
         seen[0] += 1
         if seen[0] == len(targets):
             raise _Enough  # nothing after the site's last call matters for its fit
 
-    handle = site.conv.register_forward_pre_hook(hook)
+    handles = [site.conv.register_forward_pre_hook(hook)]
+    if site.params.same and calls is None:  # the target pools the input before its PadSame
+        handles += [m.register_forward_hook(pad_hook) for m in model.modules() if isinstance(m, PadSame)]
     try:
         with torch.no_grad(), G.eval_mode(model):
             for batch in batches:
@@ -289,7 +295,8 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn
                     seen[0] = 0
                 _run(model, batch)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if normal.gram is None:
         return "init=fit skipped: the calibration batches never reached this site; kept the average init"
     toward = "the original model's pooling output" if calls else "max pooling of its input"
@@ -307,18 +314,36 @@ def _solve_and_install(conv: nn.modules.conv._ConvNd, normal: _Normal, depthwise
     return Fit(before, after, normal.samples, start, toward)
 
 
+def _unpadded(site: _Site, x: torch.Tensor, last_pad: list[tuple[torch.Tensor, torch.Tensor]]
+              ) -> torch.Tensor | None:
+    """For a "same" site, the input of the ``PadSame`` whose output ``x`` is
+    (the rewrite puts it right before the convolution); None for other sites."""
+    if not site.params.same:
+        return None
+    if not last_pad or last_pad[0][0] is not x:
+        raise RewriteError(f"init='fit' at {site.row.name!r}: the input of its convolution does not come from "
+                           "the PadSame the rewrite put before it; fit toward the original model's pooling "
+                           "outputs instead: replace_maxpool(..., init='fit', fit_target='original')")
+    return last_pad[0][1]
+
+
 def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
-                target: torch.Tensor | None = None) -> None:
+                target: torch.Tensor | None = None, unpadded: torch.Tensor | None = None) -> None:
     """Add one batch arriving at the site's convolution to its normal equations
-    (``target``: what the convolution should output; default: max pooling of ``x``)."""
+    (``target``: what the convolution should output; default: max pooling of
+    the site's input, which is ``unpadded`` for a "same" site, whose
+    convolution reads it zero-padded where the pooling padded with -inf)."""
     p = site.params
     conv = site.conv
     if target is None:
-        # The rewrite pads ceil_mode's extra windows with zeros before the conv;
-        # the original pooling saw the input without them.
-        extra = p.extra_pad
-        unpadded = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
-        target = ops.MAX_POOL_BY_DIMS[p.dims](unpadded, p.kernel, p.stride, p.padding, p.dilation, p.ceil_mode)
+        if p.same:
+            source = unpadded
+        else:
+            # The rewrite pads ceil_mode's extra windows with zeros before the conv;
+            # the original pooling saw the input without them.
+            extra = p.extra_pad
+            source = x[(..., *(slice(0, n - e) for n, e in zip(x.shape[2:], extra)))] if any(extra) else x
+        target = p.pool(source)
     channels = x.shape[1]
     target = target.movedim(1, -1).reshape(-1, channels)
     rows = W.patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)

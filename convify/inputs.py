@@ -13,21 +13,85 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import ExampleInputError, UsageError
+from .errors import ExampleInputError, UsageError, one_line
 from .graph import eval_mode, meta_weights
 
 
 def as_args(model: nn.Module, example_input: Any) -> tuple:
-    """The example input as a tuple of positional arguments (probed if None)."""
+    """The example input as a tuple of positional arguments (probed if None),
+    refused when the model cannot take its dtype or device (:func:`check_dtype_and_device`)."""
     if example_input is None:
         return (probe_input(model),)
     if isinstance(example_input, torch.Tensor):
-        return (example_input,)
-    if isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
-        return tuple(example_input)
-    raise ExampleInputError(
-        f"example_input must be a tensor or a tuple of tensors, not {type(example_input).__name__}"
-    )
+        args: tuple = (example_input,)
+    elif isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+        args = tuple(example_input)
+    else:
+        raise ExampleInputError(
+            f"example_input must be a tensor or a tuple of tensors, not {type(example_input).__name__}"
+        )
+    check_dtype_and_device(model, args)
+    return args
+
+
+def check_dtype_and_device(model: nn.Module, args: Sequence[torch.Tensor]) -> None:
+    """Raise :class:`ExampleInputError` when ``model`` cannot take ``args``'
+    dtype or device.
+
+    Shapes are propagated on meta tensors, which skip the dtype and device
+    checks of a real run: a float32 input to a float64 model would go through
+    and the new modules would come out float32 inside a float64 network. So
+    when a floating-point input's dtype, or any input's device, differs from
+    the model's parameters (or the parameters themselves differ among each
+    other), the model runs the input once for real, and the input is refused
+    if that fails. A model that converts its input itself (``x.to(self.dtype)``)
+    passes; the common case, an input like the model, costs nothing.
+
+    >>> check_dtype_and_device(resnet18().double(), (torch.randn(1, 3, 64, 64),))
+    Traceback (most recent call last):
+    ExampleInputError: example_input is torch.float32 but ResNet's parameters are torch.float64 ...
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    if not tensors:
+        return
+    dtypes = list(dict.fromkeys(t.dtype for t in tensors))
+    devices = list(dict.fromkeys(t.device for t in tensors))
+    if devices == [torch.device("meta")]:
+        return  # a model without data runs nothing; its shapes are all that is asked of it
+    differ = [i for i, t in enumerate(args) if (t.is_floating_point() and t.dtype not in dtypes)
+              or t.device not in devices]
+    if not differ and len(dtypes) == 1 and len(devices) == 1:
+        return
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*args)
+    except Exception as e:
+        raise ExampleInputError(_foreign_input_message(model, args, differ, dtypes, devices, e)) from e
+
+
+def _foreign_input_message(model: nn.Module, args: Sequence[torch.Tensor], differ: list[int],
+                           dtypes: list[torch.dtype], devices: list[torch.device], error: Exception) -> str:
+    name = type(model).__name__
+    i = differ[0] if differ else 0
+    x = args[i]
+    what = "example_input" if len(args) == 1 else f"example_input[{i}]"
+    has = " and ".join(map(str, dtypes))
+    on = " and ".join(map(str, devices))
+    cause = one_line(error)
+    if not differ:  # the input is like some parameters, but the model mixes dtypes or devices
+        return (f"{name} does not run on {what} ({x.dtype} on {x.device}); its parameters are {has} on {on} "
+                f"({cause}); put the whole model in one dtype and device (model.to(...)) and pass an "
+                "example_input like it")
+    fixes, facts = [], []
+    if x.is_floating_point() and x.dtype not in dtypes:
+        facts.append(f"{what} is {x.dtype} but {name}'s parameters are {has}")
+        fixes.append(f"{what}.to({dtypes[0]})")
+    if x.device not in devices:
+        facts.append(f"{what} is on {x.device} but {name}'s parameters are on {on}")
+        fixes.append(f"{what}.to('{devices[0]}')")
+    change = f"model.to({x.dtype})" if x.is_floating_point() and x.dtype not in dtypes else f"model.to('{x.device}')"
+    return (f"{'; '.join(facts)}, and the model does not run on it ({cause}); pass {' and '.join(fixes)}, "
+            f"or convert the model first ({change})")
 
 
 def float_like(model: nn.Module) -> tuple[torch.dtype, torch.device]:

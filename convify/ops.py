@@ -2,13 +2,14 @@
 
 Which modules, functions and methods act on each element alone (and which of
 those are affine in eval mode), which act per channel, which compute max or
-average pooling. Tracing, shape propagation and every rewrite read these
+average pooling (and which max poolings pad "same" at run time). Tracing, shape propagation and every rewrite read these
 tables; none keeps its own copy.
 """
 from __future__ import annotations
 
 import enum
 import operator
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -135,6 +136,32 @@ VALUE_MAX_POOL_FUNCTIONS: dict[Callable, int] = {
 MAX_POOL_MODULES: dict[type[nn.Module], int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 MAX_POOLING_MODULES: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def same_max_pool_classes() -> dict[type[nn.Module], int]:
+    """Max pooling modules that pad "same" at run time, with -inf, before
+    pooling, by class (with their dimensionality): timm's ``MaxPool2dSame``,
+    whose forward is ``pad_same(x, k, s, d, value=-inf)`` then ``F.max_pool2d``
+    with no padding. Looked up only when timm is already imported (by whoever
+    built the model): convify never imports timm itself."""
+    if "timm" not in sys.modules:
+        return {}
+    try:
+        from timm.layers.pool2d_same import MaxPool2dSame  # noqa: PLC0415
+    except Exception:  # a timm without it
+        return {}
+    return {MaxPool2dSame: 2}
+
+
+def same_max_pool_dims(module: nn.Module) -> int | None:
+    """The dimensionality of ``module`` when it is one of
+    :func:`same_max_pool_classes` running that class's own forward (a subclass
+    that overrides it may do anything); else None."""
+    for cls, dims in same_max_pool_classes().items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return dims
+    return None
+
 
 ADAPTIVE_AVG_POOL_FUNCTIONS: dict[int, Callable] = {
     1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}

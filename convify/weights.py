@@ -52,6 +52,34 @@ def ceil_mode_extra_pad(kernel: int, stride: int, padding: int, dilation: int) -
     return max(0, min(stride - 1, dilation * (kernel - 1) - padding))
 
 
+def same_pad_total(size, kernel: int, stride: int, dilation: int = 1):
+    """Zeros (or -inf) a "same" pooling or convolution adds along one dimension
+    of length ``size``, as TensorFlow and timm's ``get_same_padding`` compute it:
+    ``max((ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)``,
+    which makes the output length ``ceil(size / stride)``.
+
+    ``size`` may be an int, a ``torch.SymInt`` (torch.export, the dynamo ONNX
+    exporter) or a 0-d tensor (the legacy exporter's traced sizes): written
+    with ``%`` and no division, so the padding stays a function of the input
+    size in an exported graph. Split it as ``left = total // 2``, ``right =
+    total - left`` (:func:`same_padding`).
+    """
+    span = dilation * (kernel - 1) + 1
+    total = span - stride + (stride - size % stride) % stride  # the second term is ceil(size/s)*s - size
+    if span >= stride:  # never negative: no clamp in the exported graph
+        return total
+    if isinstance(total, torch.Tensor):
+        return torch.clamp(total, min=0)
+    return torch.sym_max(total, 0)
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(left, right) padding of a "same" pooling along one dimension; the odd
+    one goes right, as in timm's ``pad_same``."""
+    total = same_pad_total(size, kernel, stride, dilation)
+    return total // 2, total - total // 2
+
+
 def average_weight(channels: int, kernel: Sequence[int], *, depthwise: bool, dtype: torch.dtype | None = None,
                    device: torch.device | None = None) -> torch.Tensor:
     """Weight of a convolution that computes average pooling over ``kernel``:

@@ -96,6 +96,45 @@ def test_fit_lowers_reconstruction_error_against_avg(mode: str) -> None:
     assert _model_err(model, fit, held_out) < 0.5 * _model_err(model, avg, held_out)
 
 
+class SamePools(nn.Module):
+    """Two of timm's "same" max poolings, with no ReLU before them: negative
+    values at the borders, where -inf padding and zero padding differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.layers.pool2d_same import MaxPool2dSame
+        self.c1 = nn.Conv2d(3, 6, 3)
+        self.p1 = MaxPool2dSame(3, 2)
+        self.c2 = nn.Conv2d(6, 6, 1)
+        self.p2 = MaxPool2dSame(2, 3)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.p2(self.c2(self.p1(self.c1(x))))).mean((2, 3))
+
+
+@pytest.mark.parametrize("target", ["original", "pool"])
+def test_fit_on_same_padded_pools(target: str) -> None:
+    """The target is the -inf-padded max pooling; the convolution reads the zero-padded input."""
+    pytest.importorskip("timm")
+    model = reinit(SamePools()).eval()
+    calibration = _batches(0, 3, (8, 3, 16, 17))
+    held_out = torch.randn(16, 3, 16, 17, generator=torch.Generator().manual_seed(99))
+    avg = convify.replace_maxpool(model)
+    fit = convify.replace_maxpool(model, init="fit", calibration=calibration, fit_target=target)
+    rows = convify.report(fit).replaced
+    assert [r.detail.params.same for r in rows] == [True, True]
+    # the first site's starting error, computed here from timm's module and the average over the zero-padded window
+    with torch.no_grad():
+        h = torch.cat([model.c1(x) for x in calibration])
+        pooled = model.p1(h)
+        averaged = avg.get_submodule("p1")(avg.get_submodule("p1_pad")(h))
+    assert rows[0].fit.error_before == pytest.approx(float((averaged - pooled).norm() / pooled.norm()), rel=1e-6)
+    for row in rows:
+        assert row.fit.error_after < 0.8 * row.fit.error_before, row
+    assert _model_err(model, fit, held_out) < _model_err(model, avg, held_out)
+
+
 @pytest.mark.parametrize("model_cls, shape", [(Pool1d, (8, 2, 40)), (Pool3d, (4, 2, 8, 8, 8))])
 def test_fit_in_1d_and_3d(model_cls: type[nn.Module], shape: tuple[int, ...]) -> None:
     model = reinit(model_cls()).eval()
@@ -166,8 +205,10 @@ def test_original_target_lowers_the_model_error(mode: str) -> None:
 
 def test_original_target_falls_back_with_a_note_when_calls_do_not_line_up() -> None:
     model = reinit(TwoPools()).eval()
+    model.p2 = nn.MaxPool2d(3, 2)  # p1 folds; p2 cannot (c2 at stride 2 gives 4x4, the pool 3x3): a conv to fit
     fold = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
     rep = convify.report(fold)
+    assert [r.detail.outcome.value for r in rep.replaced] == ["fold", "conv"]
     assert any("fitted toward max pooling of the rewritten model's own activations" in n
                and "the original ran 2 max poolings" in n for n in rep.notes)
     fitted = [r for r in rep.replaced if r.fit is not None]

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn as nn
+import torchvision
 
 import convify
 from convify.errors import ExampleInputError, UsageError
-from convify.inputs import parse_input_shape, probe_input
+from convify.inputs import check_dtype_and_device, parse_input_shape, probe_input
 
 
 @pytest.mark.parametrize("text, shape", [("1,3,64,64", (1, 3, 64, 64)), ("2x3x8x9", (2, 3, 8, 9)),
@@ -61,3 +63,59 @@ def test_probe_input_of_a_timm_model_is_its_pretrained_size():
     model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=10).eval()
     assert model.pretrained_cfg["input_size"] == (3, 288, 288)  # 224, the first common size, also runs
     assert probe_input(model).shape == (1, 3, 288, 288)
+
+
+# --------------------------------------------------------------------------- dtype and device
+
+
+def bias_free_conv_bn_pool() -> nn.Module:
+    """Shape propagation on meta tensors lets a float32 input through this
+    float64 model (a bias-free convolution does not check dtypes there)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def test_an_input_in_another_dtype_than_the_model_is_refused():
+    with pytest.raises(ExampleInputError, match=r"example_input is torch\.float32 but ResNet's parameters are "
+                                                r"torch\.float64.*pass example_input\.to\(torch\.float64\)"):
+        convify.replace_maxpool(torchvision.models.resnet18().double(), torch.randn(1, 3, 64, 64))
+    with pytest.raises(ExampleInputError, match=r"torch\.float32 but Sequential's parameters are torch\.float64"):
+        convify.replace_maxpool(bias_free_conv_bn_pool().double(), torch.randn(1, 3, 16, 16))
+    with pytest.raises(ExampleInputError, match=r"torch\.float64 but Sequential's parameters are torch\.float32.*"
+                                                r"or convert the model first \(model\.to\(torch\.float64\)\)"):
+        check_dtype_and_device(bias_free_conv_bn_pool(), (torch.randn(1, 3, 16, 16, dtype=torch.float64),))
+
+
+def test_a_model_of_mixed_dtypes_that_cannot_run_the_input_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Conv2d(8, 8, 3, bias=False).double(), nn.MaxPool2d(2))
+    with pytest.raises(ExampleInputError, match=r"parameters are torch\.float32 and torch\.float64 on cpu"):
+        convify.replace_maxpool(model, torch.randn(1, 3, 16, 16))
+
+
+def test_new_modules_take_the_models_dtype():
+    model = bias_free_conv_bn_pool().double().eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16, dtype=torch.float64))
+    assert {p.dtype for p in out.parameters()} == {torch.float64}
+
+    class CastsItsInput(nn.Module):  # runs a float32 input: accepted, and the new conv is float64
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = bias_free_conv_bn_pool()
+
+        def forward(self, x):
+            return self.body(x.to(torch.float64))
+
+    model = CastsItsInput().double().eval()
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16))
+    assert out.get_submodule("body.3").weight.dtype == torch.float64
+    with torch.no_grad():
+        assert out(torch.randn(2, 3, 16, 16)).dtype == torch.float64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_input_on_another_device_is_refused_and_new_modules_follow_the_model():
+    model = bias_free_conv_bn_pool().cuda().eval()
+    with pytest.raises(ExampleInputError, match=r"example_input is on cpu but Sequential's parameters are on "
+                                                r"cuda:0.*pass example_input\.to\('cuda:0'\)"):
+        convify.replace_maxpool(model, torch.randn(1, 3, 16, 16))
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16, device="cuda"))
+    assert {p.device for p in out.parameters()} == {torch.device("cuda", 0)}

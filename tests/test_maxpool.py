@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 import convify
 from convify.reference import avg_reference
-from convify.rewrites.maxpool import PoolOutcome
+from convify.rewrites.maxpool import PadSame, PoolOutcome
+from convify.zoo import model_c
 from conftest import assert_input_dependent, rel_err, reinit
 from convify.errors import ExampleInputError, OptionError
+from convify.graph import meta_weights
 from zoo import MAXPOOL_ZOO, build
 
 
@@ -218,13 +220,126 @@ def test_maxpool_subclass_with_own_forward_is_skipped():
         assert torch.isfinite(out(x)).all()
 
 
-def test_timm_maxpool2d_same_is_skipped():
-    timm = pytest.importorskip("timm")
+# ---------------------------------------------------------------- "same" max pooling (timm's MaxPool2dSame)
+
+
+def same_avg_expected(h: torch.Tensor, k: int, s: int, d: int = 1) -> torch.Tensor:
+    """What init="avg" promises at a "same" pool, computed with timm's own
+    padding: zero-padded as timm's pad_same pads, the window average counting the zeros."""
+    from timm.layers.padding import pad_same
+    c = h.shape[1]
+    weight = torch.full((c, 1, k, k), 1.0 / (k * k), dtype=h.dtype)
+    return F.conv2d(pad_same(h, (k, k), (s, s), (d, d), value=0.0), weight, stride=s, dilation=d, groups=c)
+
+
+@pytest.mark.parametrize("k,s,d,ceil_mode", [(3, 2, 1, False), (2, 2, 1, False), (3, 1, 1, False), (2, 3, 1, False),
+                                             (1, 2, 1, False), (3, 2, 2, False), (3, 2, 1, True)])
+def test_same_pool_becomes_a_same_padded_conv_at_every_size(k, s, d, ceil_mode):
+    pytest.importorskip("timm")
     from timm.layers.pool2d_same import MaxPool2dSame
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), MaxPool2dSame(k, s, dilation=d, ceil_mode=ceil_mode)).eval()
     out = convify.replace_maxpool(model, torch.randn(1, 3, 15, 15))
-    assert convify.report(out).replaced == ()
-    assert "MaxPool2dSame" in convify.report(out).skipped[0].reason
+    assert pools_left(out) == []
+    row = convify.report(out).replaced[0]
+    assert row.detail.params.same and row.detail.params.padding == (0, 0) and row.new.endswith("+pad same)")
+    assert isinstance(out.get_submodule("1_pad"), PadSame) and out.get_submodule("1").padding == (0, 0)
+    for size in range(1, 21):
+        x = torch.randn(2, 3, size, size + 3)
+        with torch.no_grad():
+            got = out(x)
+            assert got.shape == model(x).shape, size
+            assert rel_err(got, same_avg_expected(model[0](x), k, s, d)) <= 1e-6, size
+
+
+def test_same_pool_modes_fold_and_depthwise():
+    pytest.importorskip("timm")
+    from timm.layers.pool2d_same import MaxPool2dSame
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), MaxPool2dSame(3, 2)).eval()
+    depthwise = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), mode="depthwise")
+    assert depthwise.get_submodule("2").groups == 4
+    again = convify.replace_maxpool(depthwise)  # PadSame stays one call: nothing left to replace
+    assert convify.report(again).last.replaced == () and isinstance(again.get_submodule("2_pad"), PadSame)
+    folded = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), mode="fold")
+    assert convify.report(folded).replaced[0].detail.outcome is PoolOutcome.FOLD
+    for size in (15, 16, 17):  # a stride-s conv gives ceil(n/s) like a "same" pool: at every size
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            assert depthwise(x).shape == folded(x).shape == model(x).shape
+
+
+def test_maxpool2dsame_subclass_with_its_own_forward_is_skipped():
+    pytest.importorskip("timm")
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    class Twice(MaxPool2dSame):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    out = convify.replace_maxpool(nn.Sequential(nn.Conv2d(3, 4, 3), Twice(3, 2)).eval(), torch.randn(1, 3, 15, 15))
+    rep = convify.report(out)
+    assert rep.replaced == () and "Twice subclasses MaxPool2d with its own forward" in rep.skipped[0].reason
+
+
+def test_maxpool2dsame_is_checked_by_behaviour_not_by_name(monkeypatch):
+    """Were timm to pad differently, its pool would be skipped, not silently mis-converted."""
+    pytest.importorskip("timm")
+    from timm.layers import pool2d_same
+
+    def pad_left_heavy(x, k, s, d=(1, 1), value=0.0):
+        return F.pad(x, (2, 0, 2, 0), value=value)
+
+    monkeypatch.setattr(pool2d_same, "pad_same", pad_left_heavy)
+    out = convify.replace_maxpool(nn.Sequential(nn.Conv2d(3, 4, 3), pool2d_same.MaxPool2dSame(3, 2)).eval(),
+                                  torch.randn(1, 3, 15, 15))
+    rep = convify.report(out)
+    assert rep.replaced == () and "does not compute timm's 'same' max pooling" in rep.skipped[0].reason
+
+
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"])
+def test_same_pool_exports_with_dynamic_size_and_verifies(tmp_path, exporter):
+    pytest.importorskip("timm")
+    ort = pytest.importorskip("onnxruntime")
+    from timm.layers.pool2d_same import MaxPool2dSame
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2), nn.Conv2d(4, 4, 1), MaxPool2dSame(2, 3)).eval()
+    x = torch.randn(1, 3, 15, 15)
+    out = convify.replace_maxpool(model, x)
+    path = convify.export_onnx(out, tmp_path / "same.onnx", x, dynamic_spatial=True, exporter=exporter)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in [(15, 15), (16, 17), (9, 22), (30, 31)]:
+        y = torch.randn(2, 3, h, w)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: y.numpy()})[0])
+        with torch.no_grad():
+            assert got.shape == model(y).shape
+            assert rel_err(got, out(y)) <= 1e-5
+    assert convify.verify(model, out, x, exporter=exporter).passed
+
+
+@pytest.fixture(scope="module")
+def timm_same_models():
+    """nasnetalarge and pnasnet5large (88M and 86M parameters, timm's own init)
+    and a ResNetV2 with a "same" stem pool, built once for this module."""
+    timm = pytest.importorskip("timm")
+    return {name: timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+            for name, kw in [("nasnetalarge", {}), ("pnasnet5large", {}), ("resnetv2_18", {"stem_type": "same"})]}
+
+
+@pytest.mark.parametrize("name,same_sites", [pytest.param("nasnetalarge", 8, marks=pytest.mark.slow),
+                                              pytest.param("pnasnet5large", 12, marks=pytest.mark.slow),
+                                              ("resnetv2_18", 1)])
+def test_timm_models_with_same_pools_keep_their_shapes(timm_same_models, name, same_sites):
+    model = timm_same_models[name]
+    sizes = (64, 45)
+    with torch.no_grad(), meta_weights(model):  # the original's shapes, without arithmetic
+        before = {n: model(torch.zeros(1, 3, n, n, device="meta")).shape for n in sizes}
+    out = convify.replace_maxpool(model, torch.randn(1, 3, 64, 64), inplace=True)  # the only test of this model
+    rep = convify.report(out)
+    assert rep.skipped == () and pools_left(out) == []
+    assert sum(r.detail.params.same for r in rep.replaced) == same_sites
+    assert sum(isinstance(m, PadSame) for m in out.modules()) == same_sites
+    with torch.no_grad():
+        for n in sizes:
+            y = out(torch.randn(1, 3, n, n))
+            assert y.shape == before[n] and torch.isfinite(y).all()
 
 
 class Untraceable(nn.Module):
@@ -371,6 +486,61 @@ def test_fold_mode_moves_stride_onto_producer():
         expected = F.avg_pool2d(F.avg_pool2d(y, 3, 2, 1) + 0 * y.mean(), 2)
         assert rel_err(out(x), expected) <= 1e-5
     assert model.conv1.stride == (1, 1)
+
+
+def plain_chain() -> nn.Module:
+    """conv -> BN -> ReLU -> maxpool -> conv -> ReLU -> maxpool (issue 13's report)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+
+
+def vgg_chain() -> nn.Module:
+    """VGG-style: two convolutions, then a pool, three times."""
+    layers: list[nn.Module] = []
+    for cin, cout in [(3, 8), (8, 16), (16, 16)]:
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("make,size", [
+    (plain_chain, 32), (vgg_chain, 32), (lambda: model_c(8), 32), (lambda: model_c(8, batch_norm=True), 33),
+    (lambda: build("vgg11", seed=1), 64)], ids=["plain", "vgg_style", "model_c", "model_c_bn", "vgg11"])
+def test_fold_chains_fold_every_pool(make, size):
+    """Each fold is decided on the shapes as they are after the earlier folds."""
+    model = reinit(make()).eval()
+    x = torch.randn(2, 3, size, size)
+    pool_shapes = []
+    hooks = [m.register_forward_hook(lambda _m, a, o: pool_shapes.append((tuple(a[0].shape), tuple(o.shape))))
+             for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    with torch.no_grad():
+        model(x[:1])
+    for h in hooks:
+        h.remove()
+    out = convify.replace_maxpool(model, x[:1], mode="fold")
+    rows = convify.report(out).replaced
+    assert len(rows) == len(pool_shapes) > 1
+    assert [r.detail.fold_blocker for r in rows] == [None] * len(rows)
+    assert all(r.detail.outcome is PoolOutcome.FOLD for r in rows)
+    assert [(r.in_shape, r.out_shape) for r in rows] == pool_shapes
+    assert pools_left(out) == []
+    assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert out(x).shape == model(x).shape
+
+
+def test_fold_chain_computes_the_strided_network():
+    model = reinit(plain_chain()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = convify.replace_maxpool(model, x[:1], mode="fold")
+    rows = convify.report(out).replaced
+    assert [(r.module, r.in_shape, r.out_shape) for r in rows] == [
+        ("0", (1, 8, 32, 32), (1, 8, 16, 16)), ("4", (1, 8, 16, 16), (1, 8, 8, 8))]
+    c1, bn, c2 = model[0], model[1], model[4]
+    with torch.no_grad():
+        h = F.relu(bn(F.conv2d(x, c1.weight, c1.bias, 2, 1)))
+        expected = F.relu(F.conv2d(h, c2.weight, c2.bias, 2, 1))
+        assert rel_err(out(x), expected) <= 1e-6
 
 
 def test_fold_refused_when_shape_would_change():

@@ -80,3 +80,14 @@ def test_flattened_head_to_gap_is_exact_on_spatially_constant_maps():
         assert torch.allclose(gap_head(constant), head(constant), atol=1e-12)
         varying = torch.randn(3, 4, 3, 5, dtype=torch.float64)
         assert (gap_head(varying) - head(varying)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("k,s,d", [t for t in itertools.product([1, 2, 3, 5], [1, 2, 3, 4], [1, 2])])
+def test_same_padding_matches_timm_and_gives_ceil_size(k, s, d):
+    padding = pytest.importorskip("timm.layers.padding")
+    for n in range(1, 30):
+        total = padding.get_same_padding(n, k, s, d)
+        assert W.same_pad_total(n, k, s, d) == total
+        assert W.same_padding(n, k, s, d) == (total // 2, total - total // 2)  # the odd one right, as pad_same
+        assert W.conv_output_size(n + total, k, s, 0, d) == -(-n // s)
+        assert int(W.same_pad_total(torch.tensor(n), k, s, d)) == total  # the legacy exporter's traced sizes

@@ -1,7 +1,9 @@
 """Max pooling becomes a strided convolution (Springenberg et al., 2014).
 
 Sites: ``nn.MaxPool1d/2d/3d`` calls and the functional ``F.max_pool{1,2,3}d``
-and ``torch.max_pool{1,2,3}d`` calls, matched by identity. Modes:
+and ``torch.max_pool{1,2,3}d`` calls, matched by identity, and timm's
+``MaxPool2dSame`` (a "same" pooling: :class:`PadSame` before the new
+convolution). Modes:
 
 * ``conv``: ``ConvNd(C, C, k, stride=s, padding=p, dilation=d)``, the paper's
   learnable pooling;
@@ -14,6 +16,12 @@ Generated code, before and after (``init="avg"``, ``ceil_mode=True``)::
     maxpool = self.maxpool(relu)                       # MaxPool2d(3, 2, 1, ceil_mode=True)
     pad = torch.nn.functional.pad(relu, (0, 1, 0, 1))  # the ceil_mode windows, made explicit
     maxpool = self.maxpool(pad)                        # Conv2d(64, 64, 3, stride=2, padding=1)
+
+and for timm's ``MaxPool2dSame(3, 2)``::
+
+    pool = self.pool(conv)                             # pads "same" with -inf, then pools
+    pool_pad = self.pool_pad(conv)                     # PadSame(kernel=(3, 3), stride=(2, 2)): zeros
+    pool = self.pool(pool_pad)                         # Conv2d(64, 64, 3, stride=2)
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 from .. import graph as G
 from .. import ops
 from .. import weights as W
-from ..errors import OptionError
+from ..errors import OptionError, one_line
 from ..report import Pass, Replaced
 from .base import Rewrite, RewriteOptions, Site, option, register
 
@@ -38,7 +46,13 @@ _ARG_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mod
 
 @dataclass(frozen=True)
 class PoolParams:
-    """The window of one max pooling, every field expanded to one value per dimension."""
+    """The window of one max pooling, every field expanded to one value per dimension.
+
+    ``same``: the pooling pads "same" at run time, with -inf, before pooling
+    with no padding of its own (timm's ``MaxPool2dSame``): its padding depends
+    on the input size (:func:`convify.weights.same_padding`) and its output
+    length is ``ceil(size / stride)``; ``padding`` is then all zeros.
+    """
 
     dims: int
     kernel: tuple[int, ...]
@@ -47,6 +61,7 @@ class PoolParams:
     dilation: tuple[int, ...]
     ceil_mode: bool
     return_indices: bool
+    same: bool = False
 
     def describe(self, op: str) -> str:
         parts = [f"k={_fmt(self.kernel)}", f"s={_fmt(self.stride)}"]
@@ -56,15 +71,70 @@ class PoolParams:
             parts.append(f"d={_fmt(self.dilation)}")
         if self.ceil_mode:
             parts.append("ceil_mode")
+        if self.same:
+            parts.append("same")
         return f"{op}({', '.join(parts)})"
 
     @property
     def extra_pad(self) -> tuple[int, ...]:
-        """Right/bottom zeros that reproduce ceil_mode's output size."""
-        if not self.ceil_mode:
+        """Right/bottom zeros that reproduce ceil_mode's output size (none for
+        a "same" pooling: its padded input leaves no partial window)."""
+        if not self.ceil_mode or self.same:
             return (0,) * self.dims
         return tuple(W.ceil_mode_extra_pad(k, s, p, d) for k, s, p, d in
                      zip(self.kernel, self.stride, self.padding, self.dilation))
+
+    def same_pad(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """``F.pad``'s argument (last dimension first) for the "same" padding
+        of an input of this spatial size."""
+        pairs = [W.same_padding(n, k, s, d) for n, k, s, d in zip(spatial, self.kernel, self.stride, self.dilation)]
+        return tuple(v for pair in reversed(pairs) for v in pair)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The max pooling these parameters describe, applied to ``x`` (its
+        input in the original model), values only."""
+        if self.same:
+            x = F.pad(x, self.same_pad(x.shape[2:]), value=-float("inf"))
+        return ops.MAX_POOL_BY_DIMS[self.dims](x, self.kernel, self.stride, self.padding, self.dilation,
+                                               self.ceil_mode)
+
+
+class PadSame(nn.Module):
+    """Pads its input "same" for a window (``kernel``, ``stride``,
+    ``dilation``) with zeros, the padding computed at run time from the input's size:
+    ``max((ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)`` per dimension, the
+    odd one on the right/bottom, as timm's ``pad_same`` does. Followed by a
+    convolution with no padding of its own and this window, the output length
+    is ``ceil(n / s)`` at every input size.
+
+    ``replace_maxpool`` puts one before the convolution that replaces a
+    "same" max pooling (timm's ``MaxPool2dSame``): zeros where the pooling
+    padded with -inf. It has no parameters; torch.fx keeps it as one call and
+    it exports to ONNX with dynamic height and width.
+
+    >>> PadSame((3, 3), (2, 2))(torch.zeros(1, 1, 8, 7)).shape   # 8: pad 0+1, 7: pad 1+1
+    torch.Size([1, 1, 9, 9])
+    """
+
+    convify_leaf = True  # a rewritten model retraces to the same graph
+
+    def __init__(self, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.kernel = tuple(kernel)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation) if dilation is not None else (1,) * len(self.kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad: list = []
+        spatial = x.shape[2:]
+        for i in reversed(range(len(self.kernel))):  # F.pad takes the last dimension first
+            total = W.same_pad_total(spatial[i], self.kernel[i], self.stride[i], self.dilation[i])
+            pad += [total // 2, total - total // 2]
+        return F.pad(x, pad)
+
+    def extra_repr(self) -> str:
+        text = f"kernel={self.kernel}, stride={self.stride}"
+        return text + (f", dilation={self.dilation}" if any(d != 1 for d in self.dilation) else "")
 
 
 def _fmt(values: tuple[int, ...]) -> str:
@@ -118,11 +188,36 @@ class MaxPoolOptions(RewriteOptions):
 
 
 def _params(dims: int, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
-            return_indices: Any) -> PoolParams:
+            return_indices: Any, same: bool = False) -> PoolParams:
     kernel = W.ntuple(kernel, dims)
     stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else W.ntuple(stride, dims)
     return PoolParams(dims, kernel, stride, W.ntuple(padding, dims), W.ntuple(dilation, dims),
-                      bool(ceil_mode), bool(return_indices))
+                      bool(ceil_mode), bool(return_indices), same)
+
+
+def _same_pool_mismatch(module: nn.Module, params: PoolParams) -> str | None:
+    """Why ``module`` does not compute what ``params`` describe, or None.
+
+    Its class and forward were matched by identity; this checks the
+    behaviour too (a timm release that pads differently would fail here):
+    the module and :meth:`PoolParams.pool` on small random inputs, at a length
+    of every residue modulo the stride in each dimension, including lengths
+    shorter than the window.
+    """
+    g = torch.Generator().manual_seed(0)
+    span = [d * (k - 1) + 1 for k, d in zip(params.kernel, params.dilation)]
+    for extra in range(max(span) + max(params.stride)):
+        size = tuple(1 + (extra + i) % (sp + s) for i, (sp, s) in enumerate(zip(span, params.stride)))
+        x = torch.randn(1, 2, *size, generator=g)
+        try:
+            with torch.no_grad():
+                got, want = module(x), params.pool(x)
+        except Exception as e:  # noqa: BLE001  (any failure: not the pooling convify knows)
+            return f"{type(module).__name__} did not run as a 'same' max pooling on a {size} input ({one_line(e)})"
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or not torch.equal(got, want):
+            return (f"{type(module).__name__} does not compute timm's 'same' max pooling (-inf padding, then "
+                    f"max pooling with no padding) on a {size} input; convify cannot tell which borders it uses")
+    return None
 
 
 def _call_arguments(node: fx.Node) -> dict[str, Any]:
@@ -197,13 +292,25 @@ class ReplaceMaxPool(Rewrite):
                 "adaptive max pooling: its windows depend on the input size; convify replaces "
                 "fixed-window max pooling only"))
         if not _forward_is_stock(module):
-            return Site(name, node, cls, skip_reason=(
-                f"{cls} subclasses MaxPool{dims}d with its own forward (it may pad or transform before "
-                "pooling, as timm's MaxPool2dSame pads with -inf); a strided convolution would not "
-                "compute the same borders"))
+            return self._same_site(node, module, name)
         params = _params(dims, module.kernel_size, module.stride, module.padding, module.dilation,
                          module.ceil_mode, module.return_indices)
         return Site(name, node, params.describe(cls), params=params)
+
+    def _same_site(self, node: fx.Node, module: nn.Module, name: str) -> Site:
+        """A MaxPool subclass with its own forward: a site only when it is a
+        known "same" max pooling (timm's ``MaxPool2dSame``) that behaves as one."""
+        cls = type(module).__name__
+        dims = ops.same_max_pool_dims(module)
+        if dims is None:
+            return Site(name, node, cls, skip_reason=(
+                f"{cls} subclasses MaxPool{_module_dims(module)}d with its own forward (it may pad or transform "
+                "before pooling); a strided convolution would not compute the same borders (of such "
+                "subclasses convify replaces timm's MaxPool2dSame only)"))
+        # its forward ignores its padding and return_indices: pad_same, then F.max_pool2d(x, k, s, 0, d, ceil_mode)
+        params = _params(dims, module.kernel_size, module.stride, 0, module.dilation, module.ceil_mode, False,
+                         same=True)
+        return Site(name, node, params.describe(cls), params=params, skip_reason=_same_pool_mismatch(module, params))
 
     def _function_site(self, node: fx.Node, name: str) -> Site:
         op = self.describe_function(node.target)
@@ -278,20 +385,22 @@ class ReplaceMaxPool(Rewrite):
         # third of replace_maxpool's time on googlenet, whose pools have up to 832 channels)
         conv = nn.utils.skip_init(ops.CONV_MODULES[params.dims], channels, channels, params.kernel, stride=params.stride,
                                   padding=params.padding, dilation=params.dilation,
-                                  groups=channels if depthwise else 1, bias=True, device=inp.device,
+                                  groups=channels if depthwise else 1, bias=True, device=_device_at(gm, node, inp),
                                   dtype=inp.dtype)
         self._initialize(conv, params, channels, depthwise)
-        if node.op == "call_module":
-            target = node.target
-            conv.train(gm.get_submodule(target).training)
-        else:
-            target = G.free_name(gm, site.name)
-            conv.train(gm.training)
+        training = gm.get_submodule(node.target).training if node.op == "call_module" else gm.training
+        target = node.target if node.op == "call_module" else G.free_name(gm, site.name)
+        conv.train(training)
         G.set_submodule(gm, target, conv)
 
         graph = gm.graph
         with graph.inserting_before(node):
             source = inp_node
+            if params.same:  # zeros where the pooling padded with -inf: the average then counts them
+                pad_target = G.free_name(gm, f"{target}_pad")
+                G.set_submodule(gm, pad_target, PadSame(params.kernel, params.stride, params.dilation).train(training))
+                source = graph.call_module(pad_target, (source,))
+                source.meta = {}
             extra = params.extra_pad
             if any(extra):
                 pad = tuple(v for e in reversed(extra) for v in (0, e))
@@ -316,6 +425,8 @@ class ReplaceMaxPool(Rewrite):
             new_desc += f", groups={channels}"
         if any(extra):
             new_desc += f", +pad {_fmt(extra)}"
+        if params.same:
+            new_desc += ", +pad same"
         new_desc += ")"
         notes = (f"fold not possible: {fold_blocker}; used mode='conv'",) if fold_blocker else ()
         return Replaced(self.name, site.name, site.op, new_desc, inp.shape, out.shape if out else None,
@@ -330,6 +441,38 @@ class ReplaceMaxPool(Rewrite):
                 conv.weight = nn.Parameter(W.average_weight(channels, params.kernel, depthwise=depthwise,
                                                             dtype=conv.weight.dtype, device=conv.weight.device))
             conv.bias.zero_()
+
+
+def _device_at(gm: fx.GraphModule, node: fx.Node, inp: G.TensorInfo) -> torch.device:
+    """Where a new module at ``node`` must live: with the nearest module
+    upstream that holds floating-point tensors, else with the model.
+
+    Not the recorded device: shapes are propagated on meta tensors, which
+    record every node on the example input's device. The dtype is the one
+    recorded for the site's input: what arrives there, which the example
+    input check (:func:`convify.inputs.as_args`) keeps in the model's dtype.
+    """
+    seen: set[fx.Node] = set()
+    frontier = list(node.all_input_nodes)
+    while frontier and len(seen) < 64:  # a few hops find it; a pathological graph falls back to the model
+        cur = frontier.pop(0)
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "call_module":
+            found = _first_float(gm.get_submodule(cur.target))
+            if found is not None:
+                return found.device
+        frontier.extend(cur.all_input_nodes)
+    found = _first_float(gm)
+    return found.device if found is not None else inp.device
+
+
+def _first_float(module: nn.Module) -> torch.Tensor | None:
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
 
 
 def _is_getitem(node: fx.Node, index: int) -> bool:
@@ -392,6 +535,19 @@ def _fold_blocker(gm: fx.GraphModule, site: Site) -> str | None:
     return None
 
 
+def _now_pool_sized(producer: fx.Node, pool: fx.Node, out: G.TensorInfo | None) -> None:
+    """After a fold, the convolution and the elementwise ops up to the pool
+    output what the pool did (the fold was allowed because the shapes agree):
+    say so in their recorded shapes, so that a later fold, or a later site's
+    report row, reads the shapes as they are now, not as they were before."""
+    cur = pool.args[0] if pool.args else pool.kwargs.get("input")
+    while isinstance(cur, fx.Node):
+        cur.meta[G.META] = out
+        if cur is producer:
+            return
+        cur = cur.args[0]
+
+
 def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
     params: PoolParams = site.params
     producer, _ = _fold_chain(gm, site)
@@ -400,6 +556,7 @@ def _fold(gm: fx.GraphModule, site: Site) -> Replaced:
     conv.stride = params.stride
     node = site.node
     inp, out = G.input_info(node), G.info(node)  # read before the node is erased
+    _now_pool_sized(producer, node, out)
     node.replace_all_uses_with(node.args[0] if node.args else node.kwargs["input"])
     gm.graph.erase_node(node)
     return Replaced(
