@@ -13,7 +13,6 @@ attached to the model's report: the one place a report grows.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -134,7 +133,7 @@ def first_input(batch: Any) -> torch.Tensor | None:
 def _copy_for_teacher(model: nn.Module) -> tuple[nn.Module | None, str]:
     """The unmodified original, copied before an in-place rewrite changes it."""
     try:
-        return copy.deepcopy(model), ""
+        return G.copy_module(model), ""
     except Exception as e:  # noqa: BLE001  (any copy failure means: no teacher, say why)
         return None, f"inplace=True and the model could not be copied to keep its activations ({one_line(e)})"
 
@@ -153,7 +152,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     col = _Collector()
     filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
     try:
-        gm = G.trace(work, leaf_modules())
+        gm = G.trace(work, leaf_modules(), args)
     except TraceError as e:
         col.untraced.append(Untraced("", _reason(e)))
         result = _fallback(work, args, rewrite, filt, col)
@@ -180,7 +179,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
-        return copy.deepcopy(model)
+        return G.copy_module(model)
     except Exception as e:
         raise ConvifyError(f"{type(model).__name__} cannot be deep-copied ({one_line(e)}); pass inplace=True "
                            "to rewrite it without a copy") from e
@@ -362,7 +361,7 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             local_prefix = prefix
         else:
             try:
-                gm = G.trace(child, leaf_modules())
+                gm = G.trace(child, leaf_modules(), *_one_call(calls))
             except TraceError as e:
                 col.untraced.append(Untraced(qual, _reason(e)))
                 _visit(child, qual, recorder, rewrite, filt, col, traced_prefixes)
@@ -379,6 +378,37 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             col.replaced[first_row:] = [dataclasses.replace(r, module=G.join(qual, r.module.rsplit(".", 1)[-1]))
                                         for r in col.replaced[first_row:]]
         setattr(module, child_name, new)
+
+
+def _one_call(calls: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    """The call a submodule is traced for: its first one, whose non-tensor
+    arguments the graph keeps (every call must give the same, or no one
+    graph serves them all)."""
+    first = calls[0]
+    for other in calls[1:]:
+        differs = _differing_argument(first, other)
+        if differs is not None:
+            raise TraceError(f"its forward is called with {differs} taking different values; one graph "
+                             "holds the code for one of them")
+    return first
+
+
+def _differing_argument(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> str | None:
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    if len(args_a) != len(args_b) or set(kw_a) != set(kw_b):
+        return "its arguments"
+    pairs = [(f"argument {i}", x, y) for i, (x, y) in enumerate(zip(args_a, args_b))]
+    pairs += [(repr(k), kw_a[k], kw_b[k]) for k in kw_a]
+    for name, x, y in pairs:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            continue
+        try:
+            same = x is y or (type(x) is type(y) and bool(x == y))
+        except Exception:  # noqa: BLE001  (values that cannot be compared are not the same)
+            same = False
+        if not same:
+            return name
+    return None
 
 
 def _propagate_calls(gm: fx.GraphModule, calls: list[tuple[tuple, dict]], qual: str

@@ -7,16 +7,22 @@ traced ``torch.fx.GraphModule`` whose nodes carry a :class:`TensorInfo` in
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import enum
 import fnmatch
+import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
-from .errors import ExampleInputError, TraceError, one_line
+from . import ops
+from .errors import ExampleInputError, TraceError, UsageError, one_line
 
 META = "convify"
 
@@ -48,20 +54,30 @@ def _timm_leaf_modules() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 
 
 class ConvifyTracer(fx.Tracer):
-    """``fx.Tracer`` that never walks into the modules it is told are sites.
+    """``fx.Tracer`` that never walks into the modules it is told are sites,
+    and that traces a forward as it is called on an example input.
 
-    The rewrites declare their site modules (``Rewrite.leaf_modules``): a
-    MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
+    Leaves: the rewrites declare their site modules (``Rewrite.leaf_modules``):
+    a MaxPool subclass with its own forward (timm's ``MaxPool2dSame`` pads with
     -inf first) must stay one call_module node, so that the rewrite sees it as
     the pooling it is and can refuse it, instead of finding the bare
     ``F.max_pool2d`` inside it. Classes with ``convify_leaf = True`` (the
     modules convify itself creates) stay one call too, so a rewritten model
     retraces to the same graph.
+
+    Given an :class:`ExampleCall`, it also traces what plain ``fx.Tracer``
+    cannot (see :func:`trace`): forward arguments beyond the example tensors
+    keep their Python values, a branch on shapes follows the example input
+    (guarded), and a dataclass-like dict output (``ModelOutput``) is rebuilt
+    by calling its class.
     """
 
-    def __init__(self, extra_leaves: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()):
+    def __init__(self, extra_leaves: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = (),
+                 call: ExampleCall | None = None):
         super().__init__(autowrap_functions=autowrap_functions)
         self.extra_leaves = extra_leaves
+        self.call = call
+        self._values: _ExampleValues | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if getattr(type(m), "convify_leaf", False):
@@ -70,10 +86,330 @@ class ConvifyTracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    # ------------------------------------------------------------------ arguments
 
-def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = ()) -> fx.GraphModule:
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> tuple:
+        """Placeholders for the example call's tensors; every other argument
+        keeps its value (a literal one stays a guarded keyword of the graph)."""
+        if self.call is None or not is_module or concrete_args is not None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        values: dict[str, Any] = {}
+        examples: dict[fx.Node, Any] = {}
+        defaulted = False
+        for slot in self.call.slots:
+            if slot.kind is SlotKind.FIXED:
+                proxy = self.create_proxy("placeholder", slot.name, (slot.value,), {})
+                self.create_proxy("call_function", check_traced_argument, (proxy, slot.value, slot.name), {})
+                defaulted = True
+            elif slot.kind is SlotKind.INPUT:
+                # a tensor after a keyword with a default needs one too; None never runs (no example)
+                proxy = self.create_proxy("placeholder", slot.name, (None,) if defaulted else (), {})
+                examples[proxy.node] = slot.value
+                values[slot.name] = proxy
+                continue
+            else:  # CONSTANT: passed as it is, no placeholder
+                pass
+            values[slot.name] = slot.value
+        self._values = _ExampleValues(self.root, examples) if self.call.has_example else None
+        call = self.call
+
+        def forward(root):  # type: ignore[no-untyped-def]  (no annotation: fx would print it in the code)
+            args, kwargs = call.arguments(values)
+            return root_fn(root, *args, **kwargs)
+
+        return forward, [self.root]
+
+    # ------------------------------------------------------------------ values the trace needs
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a value computed from shapes alone follows the example
+        input, and a guard in the graph raises if a later input would branch
+        the other way; a branch on tensor data stays untraceable."""
+        value = self._known(obj, "symbolically traced variables cannot be used as inputs to control flow")
+        if not isinstance(value, (bool, int)):
+            raise fx.proxy.TraceError(
+                "symbolically traced variables cannot be used as inputs to control flow (the condition "
+                f"depends on tensor data, not only on shapes: {obj.node.format_node()})")
+        taken = bool(value)
+        where = next(reversed(self.module_stack), "") if self.module_stack else ""
+        self.create_proxy("call_function", check_traced_branch, (obj, taken, where), {})
+        return taken
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        """A tuple or list (not a tensor: that would fix the batch size)
+        iterates as its items, as many as on the example input."""
+        value = self._known(obj, None)
+        if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def _known(self, obj: fx.Proxy, message: str | None) -> Any:
+        """The value of ``obj`` on meta copies of the example; raises fx's
+        TraceError (``message``, or iter's own) when there is none."""
+        if self._values is None:
+            return super().to_bool(obj) if message else super().iter(obj)
+        try:
+            return self._values.of(obj.node)
+        except Exception as e:
+            if message is None:
+                return super().iter(obj)
+            raise fx.proxy.TraceError(f"{message} (and its value on the example input is unknown: "
+                                      f"{one_line(e)})") from e
+
+    # ------------------------------------------------------------------ outputs
+
+    def create_arg(self, a: Any) -> Any:
+        """A dict subclass that is a dataclass (``transformers``' ``ModelOutput``)
+        is rebuilt by calling its class, as torch.fx does for a dataclass,
+        instead of flattening into a plain dict (``out.logits`` must work)."""
+        if isinstance(a, dict) and type(a) is not dict and dataclasses.is_dataclass(a):
+            kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), kwargs)
+        return super().create_arg(a)
+
+
+def is_output_like(node: fx.Node) -> bool:
+    """The graph's output, or a container built only for it: a tuple or
+    namedtuple, or a dataclass (a ``ModelOutput``) made by calling its class."""
+    if node.op == "output":
+        return True
+    if node.op == "call_function" and isinstance(node.target, type) and (
+            issubclass(node.target, tuple) or dataclasses.is_dataclass(node.target)):
+        return all(is_output_like(u) for u in node.users)
+    return False
+
+
+# --------------------------------------------------------------------------- the example call
+
+
+class SlotKind(enum.Enum):
+    """What one argument of a traced forward becomes."""
+
+    INPUT = "input"          # a tensor of the example: a placeholder
+    FIXED = "fixed"          # a literal (bool, None, int, str...): a keyword with a guard
+    CONSTANT = "constant"    # any other value: passed as it is, not an argument of the graph
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    kind: SlotKind
+    value: Any                              # the example tensor, or the fixed value
+    param: inspect.Parameter | None = None  # None for a keyword that lands in ``**kwargs``
+    passed: bool = True                     # given by the example call (else: the default)
+
+
+@dataclass(frozen=True)
+class ExampleCall:
+    """How a module's forward was called on its example, read against its
+    signature: which arguments become placeholders and which keep their value.
+
+    The positional example tensors fill the leading parameters (an HF
+    ``pixel_values=None`` too); every other parameter keeps its default
+    (``labels=None``, ``output_hidden_states=False``, ``mask=None``,
+    ``**kwargs`` empty), or the value the example call gave it.
+    """
+
+    signature: inspect.Signature
+    slots: tuple[Slot, ...]
+    has_example: bool
+
+    def arguments(self, values: Mapping[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """The call to make, with ``values`` (proxies, fixed values) by name;
+        arguments the example left out are left out (Python gives the default)."""
+        bound: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for slot in self.slots:
+            if not slot.passed:
+                continue
+            if slot.param is None:
+                extra[slot.name] = values[slot.name]
+            else:
+                bound[slot.name] = values[slot.name]
+        var_kw = next((p.name for p in self.signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        if var_kw is not None and extra:
+            bound[var_kw] = extra
+        arguments = inspect.BoundArguments(self.signature, bound)  # type: ignore[arg-type]
+        return arguments.args, arguments.kwargs
+
+
+_LITERALS = (bool, int, float, str, type(None))
+
+
+def _is_literal(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_literal(v) for v in value)
+    return type(value) in _LITERALS
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v) for v in value.values())
+    return False
+
+
+def example_call(module: nn.Module, args: Sequence[Any] | None = None,
+                 kwargs: Mapping[str, Any] | None = None) -> ExampleCall | None:
+    """Read a call ``module(*args, **kwargs)`` against its forward's signature;
+    None when it cannot be read (plain torch.fx then traces every parameter).
+
+    Without ``args``, the leading parameters up to the last one without a
+    default (at least one) are the inputs.
+    """
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return None
+    params = list(signature.parameters.values())
+    has_example = args is not None
+    if args is None:
+        named = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        required = [i for i, p in enumerate(named) if p.default is p.empty]
+        count = max(1, required[-1] + 1 if required else 0) if named else 0
+        args = [_NO_EXAMPLE] * count
+    try:
+        bound = signature.bind_partial(*args, **dict(kwargs or {}))
+    except TypeError:
+        return None
+    slots: list[Slot] = []
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            if bound.arguments.get(p.name):
+                return None  # example tensors in *args: plain torch.fx
+            continue
+        if p.kind is p.VAR_KEYWORD:
+            for key, value in bound.arguments.get(p.name, {}).items():
+                slots.append(_slot(key, value, None, True))
+            continue
+        if p.name in bound.arguments:
+            slots.append(_slot(p.name, bound.arguments[p.name], p, True))
+        elif p.default is not p.empty:
+            if _is_literal(p.default):
+                slots.append(Slot(p.name, SlotKind.FIXED, p.default, p, passed=False))
+        else:
+            return None  # a required argument the example does not give: plain torch.fx
+    return ExampleCall(signature, tuple(slots), has_example)
+
+
+class _NoExample:
+    """An input tensor whose example is not known (no shape specialization)."""
+
+
+_NO_EXAMPLE = _NoExample()
+
+
+def _slot(name: str, value: Any, param: inspect.Parameter | None, passed: bool) -> Slot:
+    if isinstance(value, (torch.Tensor, _NoExample)):
+        return Slot(name, SlotKind.INPUT, value, param, passed)
+    if _is_literal(value):
+        return Slot(name, SlotKind.FIXED, value, param, passed)
+    if _holds_tensor(value):  # a container of tensors: one placeholder, as plain torch.fx would make
+        return Slot(name, SlotKind.INPUT, value, param, passed)
+    return Slot(name, SlotKind.CONSTANT, value, param, passed)
+
+
+def check_traced_argument(value: Any, traced: Any, name: str) -> Any:
+    """The guard of a keyword fixed at tracing: the graph holds the branches
+    its traced value took, and no other value can run through it."""
+    if isinstance(value, fx.Proxy):  # the rewritten model traced again: the guard stays in its graph
+        return value.tracer.create_proxy("call_function", check_traced_argument, (value, traced, name), {})
+    if value is traced or (not isinstance(value, torch.Tensor) and type(value) is type(traced) and value == traced):
+        return
+    raise UsageError(f"this model was rewritten with {name}={traced!r} and computes only that; it was called "
+                     f"with {name}={_brief(value)}. Call it without {name}, or rewrite the original model")
+
+
+def check_traced_branch(condition: Any, taken: bool, where: str) -> Any:
+    """The guard of a branch on shapes: the graph holds the branch the
+    example input took; an input whose shapes take the other one is refused."""
+    if isinstance(condition, fx.Proxy):
+        return condition.tracer.create_proxy("call_function", check_traced_branch, (condition, taken, where), {})
+    if bool(condition) == taken:
+        return
+    raise ExampleInputError(
+        f"{where or 'the model'}: this input's shapes take another branch of its forward than the example "
+        "input it was rewritten with; rewrite it with an example input of this shape")
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return repr(value)[:80]
+
+
+for _guard in (check_traced_argument, check_traced_branch):
+    fx.node._side_effectful_functions.add(_guard)  # dead-code elimination must keep the guards
+
+
+class _ExampleValues:
+    """Values of the nodes traced so far, computed on meta copies of the
+    example (no arithmetic); shapes, dims and Python values come out exact,
+    tensor data stays unknown (a meta tensor), so data-dependent control flow
+    stays untraceable."""
+
+    def __init__(self, root: nn.Module, examples: Mapping[fx.Node, Any]) -> None:
+        self.root = root
+        self.env: dict[fx.Node, Any] = {n: _to_meta(v) for n, v in examples.items()}
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def of(self, node: fx.Node) -> Any:
+        if node in self.env:
+            return self.env[node]
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches  # noqa: PLC0415  (run eager code)
+        from torch.nn.utils.stateless import _reparametrize_module  # noqa: PLC0415
+
+        if self._state is None:
+            self._state = _meta_state(self.root)
+        runner = fx.Interpreter(self.root, garbage_collect_values=False, graph=node.graph)
+        runner.env = self.env
+        with _maybe_revert_all_patches(), torch.no_grad(), _reparametrize_module(self.root, self._state):
+            for n in node.graph.nodes:
+                if n in self.env:
+                    continue
+                if n.op == "placeholder":
+                    self.env[n] = n.args[0] if n.args else None
+                    continue
+                self.env[n] = _to_meta(runner.run_node(n))
+                if n is node:
+                    break
+        return self.env[node]
+
+
+def _meta_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: torch.empty_like(t, device="meta")
+            for name, t in [*module.named_parameters(remove_duplicate=False),
+                            *module.named_buffers(remove_duplicate=False)]}
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = (), args: Sequence[Any] | None = None,
+          kwargs: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """Trace ``module`` in the train/eval mode it is in, keeping instances of
-    ``leaf_modules`` as one call each.
+    ``leaf_modules`` as one call each, for the call ``module(*args, **kwargs)``.
+
+    What plain ``torch.fx.symbolic_trace`` cannot, and this does:
+
+    * only the example's tensors become placeholders; every other parameter
+      of the forward keeps its default or the value the call gave it
+      (``output_hidden_states: bool = False``, ``mask=None``, ``**kwargs``),
+      as ``concrete_args`` would, also through decorated forwards. A literal
+      value stays a keyword of the graph, guarded: calling the rewritten model
+      with another value raises instead of computing something else;
+    * ``if x.shape[1] != self.num_channels: raise`` and other branches on
+      shapes follow the example input (values worked out on meta tensors),
+      and the graph gets a guard that raises for an input whose shapes would
+      branch the other way. Shapes used as values stay symbolic, so the graph
+      still runs at other batch and spatial sizes. A branch on tensor data
+      stays untraceable;
+    * a ``ModelOutput`` (a dict that is a dataclass) is rebuilt as it was;
+    * no Proxy is left in a module's state (a cache of the forward, like
+      LeViT's attention biases), where a later trace would read it back.
 
     Raises :class:`TraceError` with torch.fx's reason when it cannot be traced.
     """
@@ -81,15 +417,89 @@ def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = ()) -> 
         # Already a graph: reuse it (a second rewrite of a rewritten model).
         return fx.GraphModule(module, module.graph.__deepcopy__(), class_name=module.__class__.__name__)
     leaves, funcs = _timm_leaf_modules()
-    tracer = ConvifyTracer(tuple(leaf_modules) + leaves, funcs)
+    tracer = ConvifyTracer(tuple(leaf_modules) + leaves, funcs, example_call(module, args, kwargs))
+    state = _module_state(module)
     try:
         graph = tracer.trace(module)
     except Exception as e:  # FX raises anything: TraceError, TypeError, AssertionError...
         raise TraceError(f"torch.fx cannot trace {type(module).__name__}: {one_line(e)}") from e
+    finally:
+        _restore_module_state(module, state)
+        tracer._values = None
     name = module.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = module.training
     return gm
+
+
+# --------------------------------------------------------------------------- module state
+
+_REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+def _module_state(root: nn.Module) -> dict[int, tuple[nn.Module, dict[str, Any]]]:
+    """Every module's plain attributes, with a shallow copy of each dict or
+    list (a cache a forward may fill)."""
+    return {id(m): (m, {k: (v, _shallow(v)) for k, v in vars(m).items() if k not in _REGISTRIES})
+            for m in root.modules()}
+
+
+def _shallow(value: Any) -> Any:
+    return copy.copy(value) if type(value) in (dict, list) else None
+
+
+def _holds_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, dict):
+        return any(isinstance(v, fx.Proxy) or isinstance(k, fx.Proxy) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, fx.Proxy) for v in value)
+    return False
+
+
+def _restore_module_state(root: nn.Module, state: dict[int, tuple[nn.Module, dict[str, Any]]]) -> None:
+    """Undo what a trace left in module attributes that holds a Proxy
+    (LeViT's ``attention_bias_cache[str(proxy.device)] = proxy``): the attribute
+    and its dict or list get their content from before the trace back."""
+    for m in root.modules():
+        before = state.get(id(m), (m, {}))[1]
+        for key, value in list(vars(m).items()):
+            if key in _REGISTRIES or not _holds_proxy(value):
+                continue
+            if key not in before:
+                delattr(m, key)
+                continue
+            old, content = before[key]
+            if content is not None and type(old) is type(content):
+                if isinstance(old, dict):
+                    old.clear()
+                    old.update(content)
+                else:
+                    old[:] = content
+            object.__setattr__(m, key, old) if key in vars(m) else setattr(m, key, old)
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also when a forward outside ``no_grad`` left
+    a non-leaf tensor in a module attribute (a cache, like LeViT's attention
+    biases), which deepcopy refuses: such a tensor is copied as its value."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            for t in _tensors_one_level(value):
+                if t.grad_fn is not None and id(t) not in memo:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _tensors_one_level(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        yield from (v for v in value.values() if isinstance(v, torch.Tensor))
+    elif isinstance(value, (list, tuple)):
+        yield from (v for v in value if isinstance(v, torch.Tensor))
 
 
 # --------------------------------------------------------------------------- modes
@@ -170,7 +580,11 @@ def meta_weights(module: nn.Module) -> Iterator[None]:
 
 
 def _to_meta(value: Any) -> Any:
-    return value.to("meta") if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor):
+        return value.to("meta")
+    if isinstance(value, (tuple, list, dict)):
+        return pytree.tree_map(lambda v: v.to("meta") if isinstance(v, torch.Tensor) else v, value)
+    return value
 
 
 def propagate_shapes(gm: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
