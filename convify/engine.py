@@ -280,13 +280,18 @@ def _split_shared_modules(gm: fx.GraphModule, planned: list[Site], rewrite: Rewr
 
 
 class _CallRecorder(TorchFunctionMode):
-    """Records, on one forward pass, the inputs of every submodule and which
-    module's own code called a site function (e.g. ``F.max_pool2d``)."""
+    """Records, on one forward pass, the inputs of every submodule, which
+    module's own code called a site function (e.g. ``F.max_pool2d``), and
+    which call reduced a map to one value per channel (``reductions``: by the
+    id of the result, what made it), so that a graph whose input was reduced
+    outside it can say where."""
 
     def __init__(self, root: nn.Module, is_site_function: Callable[[Callable], bool]):
         super().__init__()
         self.calls: dict[str, list[tuple[tuple, dict]]] = defaultdict(list)
         self.site_calls: list[tuple[str, Callable]] = []
+        self.reductions: dict[int, tuple[str, torch.Tensor]] = {}
+        self._types = {name: type(m).__name__ for name, m in root.named_modules()}
         self._stack: list[str] = []
         self._is_site_function = is_site_function
         self._handles = []
@@ -301,15 +306,27 @@ class _CallRecorder(TorchFunctionMode):
         return hook
 
     def _post(self, name: str):
-        def hook(_m: nn.Module, _args: tuple, _out: Any) -> None:
+        def hook(_m: nn.Module, args: tuple, out: Any) -> None:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+            if args and G.reduces_space(args[0], out):
+                self.reductions[id(out)] = (f"{name or '<model>'} ({self._types.get(name, '?')})", out)
         return hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        scope = self._stack[-1] if self._stack else ""
         if self._is_site_function(func):
-            self.site_calls.append((self._stack[-1] if self._stack else "", func))
-        return func(*args, **(kwargs or {}))
+            self.site_calls.append((scope, func))
+        out = func(*args, **(kwargs or {}))
+        if args and G.reduces_space(args[0], out):
+            name = getattr(func, "__name__", "a reduction")
+            self.reductions[id(out)] = (f"{name} in the forward of {scope or '<model>'}", out)
+        return out
+
+    def made_by(self, value: Any) -> str | None:
+        """What reduced ``value`` to one value per channel, if this forward did."""
+        found = self.reductions.get(id(value))
+        return found[0] if found is not None and found[1] is value else None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -367,6 +384,7 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
                 _visit(child, qual, recorder, rewrite, filt, col, traced_prefixes)
                 continue
             local_prefix = qual
+            _mark_reduced_inputs(gm, calls[0], recorder)
         traced_prefixes.append(qual)
         variants = _propagate_calls(gm, calls, qual)
         first_row = len(col.replaced)
@@ -378,6 +396,19 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             col.replaced[first_row:] = [dataclasses.replace(r, module=G.join(qual, r.module.rsplit(".", 1)[-1]))
                                         for r in col.replaced[first_row:]]
         setattr(module, child_name, new)
+
+
+def _mark_reduced_inputs(gm: fx.GraphModule, call: tuple[tuple, dict], recorder: _CallRecorder) -> None:
+    """Placeholders whose tensor untraced code reduced to one value per
+    channel say what did (``G.REDUCED_BY``): a dense head reading one cannot
+    remove that pooling and says why."""
+    args, kwargs = call
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for k, node in enumerate(placeholders):
+        value = args[k] if k < len(args) else kwargs.get(node.target)
+        made_by = recorder.made_by(value)
+        if made_by is not None:
+            node.meta[G.REDUCED_BY] = made_by
 
 
 def _one_call(calls: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:

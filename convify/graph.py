@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import fnmatch
 import inspect
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -129,7 +130,7 @@ class ConvifyTracer(fx.Tracer):
         if not isinstance(value, (bool, int)):
             raise fx.proxy.TraceError(
                 "symbolically traced variables cannot be used as inputs to control flow (the condition "
-                f"depends on tensor data, not only on shapes: {obj.node.format_node()})")
+                f"{obj.node.name!r} depends on tensor data, not only on shapes)")
         taken = bool(value)
         where = next(reversed(self.module_stack), "") if self.module_stack else ""
         self.create_proxy("call_function", check_traced_branch, (obj, taken, where), {})
@@ -632,6 +633,46 @@ def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict, shortcut: bo
         else:
             raise ExampleInputError(f"no value for input {p.target!r} of the traced forward")
     return ShapeProp(gm, shortcut).run(*bound)
+
+
+#: ``node.meta`` key of a placeholder whose tensor was reduced to one value
+#: per channel outside the graph: what reduced it (``"features.pool (AdaptiveAvgPool2d)"``).
+REDUCED_BY = "convify_reduced_by"
+
+
+def reduces_space(before: Any, after: Any) -> bool:
+    """Whether ``after`` is ``before`` (N, C, *S) reduced to one value per
+    channel over more than one position: (N, C) or (N, C, 1, ...)."""
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+            and _reduced_shapes(tuple(before.shape), tuple(after.shape)))
+
+
+def reduced_by(node: fx.Node) -> str | None:
+    """What reduced the map at ``node`` to one value per channel where this
+    graph cannot see it: untraced code before the graph begins (the engine's
+    fallback marks such placeholders), or a module torch.fx did not enter.
+    Walks back through ops that keep their input's shape. None when the
+    reduction, if any, is in the graph."""
+    cur = node
+    while True:
+        if cur.op == "placeholder":
+            return cur.meta.get(REDUCED_BY)
+        inputs = cur.all_input_nodes
+        found = info(cur)
+        if cur.op == "call_module" and len(inputs) >= 1:
+            before = info(inputs[0])
+            if found is not None and before is not None and _reduced_shapes(before.shape, found.shape):
+                module = cur.graph.owning_module.get_submodule(cur.target) if cur.graph.owning_module else None
+                kind = type(module).__name__ if module is not None else "module"
+                return f"{cur.target} ({kind}), a module torch.fx does not enter"
+        if len(inputs) != 1 or found is None or info(inputs[0]) is None or info(inputs[0]).shape != found.shape:
+            return None
+        cur = inputs[0]
+
+
+def _reduced_shapes(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
+    return (len(before) >= 3 and len(after) >= 2 and tuple(after[:2]) == tuple(before[:2])
+            and math.prod(before[2:]) > 1 and all(s == 1 for s in after[2:]))
 
 
 def info(node: fx.Node) -> TensorInfo | None:

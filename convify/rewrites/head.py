@@ -540,7 +540,7 @@ class ReplaceLinearHead(Rewrite):
             note = "" if not want_free else f"{pool.desc} is no average: kept before the head"
             return kept, head.spatial, "", note
         if pool is None or not want_free:
-            return head.map_node, head.spatial, "", ""
+            return head.map_node, head.spatial, "", _reduced_elsewhere_note(head) if dense and pool is None else ""
         if pool.kind != "avg":
             return head.map_node, head.spatial, "", f"{pool.desc} is no average: kept before the head"
         if not (pool.is_global or pool.is_identity):
@@ -752,6 +752,19 @@ def _reaches_output(node: fx.Node) -> bool:
                 seen.add(user)
                 frontier.append(user)
     return False
+
+
+def _reduced_elsewhere_note(head: Head) -> str:
+    """dense=True on a map reduced to one value per channel where no rewrite
+    sees it (code torch.fx could not trace, a module it does not enter)."""
+    if head.map_node is None or any(s != 1 for s in head.spatial):
+        return ""
+    who = G.reduced_by(head.map_node)
+    if who is None:
+        return ""
+    return (f"dense: {who} reduces the map to one value per channel before the head, outside the graph the "
+            "head is in (torch.fx could not trace the code between them), so it stays and the output is 1x1 at "
+            "any input size; make that code traceable to get a score map")
 
 
 def _is_output_like(node: fx.Node) -> bool:
