@@ -96,21 +96,19 @@ class ConvifyTracer(fx.Tracer):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         values: dict[str, Any] = {}
         examples: dict[fx.Node, Any] = {}
-        defaulted = False
+        defaulted = False  # Python wants a default on every parameter after one that has one
         for slot in self.call.slots:
-            if slot.kind is SlotKind.FIXED:
-                proxy = self.create_proxy("placeholder", slot.name, (slot.value,), {})
-                self.create_proxy("call_function", check_traced_argument, (proxy, slot.value, slot.name), {})
-                defaulted = True
-            elif slot.kind is SlotKind.INPUT:
-                # a tensor after a keyword with a default needs one too; None never runs (no example)
+            if slot.kind is SlotKind.INPUT:
                 proxy = self.create_proxy("placeholder", slot.name, (None,) if defaulted else (), {})
                 examples[proxy.node] = slot.value
                 values[slot.name] = proxy
                 continue
-            else:  # CONSTANT: passed as it is, no placeholder
-                pass
             values[slot.name] = slot.value
+            if slot.kind is SlotKind.FIXED:
+                proxy = self.create_proxy("placeholder", slot.name, (slot.default,), {})
+                self.create_proxy("call_function", check_traced_argument, (proxy, slot.value, slot.name), {})
+                examples[proxy.node] = slot.value
+                defaulted = True
         self._values = _ExampleValues(self.root, examples) if self.call.has_example else None
         call = self.call
 
@@ -126,11 +124,16 @@ class ConvifyTracer(fx.Tracer):
         """A branch on a value computed from shapes alone follows the example
         input, and a guard in the graph raises if a later input would branch
         the other way; a branch on tensor data stays untraceable."""
-        value = self._known(obj, "symbolically traced variables cannot be used as inputs to control flow")
+        if self._values is None:
+            return super().to_bool(obj)
+        why = "symbolically traced variables cannot be used as inputs to control flow"
+        try:
+            value = self._values.of(obj.node)
+        except Exception as e:
+            raise fx.proxy.TraceError(f"{why} (and its value on the example input is unknown: {one_line(e)})") from e
         if not isinstance(value, (bool, int)):
-            raise fx.proxy.TraceError(
-                "symbolically traced variables cannot be used as inputs to control flow (the condition "
-                f"{obj.node.name!r} depends on tensor data, not only on shapes)")
+            raise fx.proxy.TraceError(f"{why} (the condition {obj.node.name!r} depends on tensor data, not only on "
+                                      "shapes)")
         taken = bool(value)
         where = next(reversed(self.module_stack), "") if self.module_stack else ""
         self.create_proxy("call_function", check_traced_branch, (obj, taken, where), {})
@@ -139,23 +142,13 @@ class ConvifyTracer(fx.Tracer):
     def iter(self, obj: fx.Proxy) -> Iterator:
         """A tuple or list (not a tensor: that would fix the batch size)
         iterates as its items, as many as on the example input."""
-        value = self._known(obj, None)
+        try:
+            value = self._values.of(obj.node) if self._values is not None else None
+        except Exception:  # noqa: BLE001  (unknown: torch.fx's own error below)
+            value = None
         if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
             return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
-
-    def _known(self, obj: fx.Proxy, message: str | None) -> Any:
-        """The value of ``obj`` on meta copies of the example; raises fx's
-        TraceError (``message``, or iter's own) when there is none."""
-        if self._values is None:
-            return super().to_bool(obj) if message else super().iter(obj)
-        try:
-            return self._values.of(obj.node)
-        except Exception as e:
-            if message is None:
-                return super().iter(obj)
-            raise fx.proxy.TraceError(f"{message} (and its value on the example input is unknown: "
-                                      f"{one_line(e)})") from e
 
     # ------------------------------------------------------------------ outputs
 
@@ -193,11 +186,22 @@ class SlotKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Slot:
+    """One argument of the traced call."""
+
     name: str
     kind: SlotKind
-    value: Any                              # the example tensor, or the fixed value
+    value: Any                              # the example tensor, or the value it is traced with
     param: inspect.Parameter | None = None  # None for a keyword that lands in ``**kwargs``
     passed: bool = True                     # given by the example call (else: the default)
+
+    @property
+    def default(self) -> Any:
+        """The graph keyword's default: the forward's own when it has a literal
+        one (called without it, the guard compares like the original would),
+        else the traced value."""
+        if self.param is not None and self.param.default is not self.param.empty and _is_literal(self.param.default):
+            return self.param.default
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,8 @@ def example_call(module: nn.Module, args: Sequence[Any] | None = None,
                 slots.append(Slot(p.name, SlotKind.FIXED, p.default, p, passed=False))
         else:
             return None  # a required argument the example does not give: plain torch.fx
+    if not any(slot.kind is SlotKind.INPUT for slot in slots):
+        return None  # nothing to trace with (forward(*args) and no example): plain torch.fx
     return ExampleCall(signature, tuple(slots), has_example)
 
 
@@ -321,7 +327,8 @@ def check_traced_argument(value: Any, traced: Any, name: str) -> Any:
     if value is traced or (not isinstance(value, torch.Tensor) and type(value) is type(traced) and value == traced):
         return
     raise UsageError(f"this model was rewritten with {name}={traced!r} and computes only that; it was called "
-                     f"with {name}={_brief(value)}. Call it without {name}, or rewrite the original model")
+                     f"with {name}={_brief(value)}: give {name}={traced!r}, or rewrite the original model for the "
+                     "call you need")
 
 
 def check_traced_branch(condition: Any, taken: bool, where: str) -> Any:
@@ -355,18 +362,21 @@ class _ExampleValues:
     def __init__(self, root: nn.Module, examples: Mapping[fx.Node, Any]) -> None:
         self.root = root
         self.env: dict[fx.Node, Any] = {n: _to_meta(v) for n, v in examples.items()}
-        self._state: dict[str, torch.Tensor] | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._runner: fx.Interpreter | None = None
 
     def of(self, node: fx.Node) -> Any:
+        """The value of ``node``, running the nodes before it not run yet."""
         if node in self.env:
             return self.env[node]
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # noqa: PLC0415  (run eager code)
         from torch.nn.utils.stateless import _reparametrize_module  # noqa: PLC0415
 
-        if self._state is None:
+        if self._runner is None:
             self._state = _meta_state(self.root)
-        runner = fx.Interpreter(self.root, garbage_collect_values=False, graph=node.graph)
-        runner.env = self.env
+            self._runner = fx.Interpreter(self.root, garbage_collect_values=False, graph=node.graph)
+            self._runner.env = self.env
+        runner = self._runner
         with _maybe_revert_all_patches(), torch.no_grad(), _reparametrize_module(self.root, self._state):
             for n in node.graph.nodes:
                 if n in self.env:

@@ -205,3 +205,16 @@ def test_copy_module_copies_cached_non_leaf_tensors():
     copied = G.copy_module(model)
     assert copied.cache["cpu"].grad_fn is None and torch.equal(copied.cache["cpu"], model.cache["cpu"])
     assert copied.conv.weight is not model.conv.weight
+
+
+def test_a_keyword_its_parent_fixed_keeps_the_forwards_default_and_is_guarded():
+    model = WithOptions().eval()
+    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),), kwargs={"scale": 3.0})
+    scale = next(n for n in gm.graph.nodes if n.target == "scale")
+    assert scale.args == (2.0,)  # the forward's default: called without scale, the guard refuses
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(gm(x, scale=3.0), model(x, scale=3.0))
+        assert not torch.allclose(gm(x, scale=3.0), model(x))
+    with pytest.raises(UsageError, match=r"rewritten with scale=3.0 .* called with scale=2.0: give scale=3.0"):
+        gm(x)

@@ -94,7 +94,7 @@ def test_rewritten_hf_model_keeps_its_output_type_and_keywords():
 
 def test_rewritten_hf_model_refuses_what_it_was_not_traced_for():
     out = convify.convify(hf_resnet(), torch.randn(X))
-    with pytest.raises(UsageError, match=r"rewritten with labels=None .* called with labels=a tensor"):
+    with pytest.raises(UsageError, match=r"with labels=None .* with labels=a tensor of shape \(2,\): give labels=None"):
         out(torch.randn(2, 3, 64, 64), labels=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ExampleInputError, match=r"resnet.embedder: this input's shapes take another branch"):
         out(torch.randn(1, 4, 64, 64))
