@@ -419,15 +419,15 @@ def _one_call(calls: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
     for other in calls[1:]:
         differs = _differing_argument(first, other)
         if differs is not None:
-            raise TraceError(f"its forward is called with {differs} taking different values; one graph "
-                             "holds the code for one of them")
+            raise TraceError(f"its calls give {differs}; one graph holds the code for one of them")
     return first
 
 
 def _differing_argument(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> str | None:
+    """What two calls give differently, other than tensors (``"'twice' different values"``), or None."""
     (args_a, kw_a), (args_b, kw_b) = a, b
     if len(args_a) != len(args_b) or set(kw_a) != set(kw_b):
-        return "its arguments"
+        return "different arguments"
     pairs = [(f"argument {i}", x, y) for i, (x, y) in enumerate(zip(args_a, args_b))]
     pairs += [(repr(k), kw_a[k], kw_b[k]) for k in kw_a]
     for name, x, y in pairs:
@@ -438,7 +438,7 @@ def _differing_argument(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> str | N
         except Exception:  # noqa: BLE001  (values that cannot be compared are not the same)
             same = False
         if not same:
-            return name
+            return f"{name} different values"
     return None
 
 

@@ -135,20 +135,47 @@ class ConvifyTracer(fx.Tracer):
             raise fx.proxy.TraceError(f"{why} (the condition {obj.node.name!r} depends on tensor data, not only on "
                                       "shapes)")
         taken = bool(value)
-        where = next(reversed(self.module_stack), "") if self.module_stack else ""
-        self.create_proxy("call_function", check_traced_branch, (obj, taken, where), {})
+        self.create_proxy("call_function", check_traced_branch, (obj, taken, self._where()), {})
         return taken
 
     def iter(self, obj: fx.Proxy) -> Iterator:
-        """A tuple or list (not a tensor: that would fix the batch size)
-        iterates as its items, as many as on the example input."""
-        try:
-            value = self._values.of(obj.node) if self._values is not None else None
-        except Exception:  # noqa: BLE001  (unknown: torch.fx's own error below)
-            value = None
-        if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        """A tuple, list or shape iterates as its items, as many as on the
+        example input (a tensor does not: that would fix the batch size)."""
+        value = self._value_or_none(obj)
+        if isinstance(value, (tuple, list)):
             return iter([obj[i] for i in range(len(value))])
         return super().iter(obj)
+
+    def length(self, obj: fx.Proxy) -> int:
+        """``len()`` of a tuple, list or shape: as on the example input (the
+        number of dimensions, never a size)."""
+        value = self._value_or_none(obj)
+        if isinstance(value, (tuple, list)):
+            return len(value)
+        return fx.Proxy.__len__(obj)  # torch.fx's own error
+
+    def to_int(self, obj: fx.Proxy) -> int:
+        """``int()`` of a number made of shapes: the example's number, with a
+        guard that raises for an input that gives another."""
+        value = self._value_or_none(obj)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"int() argument must be a string, a bytes-like object or a real number, not 'Proxy' "
+                            f"({obj.node.name!r} is no number worked out from shapes alone)")
+        self.create_proxy("call_function", check_traced_value, (obj, value, self._where()), {})
+        return value
+
+    def _value_or_none(self, obj: fx.Proxy) -> Any:
+        try:
+            return self._values.of(obj.node) if self._values is not None else None
+        except Exception:  # noqa: BLE001  (unknown: the caller raises torch.fx's own error)
+            return None
+
+    def _where(self) -> str:
+        """The module whose forward is being traced (for the guards' messages)."""
+        return next(reversed(self.module_stack), "") if self.module_stack else ""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ExampleProxy(node, self)
 
     # ------------------------------------------------------------------ outputs
 
@@ -160,6 +187,27 @@ class ConvifyTracer(fx.Tracer):
             kwargs = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
             return self.create_node("call_function", type(a), (), kwargs)
         return super().create_arg(a)
+
+
+class _ExampleProxy(fx.Proxy):
+    """A Proxy whose ``len()`` and ``int()`` the tracer works out on the
+    example input (plain torch.fx raises for them). No ``__index__``: torch's
+    argument parser would call it on ``torch.full((x.shape[0], 1), ...)``,
+    which torch.fx records symbolically, and fix the batch size."""
+
+    def __len__(self) -> int:
+        return self.tracer.length(self)  # type: ignore[attr-defined]
+
+    def __int__(self) -> int:
+        return self.tracer.to_int(self)  # type: ignore[attr-defined]
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _ExampleAttribute(self, k)  # ``len(x.shape)`` too
+
+
+class _ExampleAttribute(fx.proxy.Attribute):
+    __len__ = _ExampleProxy.__len__
+    __int__ = _ExampleProxy.__int__
 
 
 def is_output_like(node: fx.Node) -> bool:
@@ -343,13 +391,25 @@ def check_traced_branch(condition: Any, taken: bool, where: str) -> Any:
         "input it was rewritten with; rewrite it with an example input of this shape")
 
 
+def check_traced_value(value: Any, traced: int, where: str) -> Any:
+    """The guard of a shape turned into a Python number: the graph holds
+    the example's number; an input that gives another is refused."""
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", check_traced_value, (value, traced, where), {})
+    if int(value) == traced:
+        return
+    raise ExampleInputError(
+        f"{where or 'the model'}: its forward turns a shape into a number, {traced} on the example input it was "
+        f"rewritten with and {int(value)} on this one; rewrite it with an example input of this shape")
+
+
 def _brief(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return repr(value)[:80]
 
 
-for _guard in (check_traced_argument, check_traced_branch):
+for _guard in (check_traced_argument, check_traced_branch, check_traced_value):
     fx.node._side_effectful_functions.add(_guard)  # dead-code elimination must keep the guards
 
 
@@ -369,15 +429,18 @@ class _ExampleValues:
         """The value of ``node``, running the nodes before it not run yet."""
         if node in self.env:
             return self.env[node]
-        from torch.fx._symbolic_trace import _maybe_revert_all_patches  # noqa: PLC0415  (run eager code)
+        from torch.fx import _symbolic_trace  # noqa: PLC0415
         from torch.nn.utils.stateless import _reparametrize_module  # noqa: PLC0415
+
+        # the modules run below must not go through the tracer's patched Module.__call__ and __getattr__
+        unpatched = getattr(_symbolic_trace, "_maybe_revert_all_patches", contextlib.nullcontext)
 
         if self._runner is None:
             self._state = _meta_state(self.root)
             self._runner = fx.Interpreter(self.root, garbage_collect_values=False, graph=node.graph)
             self._runner.env = self.env
         runner = self._runner
-        with _maybe_revert_all_patches(), torch.no_grad(), _reparametrize_module(self.root, self._state):
+        with unpatched(), torch.no_grad(), _reparametrize_module(self.root, self._state):
             for n in node.graph.nodes:
                 if n in self.env:
                     continue
@@ -488,7 +551,7 @@ def _restore_module_state(root: nn.Module, state: dict[int, tuple[nn.Module, dic
                     old.update(content)
                 else:
                     old[:] = content
-            object.__setattr__(m, key, old) if key in vars(m) else setattr(m, key, old)
+            vars(m)[key] = old
 
 
 def copy_module(model: nn.Module) -> nn.Module:

@@ -154,7 +154,7 @@ def test_fallback_traces_children_with_the_keywords_their_parent_gives():
 def test_fallback_does_not_trace_a_child_called_with_different_keywords():
     out = convify.replace_maxpool(CallsWithKeywords(second=True).eval(), torch.randn(1, 3, 16, 16))
     rep = convify.report(out).passes[0]
-    assert any(u.name == "block" and "'twice' taking different values" in u.reason for u in rep.untraced)
+    assert any(u.name == "block" and "'twice' different values" in u.reason for u in rep.untraced)
     assert [r.name for r in rep.replaced] == ["block.pool"]  # reached through the fallback's wrapper
     assert out(torch.randn(1, 3, 16, 16)).shape == (1, 3, 2, 2)
 

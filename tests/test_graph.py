@@ -218,3 +218,31 @@ def test_a_keyword_its_parent_fixed_keeps_the_forwards_default_and_is_guarded():
         assert not torch.allclose(gm(x, scale=3.0), model(x))
     with pytest.raises(UsageError, match=r"rewritten with scale=3.0 .* called with scale=2.0: give scale=3.0"):
         gm(x)
+
+
+class ShapesAsNumbers(nn.Module):
+    """TF-style "same" padding from ``int(x.shape[-1])`` and a reshape that
+    unpacks a shape into a new one (``len`` of a shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        size = int(x.shape[-1])
+        pad = max(0, (size + 1) // 2 * 2 - size + 1)
+        y = self.conv(F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+        return y.reshape(*y.shape[:-2], -1)
+
+
+def test_shapes_turned_into_numbers_follow_the_example_and_are_guarded():
+    model = ShapesAsNumbers().eval()
+    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    x = torch.randn(2, 3, 8, 8)  # another batch size: only the traced width is fixed
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert sum(n.target is G.check_traced_value for n in gm.graph.nodes) == 1
+    with pytest.raises(ExampleInputError, match=r"turns a shape into a number, 8 on the example .* 9 on this one"):
+        gm(torch.randn(1, 3, 9, 9))
+    with pytest.raises(TraceError, match="not 'Proxy'"):
+        G.trace(model)  # without an example nothing is known about the shapes

@@ -40,7 +40,19 @@ def hf_convnext() -> nn.Module:
     return reinit(transformers.ConvNextForImageClassification(config)).eval()
 
 
-@pytest.mark.parametrize("make", [hf_resnet, hf_regnet, hf_convnext], ids=["resnet", "regnet", "convnext"])
+def hf_mobilenet_v2() -> nn.Module:  # TF "same" padding from int(x.shape[-2])
+    config = transformers.MobileNetV2Config(depth_multiplier=0.35, num_labels=5)
+    return reinit(transformers.MobileNetV2ForImageClassification(config)).eval()
+
+
+def hf_vit() -> nn.Module:  # (*x.shape[:-1], -1, head_dim)
+    config = transformers.ViTConfig(image_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32, num_labels=5)
+    return reinit(transformers.ViTForImageClassification(config)).eval()
+
+
+@pytest.mark.parametrize("make", [hf_resnet, hf_regnet, hf_convnext, hf_mobilenet_v2, hf_vit],
+                         ids=["resnet", "regnet", "convnext", "mobilenet_v2", "vit"])
 def test_hf_classifiers_trace_whole(make):
     model = make()
     out = convify.convify(model, torch.randn(X))
@@ -125,6 +137,15 @@ def test_open_model_reads_a_folder_with_a_self_contained_recipe(folder, tmp_path
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, rewritten(x).logits)
+
+
+def test_arch_hf_folder_with_weights_gets_the_same_recipe(folder):
+    src = ck.open_model(arch=f"hf:{folder}", weights=folder / "model.safetensors")
+    assert src.arch == ck.ArchSpec("hf", "ResNetForImageClassification")
+    assert src.arch_kwargs == ck.open_model(folder).arch_kwargs
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(src.model(x).logits, ck.open_model(folder).model(x).logits)
 
 
 def test_folder_through_the_command_line(folder, tmp_path):

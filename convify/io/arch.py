@@ -60,8 +60,9 @@ def parse_arch(spec: str | ArchSpec) -> ArchSpec:
     prefix, sep, name = text.partition(":")
     if sep and prefix in ("torchvision", "timm", "hf"):
         if not name:
+            example = "ResNetForImageClassification" if prefix == "hf" else "resnet18"
             raise CheckpointError(f"architecture {spec!r} names no model: write {prefix}:NAME, e.g. "
-                                  f"{prefix}:resnet18")
+                                  f"{prefix}:{example}")
         return ArchSpec(prefix, name)
     if _IMPORT_PATH.match(text):
         return ArchSpec("import", text)

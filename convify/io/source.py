@@ -102,6 +102,8 @@ def _open_arch(arch: str, arch_kwargs: dict[str, Any], weights: str | os.PathLik
         state_dict = content.state_dict() if isinstance(content, nn.Module) else content
     model = build_arch(spec, arch_kwargs)
     label = str(spec)
+    if spec.kind == "hf" and os.path.isdir(spec.name):  # hf:DIR: the recipe keeps the class and config, not a path
+        spec, arch_kwargs = ArchSpec("hf", type(model).__name__), {"config": hf_config_dict(model.config)}
     if state_dict is not None:
         load_weights(model, state_dict, source=str(weights), target=str(spec))
         label += f" + {weights}"
