@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import enum
 import fnmatch
+import functools
 import inspect
 import math
 import sys
@@ -367,11 +368,24 @@ def _slot(name: str, value: Any, param: inspect.Parameter | None, passed: bool) 
     return Slot(name, SlotKind.CONSTANT, value, param, passed)
 
 
-def check_traced_argument(value: Any, traced: Any, name: str) -> Any:
+def _guard(check: Callable[..., None]) -> Callable[..., Any]:
+    """A guard of the traced graphs: kept by dead-code elimination, and
+    recorded again (not run) when a rewritten model is traced again."""
+
+    @functools.wraps(check)
+    def guard(value: Any, *rest: Any) -> Any:
+        if isinstance(value, fx.Proxy):
+            return value.tracer.create_proxy("call_function", guard, (value, *rest), {})
+        return check(value, *rest)
+
+    fx.node._side_effectful_functions.add(guard)
+    return guard
+
+
+@_guard
+def check_traced_argument(value: Any, traced: Any, name: str) -> None:
     """The guard of a keyword fixed at tracing: the graph holds the branches
     its traced value took, and no other value can run through it."""
-    if isinstance(value, fx.Proxy):  # the rewritten model traced again: the guard stays in its graph
-        return value.tracer.create_proxy("call_function", check_traced_argument, (value, traced, name), {})
     if value is traced or (not isinstance(value, torch.Tensor) and type(value) is type(traced) and value == traced):
         return
     raise UsageError(f"this model was rewritten with {name}={traced!r} and computes only that; it was called "
@@ -379,38 +393,30 @@ def check_traced_argument(value: Any, traced: Any, name: str) -> Any:
                      "call you need")
 
 
-def check_traced_branch(condition: Any, taken: bool, where: str) -> Any:
+@_guard
+def check_traced_branch(condition: Any, taken: bool, where: str) -> None:
     """The guard of a branch on shapes: the graph holds the branch the
     example input took; an input whose shapes take the other one is refused."""
-    if isinstance(condition, fx.Proxy):
-        return condition.tracer.create_proxy("call_function", check_traced_branch, (condition, taken, where), {})
-    if bool(condition) == taken:
-        return
-    raise ExampleInputError(
-        f"{where or 'the model'}: this input's shapes take another branch of its forward than the example "
-        "input it was rewritten with; rewrite it with an example input of this shape")
+    if bool(condition) != taken:
+        raise ExampleInputError(
+            f"{where or 'the model'}: this input's shapes take another branch of its forward than the example "
+            "input it was rewritten with; rewrite it with an example input of this shape")
 
 
-def check_traced_value(value: Any, traced: int, where: str) -> Any:
+@_guard
+def check_traced_value(value: Any, traced: int, where: str) -> None:
     """The guard of a shape turned into a Python number: the graph holds
     the example's number; an input that gives another is refused."""
-    if isinstance(value, fx.Proxy):
-        return value.tracer.create_proxy("call_function", check_traced_value, (value, traced, where), {})
-    if int(value) == traced:
-        return
-    raise ExampleInputError(
-        f"{where or 'the model'}: its forward turns a shape into a number, {traced} on the example input it was "
-        f"rewritten with and {int(value)} on this one; rewrite it with an example input of this shape")
+    if int(value) != traced:
+        raise ExampleInputError(
+            f"{where or 'the model'}: its forward turns a shape into a number, {traced} on the example input it "
+            f"was rewritten with and {int(value)} on this one; rewrite it with an example input of this shape")
 
 
 def _brief(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     return repr(value)[:80]
-
-
-for _guard in (check_traced_argument, check_traced_branch, check_traced_value):
-    fx.node._side_effectful_functions.add(_guard)  # dead-code elimination must keep the guards
 
 
 class _ExampleValues:

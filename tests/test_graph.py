@@ -246,3 +246,13 @@ def test_shapes_turned_into_numbers_follow_the_example_and_are_guarded():
         gm(torch.randn(1, 3, 9, 9))
     with pytest.raises(TraceError, match="not 'Proxy'"):
         G.trace(model)  # without an example nothing is known about the shapes
+
+
+def test_guards_survive_a_second_trace():
+    gm = G.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
+    again = torch.fx.symbolic_trace(gm)
+    guards = [n.target for n in again.graph.nodes if n.op == "call_function" and n.target in
+              (G.check_traced_argument, G.check_traced_branch)]
+    assert len(guards) == 4  # three keywords and the channel check
+    with pytest.raises(ExampleInputError, match="another branch"):
+        again(torch.randn(1, 5, 8, 8))
