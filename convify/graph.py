@@ -3,6 +3,20 @@
 Nothing in here is specific to one rewrite: rewrites find their sites in a
 traced ``torch.fx.GraphModule`` whose nodes carry a :class:`TensorInfo` in
 ``node.meta["convify"]`` (written by :class:`ShapeProp`).
+
+Tracing (:func:`trace`) is torch.fx's symbolic tracing, shape-specialized
+only where plain torch.fx gives up, and guarded there. The rewrites need
+module calls, so ``make_fx`` (an aten-level IR) is no option, and
+``torch.fx.experimental.meta_tracer.MetaTracer`` gives every ``x.shape`` a
+concrete value, which would fix the batch and image size in every reshape.
+Here proxies stay symbolic; only when Python needs a value (a branch,
+``int()``, ``len()``, iteration) is it worked out by running the graph traced
+so far on meta copies of the example (no arithmetic), and the graph gets a
+guard that raises for an input that would give another value. Values that
+depend on tensor data stay unknown, so such control flow stays untraceable.
+Forward arguments beyond the example tensors keep their values, as
+``concrete_args`` would (which breaks on decorated forwards with ``*args,
+**kwargs``, as transformers' are).
 """
 from __future__ import annotations
 
@@ -484,9 +498,10 @@ def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = (), arg
     * ``if x.shape[1] != self.num_channels: raise`` and other branches on
       shapes follow the example input (values worked out on meta tensors),
       and the graph gets a guard that raises for an input whose shapes would
-      branch the other way. Shapes used as values stay symbolic, so the graph
-      still runs at other batch and spatial sizes. A branch on tensor data
-      stays untraceable;
+      branch the other way; so does ``int()`` of a number made of shapes
+      (TF-style "same" padding); ``len()`` of a shape counts its dimensions.
+      Shapes used as values stay symbolic, so the graph still runs at other
+      batch and spatial sizes. A branch on tensor data stays untraceable;
     * a ``ModelOutput`` (a dict that is a dataclass) is rebuilt as it was;
     * no Proxy is left in a module's state (a cache of the forward, like
       LeViT's attention biases), where a later trace would read it back.
