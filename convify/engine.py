@@ -290,7 +290,7 @@ class _CallRecorder(TorchFunctionMode):
         super().__init__()
         self.calls: dict[str, list[tuple[tuple, dict]]] = defaultdict(list)
         self.site_calls: list[tuple[str, Callable]] = []
-        self.reductions: dict[int, tuple[str, torch.Tensor]] = {}
+        self.reductions: dict[int, tuple[str, torch.Tensor, bool]] = {}  # what made it, it, by a module
         self._types = {name: type(m).__name__ for name, m in root.named_modules()}
         self._stack: list[str] = []
         self._is_site_function = is_site_function
@@ -309,8 +309,12 @@ class _CallRecorder(TorchFunctionMode):
         def hook(_m: nn.Module, args: tuple, out: Any) -> None:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
-            if args and G.reduces_space(args[0], out):
-                self.reductions[id(out)] = (f"{name or '<model>'} ({self._types.get(name, '?')})", out)
+            found = self.reductions.get(id(out))
+            if found is not None and found[2]:
+                return  # an inner module made it: the most precise name
+            if args and G.reduces_space(args[0], out, same_channels=False):
+                self.reductions[id(out)] = (f"{name or '<model>'} ({self._types.get(name, '?')}), called from code "
+                                            "torch.fx could not trace", out, True)
         return hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -320,7 +324,8 @@ class _CallRecorder(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if args and G.reduces_space(args[0], out):
             name = getattr(func, "__name__", "a reduction")
-            self.reductions[id(out)] = (f"{name} in the forward of {scope or '<model>'}", out)
+            self.reductions[id(out)] = (f"{name} in the forward of {scope or '<model>'}, which torch.fx could not "
+                                        "trace", out, False)
         return out
 
     def made_by(self, value: Any) -> str | None:

@@ -734,11 +734,12 @@ def _run_with_kwargs(gm: fx.GraphModule, args: tuple, kwargs: dict, shortcut: bo
 REDUCED_BY = "convify_reduced_by"
 
 
-def reduces_space(before: Any, after: Any) -> bool:
+def reduces_space(before: Any, after: Any, same_channels: bool = True) -> bool:
     """Whether ``after`` is ``before`` (N, C, *S) reduced to one value per
-    channel over more than one position: (N, C) or (N, C, 1, ...)."""
+    channel over more than one position: (N, C) or (N, C, 1, ...); with
+    ``same_channels=False`` (a module that may convolve first) any C."""
     return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
-            and _reduced_shapes(tuple(before.shape), tuple(after.shape)))
+            and _reduced_shapes(tuple(before.shape), tuple(after.shape), same_channels))
 
 
 def reduced_by(node: fx.Node) -> str | None:
@@ -755,7 +756,7 @@ def reduced_by(node: fx.Node) -> str | None:
         found = info(cur)
         if cur.op == "call_module" and len(inputs) >= 1:
             before = info(inputs[0])
-            if found is not None and before is not None and _reduced_shapes(before.shape, found.shape):
+            if found is not None and before is not None and _reduced_shapes(before.shape, found.shape, False):
                 module = cur.graph.owning_module.get_submodule(cur.target) if cur.graph.owning_module else None
                 kind = type(module).__name__ if module is not None else "module"
                 return f"{cur.target} ({kind}), a module torch.fx does not enter"
@@ -764,8 +765,9 @@ def reduced_by(node: fx.Node) -> str | None:
         cur = inputs[0]
 
 
-def _reduced_shapes(before: tuple[int, ...], after: tuple[int, ...]) -> bool:
-    return (len(before) >= 3 and len(after) >= 2 and tuple(after[:2]) == tuple(before[:2])
+def _reduced_shapes(before: tuple[int, ...], after: tuple[int, ...], same_channels: bool = True) -> bool:
+    kept = tuple(after[:2]) == tuple(before[:2]) if same_channels else after[:1] == before[:1]
+    return (len(before) >= 3 and len(after) >= 2 and kept
             and math.prod(before[2:]) > 1 and all(s == 1 for s in after[2:]))
 
 

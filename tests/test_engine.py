@@ -111,12 +111,12 @@ def test_dense_says_which_untraced_pooling_pins_the_size():
     out = convify.replace_linear_head(PinnedHead().eval(), torch.randn(1, 3, 16, 16), dense=True)
     (row,) = convify.report(out).passes[0].replaced
     assert row.name == "classifier.1"
-    assert any("features.pool (AdaptiveAvgPool2d) reduces the map" in n and "1x1 at any input size" in n
-               for n in row.notes), row.notes
+    assert any("by features.pool (AdaptiveAvgPool2d), called from code torch.fx could not trace" in n
+               and "1x1 at any input size" in n for n in row.notes), row.notes
     assert out(torch.randn(1, 3, 32, 32)).shape == (1, 5, 1, 1)
     plain = convify.replace_linear_head(PinnedHead().eval(), torch.randn(1, 3, 16, 16))
     (plain,) = convify.report(plain).passes[0].replaced
-    assert not any("reduces the map" in n for n in plain.notes)
+    assert not any("reduced to one value per channel" in n for n in plain.notes)
 
 
 class CallsWithKeywords(nn.Module):
@@ -167,3 +167,26 @@ def test_levit_after_a_forward_outside_no_grad_is_copied():
     out = convify.convify(model, x)
     with torch.no_grad():
         assert torch.equal(out(x), model(x))
+
+
+def test_dense_says_which_opaque_module_pins_the_size():
+    timm = pytest.importorskip("timm")
+    from timm.layers import _fx
+
+    class OpaqueFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.conv(x))
+
+    model = nn.Sequential(OpaqueFeatures(), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5)).eval()
+    _fx._leaf_modules.add(OpaqueFeatures)
+    try:
+        out = convify.replace_linear_head(model, torch.randn(1, 3, 16, 16), dense=True)
+    finally:
+        _fx._leaf_modules.discard(OpaqueFeatures)
+    (row,) = convify.report(out).passes[0].replaced
+    assert any("by 0 (OpaqueFeatures), a module torch.fx does not enter" in n for n in row.notes), row.notes

@@ -762,9 +762,9 @@ def _reduced_elsewhere_note(head: Head) -> str:
     who = G.reduced_by(head.map_node)
     if who is None:
         return ""
-    return (f"dense: {who} reduces the map to one value per channel before the head, outside the graph the "
-            "head is in (torch.fx could not trace the code between them), so it stays and the output is 1x1 at "
-            "any input size; make that code traceable to get a score map")
+    return (f"dense: the map is reduced to one value per channel before the head by {who}, where no rewrite can "
+            "remove it; it stays, so the output is 1x1 at any input size (make that code traceable to get a score "
+            "map)")
 
 
 def _is_output_like(node: fx.Node) -> bool:
