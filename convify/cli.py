@@ -4,6 +4,7 @@
 
     convify inspect --arch torchvision:resnet18 --weights resnet18.pth
     convify rewrite --arch torchvision:resnet18 --weights resnet18.pth -o allconv.pt --onnx allconv.onnx
+    convify rewrite my-hf-resnet/ -o allconv.pt        # a Hugging Face folder (pip install -e '.[hf]')
     convify verify allconv.pt --head none
     convify export allconv.pt -o allconv.onnx --dynamic-spatial
     convify scan --arch torchvision:resnet18 --weights resnet18.pth slide.tiff -o scores.npy --png heat.png
@@ -58,10 +59,11 @@ FLAGS = {
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (a file, or --arch with optional --weights)")
+    g = p.add_argument_group("model (a file, a Hugging Face model folder, or --arch with optional --weights)")
     g.add_argument("model", nargs="?", metavar="MODEL",
-                   help="a convify checkpoint, a pickled nn.Module (with --trust-pickle), or with --arch the "
-                        "weights file")
+                   help="a convify checkpoint, a pickled nn.Module (with --trust-pickle), a Hugging Face model "
+                        "folder (config.json and model.safetensors; needs transformers: pip install -e '.[hf]'), "
+                        "or with --arch the weights file")
     g.add_argument("--arch", metavar="SPEC",
                    help="torchvision:NAME, timm:NAME or package.module:factory")
     g.add_argument("--arch-kwargs", action="append", metavar="KEY=VALUE",

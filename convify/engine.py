@@ -13,7 +13,6 @@ attached to the model's report: the one place a report grows.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -134,7 +133,7 @@ def first_input(batch: Any) -> torch.Tensor | None:
 def _copy_for_teacher(model: nn.Module) -> tuple[nn.Module | None, str]:
     """The unmodified original, copied before an in-place rewrite changes it."""
     try:
-        return copy.deepcopy(model), ""
+        return G.copy_module(model), ""
     except Exception as e:  # noqa: BLE001  (any copy failure means: no teacher, say why)
         return None, f"inplace=True and the model could not be copied to keep its activations ({one_line(e)})"
 
@@ -153,7 +152,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     col = _Collector()
     filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
     try:
-        gm = G.trace(work, leaf_modules())
+        gm = G.trace(work, leaf_modules(), args)
     except TraceError as e:
         col.untraced.append(Untraced("", _reason(e)))
         result = _fallback(work, args, rewrite, filt, col)
@@ -180,7 +179,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
-        return copy.deepcopy(model)
+        return G.copy_module(model)
     except Exception as e:
         raise ConvifyError(f"{type(model).__name__} cannot be deep-copied ({one_line(e)}); pass inplace=True "
                            "to rewrite it without a copy") from e
@@ -289,13 +288,18 @@ def _split_shared_modules(gm: fx.GraphModule, planned: list[Site], rewrite: Rewr
 
 
 class _CallRecorder(TorchFunctionMode):
-    """Records, on one forward pass, the inputs of every submodule and which
-    module's own code called a site function (e.g. ``F.max_pool2d``)."""
+    """Records, on one forward pass, the inputs of every submodule, which
+    module's own code called a site function (e.g. ``F.max_pool2d``), and
+    which call reduced a map to one value per channel (``reductions``: by the
+    id of the result, what made it), so that a graph whose input was reduced
+    outside it can say where."""
 
     def __init__(self, root: nn.Module, is_site_function: Callable[[Callable], bool]):
         super().__init__()
         self.calls: dict[str, list[tuple[tuple, dict]]] = defaultdict(list)
         self.site_calls: list[tuple[str, Callable]] = []
+        self.reductions: dict[int, tuple[str, torch.Tensor, bool]] = {}  # what made it, it, by a module
+        self._types = {name: type(m).__name__ for name, m in root.named_modules()}
         self._stack: list[str] = []
         self._is_site_function = is_site_function
         self._handles = []
@@ -310,15 +314,32 @@ class _CallRecorder(TorchFunctionMode):
         return hook
 
     def _post(self, name: str):
-        def hook(_m: nn.Module, _args: tuple, _out: Any) -> None:
+        def hook(_m: nn.Module, args: tuple, out: Any) -> None:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
+            found = self.reductions.get(id(out))
+            if found is not None and found[2]:
+                return  # an inner module made it: the most precise name
+            if args and G.reduces_space(args[0], out, same_channels=False):
+                self.reductions[id(out)] = (f"{name or '<model>'} ({self._types.get(name, '?')}), called from code "
+                                            "torch.fx could not trace", out, True)
         return hook
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        scope = self._stack[-1] if self._stack else ""
         if self._is_site_function(func):
-            self.site_calls.append((self._stack[-1] if self._stack else "", func))
-        return func(*args, **(kwargs or {}))
+            self.site_calls.append((scope, func))
+        out = func(*args, **(kwargs or {}))
+        if args and G.reduces_space(args[0], out):
+            name = getattr(func, "__name__", "a reduction")
+            self.reductions[id(out)] = (f"{name} in the forward of {scope or '<model>'}, which torch.fx could not "
+                                        "trace", out, False)
+        return out
+
+    def made_by(self, value: Any) -> str | None:
+        """What reduced ``value`` to one value per channel, if this forward did."""
+        found = self.reductions.get(id(value))
+        return found[0] if found is not None and found[1] is value else None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -370,12 +391,13 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             local_prefix = prefix
         else:
             try:
-                gm = G.trace(child, leaf_modules())
+                gm = G.trace(child, leaf_modules(), *_one_call(calls))
             except TraceError as e:
                 col.untraced.append(Untraced(qual, _reason(e)))
                 _visit(child, qual, recorder, rewrite, filt, col, traced_prefixes)
                 continue
             local_prefix = qual
+            _mark_reduced_inputs(gm, calls[0], recorder)
         traced_prefixes.append(qual)
         variants = _propagate_calls(gm, calls, qual)
         first_row = len(col.replaced)
@@ -387,6 +409,50 @@ def _visit(module: nn.Module, prefix: str, recorder: _CallRecorder, rewrite: Rew
             col.replaced[first_row:] = [dataclasses.replace(r, module=G.join(qual, r.module.rsplit(".", 1)[-1]))
                                         for r in col.replaced[first_row:]]
         setattr(module, child_name, new)
+
+
+def _mark_reduced_inputs(gm: fx.GraphModule, call: tuple[tuple, dict], recorder: _CallRecorder) -> None:
+    """Placeholders whose tensor untraced code reduced to one value per
+    channel say what did (``G.REDUCED_BY``): a dense head reading one cannot
+    remove that pooling and says why."""
+    args, kwargs = call
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for k, node in enumerate(placeholders):
+        value = args[k] if k < len(args) else kwargs.get(node.target)
+        made_by = recorder.made_by(value)
+        if made_by is not None:
+            node.meta[G.REDUCED_BY] = made_by
+
+
+def _one_call(calls: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    """The call a submodule is traced for: its first one, whose non-tensor
+    arguments the graph keeps (every call must give the same, or no one
+    graph serves them all)."""
+    first = calls[0]
+    for other in calls[1:]:
+        differs = _differing_argument(first, other)
+        if differs is not None:
+            raise TraceError(f"its calls give {differs}; one graph holds the code for one of them")
+    return first
+
+
+def _differing_argument(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> str | None:
+    """What two calls give differently, other than tensors (``"'twice' different values"``), or None."""
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    if len(args_a) != len(args_b) or set(kw_a) != set(kw_b):
+        return "different arguments"
+    pairs = [(f"argument {i}", x, y) for i, (x, y) in enumerate(zip(args_a, args_b))]
+    pairs += [(repr(k), kw_a[k], kw_b[k]) for k in kw_a]
+    for name, x, y in pairs:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            continue
+        try:
+            same = x is y or (type(x) is type(y) and bool(x == y))
+        except Exception:  # noqa: BLE001  (values that cannot be compared are not the same)
+            same = False
+        if not same:
+            return f"{name} different values"
+    return None
 
 
 def _propagate_calls(gm: fx.GraphModule, calls: list[tuple[tuple, dict]], qual: str

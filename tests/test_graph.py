@@ -1,13 +1,17 @@
 """Tracing, shape propagation, probe inputs and module helpers."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from convify import graph as G
-from convify.errors import TraceError
+from convify.errors import ExampleInputError, TraceError, UsageError
 
 
 class SamePool(nn.MaxPool2d):
@@ -89,3 +93,177 @@ def test_meta_shape_propagation_shortcuts_shape_preserving_modules():
         G.ShapeProp(gm, shortcut_shape_preserving=True).run(torch.randn(1, 3, 10, 10, device="meta"))
     assert [G.info(n).shape for n in gm.graph.nodes if n.op == "call_module"] == [
         (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 4, 4)]
+
+
+# --------------------------------------------------------------------------- tracing as the model is called
+
+
+class WithOptions(nn.Module):
+    """A forward with arguments beyond its input, a shape check, and a cache
+    filled in eval mode (as LeViT's attention biases are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x, mask=None, return_both: bool = False, scale: float = 2.0):
+        if x.shape[1] != 3:  # a check on shapes: follows the example, guarded
+            raise ValueError("three channels, please")
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.conv.bias * 0
+        y = self.conv(x) * scale + self.cache[key][:, None, None]
+        if mask is not None:
+            y = y * mask
+        return (y, x) if return_both else y
+
+
+def test_forward_arguments_keep_their_defaults_and_are_guarded():
+    model = WithOptions().eval()
+    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "mask", "return_both", "scale"]
+    x = torch.randn(2, 3, 12, 10)  # other batch and spatial sizes still run: shapes used as values stay symbolic
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x))
+        assert torch.allclose(gm(x, return_both=False, scale=2.0), model(x))
+    with pytest.raises(UsageError, match=r"rewritten with return_both=False .* called with return_both=True"):
+        gm(x, return_both=True)
+    with pytest.raises(UsageError, match=r"with mask=None .* called with mask=a tensor of shape \(1,\)"):
+        gm(x, mask=torch.ones(1))
+
+
+def test_branches_on_shapes_follow_the_example_and_are_guarded():
+    gm = G.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
+    assert any(n.target is G.check_traced_branch for n in gm.graph.nodes)
+    with pytest.raises(ExampleInputError, match=r"this input's shapes take another branch"):
+        gm(torch.randn(1, 5, 8, 8))
+    with pytest.raises(TraceError, match=r"cannot be used as inputs to control flow"):
+        G.trace(WithOptions().eval())  # without an example nothing is known about the shapes
+
+
+def test_branches_on_data_stay_untraceable_with_an_example():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(TraceError, match=r"depends on tensor data, not only on shapes"):
+        G.trace(Bad(), args=(torch.randn(1, 3, 4, 4),))
+
+
+def test_tracing_leaves_no_proxy_in_module_state():
+    model = WithOptions().eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 8, 8))
+    before = dict(model.cache)
+    first = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    assert model.cache == before
+    second = G.trace(model, args=(torch.randn(1, 3, 8, 8),))  # would read the first trace's Proxy back
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+
+
+def test_decorated_forwards_trace_with_their_decorators():
+    def returns_doubled(forward):
+        @functools.wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            return forward(self, *args, **kwargs) * 2
+        return wrapper
+
+    class Decorated(nn.Module):
+        @returns_doubled
+        def forward(self, x, flag: bool = False, **kwargs):
+            return x + 1 if flag else x - 1
+
+    gm = G.trace(Decorated(), args=(torch.zeros(1, 3, 4, 4),))
+    assert torch.equal(gm(torch.zeros(1, 3, 4, 4)), torch.full((1, 3, 4, 4), -2.0))
+
+
+@dataclasses.dataclass
+class DictOutput(dict):
+    """A dict that is a dataclass, as transformers' ModelOutput is."""
+
+    logits: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.update({k: v for k, v in vars(self).items() if v is not None})
+
+
+def test_dataclass_dict_outputs_are_rebuilt():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return DictOutput(logits=self.fc(x))
+
+    gm = G.trace(Net(), args=(torch.randn(1, 4),))
+    out = gm(torch.randn(3, 4))
+    assert type(out) is DictOutput and out.logits.shape == (3, 2) and out.extra is None
+    fc = next(n for n in gm.graph.nodes if n.target == "fc")
+    assert all(G.is_output_like(u) for u in fc.users)
+
+
+def test_copy_module_copies_cached_non_leaf_tensors():
+    model = WithOptions().eval()
+    model(torch.randn(1, 3, 8, 8))  # outside no_grad: the cache holds a tensor with a grad_fn
+    assert model.cache["cpu"].grad_fn is not None
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    copied = G.copy_module(model)
+    assert copied.cache["cpu"].grad_fn is None and torch.equal(copied.cache["cpu"], model.cache["cpu"])
+    assert copied.conv.weight is not model.conv.weight
+
+
+def test_a_keyword_its_parent_fixed_keeps_the_forwards_default_and_is_guarded():
+    model = WithOptions().eval()
+    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),), kwargs={"scale": 3.0})
+    scale = next(n for n in gm.graph.nodes if n.target == "scale")
+    assert scale.args == (2.0,)  # the forward's default: called without scale, the guard refuses
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(gm(x, scale=3.0), model(x, scale=3.0))
+        assert not torch.allclose(gm(x, scale=3.0), model(x))
+    with pytest.raises(UsageError, match=r"rewritten with scale=3.0 .* called with scale=2.0: give scale=3.0"):
+        gm(x)
+
+
+class ShapesAsNumbers(nn.Module):
+    """TF-style "same" padding from ``int(x.shape[-1])`` and a reshape that
+    unpacks a shape into a new one (``len`` of a shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        size = int(x.shape[-1])
+        pad = max(0, (size + 1) // 2 * 2 - size + 1)
+        y = self.conv(F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+        return y.reshape(*y.shape[:-2], -1)
+
+
+def test_shapes_turned_into_numbers_follow_the_example_and_are_guarded():
+    model = ShapesAsNumbers().eval()
+    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    x = torch.randn(2, 3, 8, 8)  # another batch size: only the traced width is fixed
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert sum(n.target is G.check_traced_value for n in gm.graph.nodes) == 1
+    with pytest.raises(ExampleInputError, match=r"turns a shape into a number, 8 on the example .* 9 on this one"):
+        gm(torch.randn(1, 3, 9, 9))
+    with pytest.raises(TraceError, match="not 'Proxy'"):
+        G.trace(model)  # without an example nothing is known about the shapes
+
+
+def test_guards_survive_a_second_trace():
+    gm = G.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
+    again = torch.fx.symbolic_trace(gm)
+    guards = [n.target for n in again.graph.nodes if n.op == "call_function" and n.target in
+              (G.check_traced_argument, G.check_traced_branch)]
+    assert len(guards) == 4  # three keywords and the channel check
+    with pytest.raises(ExampleInputError, match="another branch"):
+        again(torch.randn(1, 5, 8, 8))

@@ -1,7 +1,14 @@
 """Architecture specs: which builder makes the model a user names.
 
-``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``, with
-builder keyword arguments given as ``key=value`` literals.
+``torchvision:NAME``, ``timm:NAME``, ``hf:CLASS`` or ``package.module:factory``,
+with builder keyword arguments given as ``key=value`` literals.
+
+``hf:CLASS`` is a Hugging Face ``transformers`` model class built from its
+configuration, given whole as ``arch_kwargs={"config": {...}}`` (the literals
+of ``config.json``): a checkpoint's recipe stays self-contained and rebuilds
+without the folder the model came from. ``hf:DIR`` builds from the
+``config.json`` in a folder. Neither runs code from outside ``transformers``:
+the class must be one of its own, and ``trust_remote_code`` stays False.
 """
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import ast
 import contextlib
 import difflib
 import importlib
+import json
 import os
 import re
 import sys
@@ -29,8 +37,8 @@ class ArchSpec:
     'import'
     """
 
-    kind: str  # "torchvision" | "timm" | "import"
-    name: str  # builder name, or "package.module:factory" for kind "import"
+    kind: str  # "torchvision" | "timm" | "hf" | "import"
+    name: str  # builder name, "package.module:factory" for kind "import", a class or folder for "hf"
 
     def __str__(self) -> str:
         return self.name if self.kind == "import" else f"{self.kind}:{self.name}"
@@ -45,20 +53,21 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.
 
 
 def parse_arch(spec: str | ArchSpec) -> ArchSpec:
-    """Parse ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``."""
+    """Parse ``torchvision:NAME``, ``timm:NAME``, ``hf:CLASS`` or ``package.module:factory``."""
     if isinstance(spec, ArchSpec):
         return spec
     text = spec.strip()
     prefix, sep, name = text.partition(":")
-    if sep and prefix in ("torchvision", "timm"):
+    if sep and prefix in ("torchvision", "timm", "hf"):
         if not name:
+            example = "ResNetForImageClassification" if prefix == "hf" else "resnet18"
             raise CheckpointError(f"architecture {spec!r} names no model: write {prefix}:NAME, e.g. "
-                                  f"{prefix}:resnet18")
+                                  f"{prefix}:{example}")
         return ArchSpec(prefix, name)
     if _IMPORT_PATH.match(text):
         return ArchSpec("import", text)
     hint = f" (did you mean torchvision:{text}?)" if not sep and text else ""
-    raise CheckpointError(f"cannot read architecture {spec!r}: write torchvision:NAME, timm:NAME or "
+    raise CheckpointError(f"cannot read architecture {spec!r}: write torchvision:NAME, timm:NAME, hf:CLASS or "
                           f"package.module:factory{hint}")
 
 
@@ -91,7 +100,8 @@ def build_arch(spec: str | ArchSpec, kwargs: Mapping[str, Any] | None = None) ->
     """
     arch = parse_arch(spec)
     kwargs = dict(kwargs or {})
-    builder = {"torchvision": _torchvision_builder, "timm": _timm_builder, "import": _import_builder}[arch.kind]
+    builder = {"torchvision": _torchvision_builder, "timm": _timm_builder, "hf": _hf_builder,
+               "import": _import_builder}[arch.kind]
     make = builder(arch.name, kwargs)
     try:
         model = make()
@@ -127,6 +137,49 @@ def _timm_builder(name: str, kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
         raise CheckpointError(f"unknown timm architecture {name!r}{hint}")
     kwargs.setdefault("pretrained", False)  # never download weights behind the user's back
     return lambda: timm.create_model(name, **kwargs)
+
+
+HF_EXTRA = "pip install -e '.[hf]' (or pip install transformers)"
+
+
+def transformers_module(why: str) -> Any:
+    """``transformers``, an optional dependency, or a clear error saying how to get it."""
+    try:
+        import transformers  # noqa: PLC0415  (optional dependency)
+    except ImportError as e:
+        raise CheckpointError(f"{why} needs Hugging Face transformers: {HF_EXTRA}") from e
+    return transformers
+
+
+def hf_class(name: str) -> type[nn.Module]:
+    """The ``transformers`` model class called ``name`` (its own classes only)."""
+    transformers = transformers_module(f"hf:{name}")
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"hf:{name}: transformers has no model class {name!r} (e.g. "
+                              "ResNetForImageClassification); a folder saved with save_pretrained is given "
+                              "as the model itself")
+    return cls
+
+
+def hf_config_dict(config: Any) -> dict[str, Any]:
+    """A transformers configuration as the literals of its ``config.json``."""
+    return json.loads(config.to_json_string(use_diff=False))
+
+
+def _hf_builder(name: str, kwargs: dict[str, Any]) -> Callable[[], nn.Module]:
+    """``hf:CLASS`` with ``config={...}``, or ``hf:DIR`` (its config.json): an untrained model."""
+    if os.path.isdir(name):
+        transformers = transformers_module(f"hf:{name}")
+        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True, **kwargs)
+        return lambda: transformers.AutoModelForImageClassification.from_config(config)
+    cls = hf_class(name)
+    unknown = sorted(set(kwargs) - {"config"})
+    if unknown or not isinstance(kwargs.get("config"), Mapping):
+        raise CheckpointError(f"hf:{name} is built from its configuration: give arch_kwargs={{'config': {{...}}}} "
+                              f"(the contents of config.json){f', not {unknown}' if unknown else ''}")
+    config = cls.config_class.from_dict(dict(kwargs["config"]))
+    return lambda: cls(config)
 
 
 def _import_builder(path: str, kwargs: dict[str, Any]) -> Callable[[], nn.Module]:

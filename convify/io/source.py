@@ -1,17 +1,19 @@
 """A model from what the user names: a file (a convify checkpoint, or a
-pickled module with ``trust_pickle``), or an architecture with optional weights.
+pickled module with ``trust_pickle``), a Hugging Face model folder, or an
+architecture with optional weights.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 
-from ..errors import UsageError
-from .arch import ArchSpec, build_arch, parse_arch
+from ..errors import CheckpointError, UsageError, one_line
+from .arch import ArchSpec, build_arch, hf_config_dict, parse_arch, transformers_module
 from .files import read_file
 from .recipe import is_checkpoint, load_checkpoint, recipe_passes
 from .state import load_weights, unwrap
@@ -36,10 +38,14 @@ def open_model(path: str | os.PathLike[str] | None = None, *, arch: str | None =
                arch_kwargs: Mapping[str, Any] | None = None, weights: str | os.PathLike[str] | None = None,
                trust_pickle: bool = False, trust_code: bool = False) -> ModelSource:
     """The model a user names: a file (convify checkpoint, or a pickled
-    module with ``trust_pickle``), or ``arch`` with optional ``weights``
-    (``path`` given together with ``arch`` is read as the weights).
+    module with ``trust_pickle``), a Hugging Face model folder (``config.json``
+    and ``model.safetensors``, as ``save_pretrained`` writes it), or ``arch``
+    with optional ``weights`` (``path`` given together with ``arch`` is read
+    as the weights).
 
     >>> open_model(arch="torchvision:resnet18", weights="resnet18.pth").model
+    >>> open_model("my-resnet/").arch      # a folder: transformers' image classifier
+    ArchSpec(kind='hf', name='ResNetForImageClassification')
     """
     if path is not None and weights is not None:
         raise UsageError("give the weights once: either as {path} or with {weights}, not both")
@@ -52,7 +58,32 @@ def open_model(path: str | os.PathLike[str] | None = None, *, arch: str | None =
         raise UsageError("{arch_kwargs} needs {arch}")
     if path is None:
         raise UsageError("no model given: name a {path} or an architecture with {arch}")
+    if Path(path).is_dir():
+        return _open_hf_folder(Path(path))
     return _open_file(Path(path), trust_pickle=trust_pickle, trust_code=trust_code)
+
+
+def _open_hf_folder(path: Path) -> ModelSource:
+    """A Hugging Face model folder, loaded with ``from_pretrained(path,
+    local_files_only=True)``. Its recipe names the class and holds the whole
+    configuration (``hf:CLASS``, ``config={...}``), so a checkpoint rebuilds
+    without the folder. Nothing here needs trust: config.json is data,
+    ``trust_remote_code`` stays False (a folder that needs code of its own is
+    refused by transformers) and the weights load without pickle."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is a folder without config.json: give a model file, or a Hugging Face "
+                              "model folder as save_pretrained writes it (config.json, model.safetensors)")
+    transformers = transformers_module(f"the Hugging Face model folder {path}")
+    try:
+        with _quiet(transformers):
+            model = transformers.AutoModelForImageClassification.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"loading the Hugging Face model in {path} failed: {one_line(e)}; convify reads "
+                              "image classifiers (AutoModelForImageClassification)") from e
+    files = tuple(p for p in sorted(path.iterdir()) if p.is_file())
+    spec = ArchSpec("hf", type(model).__name__)
+    return ModelSource(model.eval(), str(path), spec, {"config": hf_config_dict(model.config)}, files=files)
 
 
 def _open_arch(arch: str, arch_kwargs: dict[str, Any], weights: str | os.PathLike[str] | None, *,
@@ -71,6 +102,8 @@ def _open_arch(arch: str, arch_kwargs: dict[str, Any], weights: str | os.PathLik
         state_dict = content.state_dict() if isinstance(content, nn.Module) else content
     model = build_arch(spec, arch_kwargs)
     label = str(spec)
+    if spec.kind == "hf" and os.path.isdir(spec.name):  # hf:DIR: the recipe keeps the class and config, not a path
+        spec, arch_kwargs = ArchSpec("hf", type(model).__name__), {"config": hf_config_dict(model.config)}
     if state_dict is not None:
         load_weights(model, state_dict, source=str(weights), target=str(spec))
         label += f" + {weights}"
@@ -89,4 +122,18 @@ def _open_file(path: Path, *, trust_pickle: bool, trust_code: bool) -> ModelSour
     if isinstance(content, nn.Module):
         return ModelSource(content.eval(), str(path), files=(path,))
     raise UsageError(f"{path} holds a state_dict ({len(content)} tensors) but no architecture: say which "
-                     "with {arch} torchvision:NAME, timm:NAME or package.module:factory")
+                     "with {arch} torchvision:NAME, timm:NAME or package.module:factory; a Hugging Face "
+                     "model is given as its folder (config.json next to the weights)")
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """No "Loading weights" progress bar in the middle of convify's output."""
+    bars = transformers.utils.logging
+    was_enabled = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            bars.enable_progress_bar()

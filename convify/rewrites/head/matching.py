@@ -371,9 +371,6 @@ def reaches_output(node: fx.Node) -> bool:
 
 
 def is_output_like(node: fx.Node) -> bool:
-    """The output itself, or a tuple/namedtuple built only for it."""
-    if node.op == "output":
-        return True
-    if node.op == "call_function" and isinstance(node.target, type) and issubclass(node.target, tuple):
-        return all(is_output_like(u) for u in node.users)
-    return False
+    """The output itself, or a container built only for it (``G.is_output_like``:
+    a tuple, namedtuple or dataclass such as transformers' ``ModelOutput``)."""
+    return G.is_output_like(node)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from ... import graph as G
+
 from .matching import Head, PoolKind, shape
 
 
@@ -85,7 +87,8 @@ def plan_head(head: Head, mode: HeadMode, dense: bool) -> HeadPlan:
         note = f"{pool.desc} is no average: kept before the head" if want_free else None
         return HeadPlan(mode, dense, pool.source, head.spatial, PoolRemoval.NONE, note)
     if pool is None or not want_free:
-        return HeadPlan(mode, dense, head.map_node, head.spatial, PoolRemoval.NONE)
+        note = _reduced_elsewhere_note(head) if dense and pool is None else None
+        return HeadPlan(mode, dense, head.map_node, head.spatial, PoolRemoval.NONE, note)
     if pool.kind is not PoolKind.AVG:
         return HeadPlan(mode, dense, head.map_node, head.spatial, PoolRemoval.NONE,
                         f"{pool.desc} is no average: kept before the head")
@@ -134,3 +137,16 @@ def _collapse(head: Head, dense: bool) -> HeadPlan:
                         f"{pool.desc} is no average: kept before the head", collapsed=True)
     removal = PoolRemoval.IDENTITY if pool.is_identity else PoolRemoval.RESAMPLING
     return HeadPlan(HeadMode.GAP, dense, pool.source, kernel, removal, collapsed=True)
+
+
+def _reduced_elsewhere_note(head: Head) -> str | None:
+    """dense=True on a map reduced to one value per channel where no rewrite
+    sees it (code torch.fx could not trace, a module it does not enter)."""
+    if head.map_node is None or any(s != 1 for s in head.spatial):
+        return None
+    who = G.reduced_by(head.map_node)
+    if who is None:
+        return None
+    return (f"dense: the map is reduced to one value per channel before the head by {who}, where no rewrite can "
+            "remove it; it stays, so the output is 1x1 at any input size (make that code traceable to get a score "
+            "map)")
