@@ -833,3 +833,35 @@ def test_gap_recipes_round_trip(tmp_path, options) -> None:
     assert list(got_sd) == list(want_sd) and all(torch.equal(got_sd[k], v) for k, v in want_sd.items())
     x = torch.randn(2, 3, 24, 32)
     assert rel_err(run(back, x), run(new, x)) <= 1e-6
+
+
+class MeanNormHead(nn.Module):
+    """ConvNeXt's head as Hugging Face writes it: a mean over the map, a LayerNorm over the channels, a Linear."""
+
+    def __init__(self, flat: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.flat = flat
+        self.norm = nn.LayerNorm(6 * 4 * 4 if flat else 6)
+        self.fc = nn.Linear(6 * 4 * 4 if flat else 6, 4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = h.flatten(1) if self.flat else h.mean([-2, -1])
+        return self.fc(self.norm(h))
+
+
+def test_layer_norm_after_the_global_mean_converts_exactly():
+    model = tiny(MeanNormHead())
+    x = torch.randn(3, 3, 4, 4)
+    new = convify.replace_linear_head(model, x[:1])
+    row = convify.report(new).replaced[0]
+    assert row.exact and isinstance(new.get_submodule("fc"), nn.Conv2d)
+    assert rel_err(run(new, x), run(model, x)) <= TOL
+
+
+def test_layer_norm_over_flattened_features_is_skipped_with_its_reason():
+    model = tiny(MeanNormHead(flat=True))
+    new = convify.replace_linear_head(model, torch.randn(1, 3, 4, 4))
+    rep = convify.report(new)
+    assert rep.replaced == () and "LayerNorm normalizes the flattened C*H*W features" in rep.skipped[0].reason

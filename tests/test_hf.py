@@ -176,3 +176,22 @@ def test_folder_errors(tmp_path, monkeypatch, folder):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(CheckpointError, match=r"needs Hugging Face transformers: pip install -e '\.\[hf\]'"):
         ck.open_model(folder)
+
+
+def test_hf_convnext_head_norm_after_the_mean_becomes_a_channel_norm():
+    """HF ConvNeXt: mean over the map -> LayerNorm(C) -> Linear; exact as a channel LayerNorm and a 1x1 conv."""
+    model = hf_convnext()
+    out = convify.replace_linear_head(model, torch.randn(X))
+    (row,) = convify.report(out).passes[0].replaced
+    assert row.name == "classifier" and row.exact
+    assert isinstance(out.get_submodule("classifier"), nn.Conv2d)  # the blocks' channel MLPs stay Linear
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x).logits
+        assert_input_dependent(want)
+        assert rel_err(out(x).logits, want) <= 1e-5
+    dense = convify.replace_linear_head(model, torch.randn(X), dense=True)
+    (row,) = convify.report(dense).passes[0].replaced
+    assert any("per-position classifier" in n for n in row.notes)
+    with torch.no_grad():
+        assert dense(torch.randn(1, 3, 128, 128)).logits.shape == (1, 5, 16, 16)  # stride 8

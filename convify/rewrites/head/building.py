@@ -14,7 +14,7 @@ import torch.nn as nn
 from ... import graph as G
 from ... import ops
 from ... import weights as W
-from .matching import Head, is_output_like, reaches_linear, reduce_dims, shape
+from .matching import Head, is_feature_layer_norm, is_output_like, reaches_linear, reduce_dims, shape
 from .plan import HeadMode, HeadPlan, PoolRemoval
 
 
@@ -26,12 +26,24 @@ def rebuild(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[str, ...]:
     with graph.inserting_before(root):
         cur = _base_map(graph, head, plan)
         for op in head.pre_ops:
-            cur = graph.node_copy(op, lambda n, c=cur: c)
+            cur = _replay_on_map(gm, op, cur, head.dims)
         env = (_rebuild_collapsed if plan.collapsed else _rebuild_tree)(gm, head, plan, cur)
         notes = _hand_over_users(gm, head, plan, env)
     for node in reversed(head.tree):
         graph.erase_node(node)
     return notes
+
+
+def _replay_on_map(gm: fx.GraphModule, op: fx.Node, source: fx.Node, dims: int) -> fx.Node:
+    """An op that read the (N, F) vector, now on the (N, F, *S) map: elementwise
+    ops as they are; a LayerNorm over the features as a LayerNorm over the
+    channels at every position (channels last, normalize, channels back)."""
+    graph = gm.graph
+    if not is_feature_layer_norm(gm, op):
+        return graph.node_copy(op, lambda n: source if n is op.args[0] else n)
+    last = graph.call_method("permute", (source, (0, *range(2, dims + 2), 1)))
+    norm = graph.node_copy(op, lambda n: last if n is op.args[0] else n)
+    return graph.call_method("permute", (norm, (0, dims + 1, *range(1, dims + 1))))
 
 
 def _base_map(graph: fx.Graph, head: Head, plan: HeadPlan) -> fx.Node:

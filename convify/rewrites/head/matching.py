@@ -62,7 +62,7 @@ class Head:
     channels: int
     pool: Pool | None
     between: tuple[fx.Node, ...]     # per-position ops from the pool's output to P, graph order
-    pre_ops: tuple[fx.Node, ...]     # 2-D elementwise ops from the flatten to the first Linear
+    pre_ops: tuple[fx.Node, ...]     # 2-D elementwise ops (or a LayerNorm over features) from the flatten to the first Linear
     tree: tuple[fx.Node, ...] = ()   # the Linears and elementwise ops of the head, graph order
     linears: tuple[fx.Node, ...] = ()
 
@@ -76,12 +76,29 @@ def walk_back(gm: fx.GraphModule, linear: fx.Node) -> Head | str | None:
     by a flattened map."""
     pre_ops: list[fx.Node] = []
     cur = linear.args[0]
-    while isinstance(cur, fx.Node) and ops.elementwise_kind(gm, cur) and len(shape(cur) or ()) == 2:
+    while (isinstance(cur, fx.Node) and len(shape(cur) or ()) == 2
+           and (ops.elementwise_kind(gm, cur) or is_feature_layer_norm(gm, cur))):
         pre_ops.append(cur)
         cur = cur.args[0]
     if not isinstance(cur, fx.Node):
         return None
     pre_ops.reverse()
+    found = _walk_back_from(gm, cur, pre_ops)
+    if isinstance(found, Head) and any(is_feature_layer_norm(gm, n) for n in pre_ops) and any(
+            s != 1 for s in found.spatial):
+        return ("a LayerNorm normalizes the flattened C*H*W features before the Linear; only a LayerNorm over the "
+                "channels of a 1x1 map (after a global pooling, as in ConvNeXt) becomes a per-position one")
+    return found
+
+
+def is_feature_layer_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A LayerNorm over the last dimension of an (N, F) vector (HF ConvNeXt's
+    norm after the global average): on a map it is a LayerNorm over channels."""
+    return _is_channel_layer_norm(gm, node) and isinstance(node.args[0], fx.Node) and len(
+        shape(node.args[0]) or ()) == 2
+
+
+def _walk_back_from(gm: fx.GraphModule, cur: fx.Node, pre_ops: list[fx.Node]) -> Head | str | None:
     if _is_spatial_reduction(cur, keepdim=False):
         source = cur.args[0]
         size = shape(source)
