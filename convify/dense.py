@@ -327,12 +327,9 @@ class _Ranks:
             return cls()
         import torch.distributed as dist  # noqa: PLC0415
 
-        owns = False
-        if not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-            owns = True
+        from .ranks import join_process_group  # noqa: PLC0415
+
+        owns = join_process_group(device)
         return cls(dist.get_rank(), dist.get_world_size(), owns)
 
     def gather(self, pieces: list[tuple[Tile, torch.Tensor]]) -> list[tuple[Tile, torch.Tensor]] | None:

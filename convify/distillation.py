@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from . import graph as G
 from .errors import CheckpointError, ConvifyError, DataError, UsageError
+from .ranks import join_process_group
 
 CHECKPOINT_NAME = "distill-checkpoint.pt"
 #: ``schedule=`` of :func:`distill`.
@@ -178,12 +179,7 @@ class _DistContext:
             dev = torch.device("cuda", local_rank)
         if world <= 1:
             return cls(dev)
-        owns = False
-        if not dist.is_initialized():
-            if dev.type == "cuda":
-                torch.cuda.set_device(dev)
-            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-            owns = True
+        owns = join_process_group(dev)
         return cls(dev, dist.get_rank(), dist.get_world_size(), owns)
 
     def stop(self) -> None:
