@@ -1,14 +1,13 @@
 """The rewrite entry points behind ``convify.replace_maxpool`` and friends."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .engine import first_input, run_pass
+from .engine import copy_model, first_input, run_pass
 from .errors import UsageError
 from .inputs import as_args
 from .rewrites import get
@@ -159,4 +158,4 @@ def apply_steps(model: nn.Module, steps: Sequence[Step], calibration: Iterable[A
         result = run_pass(result, step.rewrite, step.example, only=step.only, skip=step.skip,
                           inplace=result is not model, calibration=calibration, teacher=model,
                           rebuilt_from=step.rebuilt_from)
-    return copy.deepcopy(model) if result is model else result
+    return copy_model(model) if result is model else result

@@ -147,7 +147,7 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError("TorchScript modules cannot be traced by torch.fx; rewrite the Python model "
                          "before scripting it")
-    work = model if inplace else _copy(model)
+    work = model if inplace else copy_model(model)
     args = as_args(work, example_input)
     col = _Collector()
     filt = _Filter(G.as_patterns(only), G.as_patterns(skip))
@@ -177,7 +177,8 @@ def rewrite_model(model: nn.Module, rewrite: Rewrite, example_input: Any = None,
     return RewriteResult(result, done)
 
 
-def _copy(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy that shares nothing with ``model`` (cached non-leaf tensors copied as values)."""
     try:
         return G.copy_module(model)
     except Exception as e:
