@@ -40,9 +40,6 @@ from . import graph as G
 from .errors import ConvifyError, DataError, UsageError, one_line
 from .geometry import Axis, Geometry, NotTilableError, graph_geometry
 
-#: Suffixes ``dense_map`` reads as images (Pillow).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
 #: The default tile's memory budget on CPU: a quarter of the available memory, at most this.
 CPU_BUDGET_CAP = 1 << 30
 #: Activation memory is estimated as this many times the largest (input + output) of any node.
