@@ -494,7 +494,6 @@ def _is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _fold_chain(gm: fx.GraphModule, site: Site) -> tuple[fx.Node | None, str | None]:
     """The producing convolution node, or why there is none."""
-    params: PoolParams = site.params
     node = site.node
     cur = node.args[0] if node.args else node.kwargs.get("input")
     while isinstance(cur, fx.Node):
