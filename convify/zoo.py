@@ -66,6 +66,45 @@ def model_c(width: int = 32, *, in_channels: int = 3, num_classes: int = 10, bat
     ]))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block: conv3x3-BN-ReLU, conv3x3-BN, plus the shortcut (a 1x1 conv-BN when the shape changes), ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+def resnet_mini(width: int = 16, *, in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
+    """A small ResNet with torchvision's stem pooling, for 28x28 images (``benchmarks/recovery.py``).
+
+    ``stem``: conv3x3 ``width``, BatchNorm, ReLU, max pooling 3x3/2 padding 1
+    (ResNet's k=3, s=2, p=1); then basic blocks at ``width`` (stride 1),
+    ``2*width`` and ``4*width`` (stride 2 each); global average pooling and one
+    Linear to the classes: 28x28 -> 14x14 -> 7x7 -> 4x4.
+    """
+    w = width
+    return nn.Sequential(OrderedDict([
+        ("stem", nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
+                               nn.MaxPool2d(3, 2, padding=1))),
+        ("layer1", BasicBlock(w, w)),
+        ("layer2", BasicBlock(w, 2 * w, 2)),
+        ("layer3", BasicBlock(2 * w, 4 * w, 2)),
+        ("pool", nn.AdaptiveAvgPool2d(1)),
+        ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(4 * w, num_classes)),
+    ]))
+
+
 # --------------------------------------------------------------------------- multiply-accumulates
 
 
