@@ -35,12 +35,13 @@ _LAZY = {
     "matmul_heads": "convify.head_matmul",
     "dense_map": "convify.dense",
     "receptive_field": "convify.geometry",
+    "reconstruct": "convify.reconstruction",
 }
 
 __all__ = [
     "replace_maxpool", "replace_linear_head", "convify", "report", "export_onnx", "verify", "load",
     "distill", "Report", "Verification", "History", "ConvifyError", "save", "matmul_heads", "dense_map",
-    "receptive_field", "__version__",
+    "receptive_field", "reconstruct", "__version__",
 ]
 
 

@@ -15,7 +15,7 @@ from .rewrites.base import Rewrite, RewriteOptions, all_keywords, in_order, opti
 
 def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = "conv", init: str = "avg",
                     only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-                    inplace: bool = False, calibration: Iterable[torch.Tensor] | None = None,
+                    inplace: bool = False, calibration: Iterable[torch.Tensor] | str | None = None,
                     fit_target: str = "original") -> nn.Module:
     """Replace every max pooling in ``model``'s forward by a strided convolution.
 
@@ -30,7 +30,9 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
             same window), ``"kaiming"`` (fresh), or ``"fit"`` (least squares
             against the pooling on ``calibration`` batches).
         calibration: input batches for ``init="fit"`` (tensors or ``(input,
-            label)`` pairs; the labels are not used).
+            label)`` pairs; the labels are not used), or ``"synthetic"``:
+            images synthesized from the model's BatchNorm statistics, for a
+            user without data (see ``convify.synthetic``).
         fit_target: with ``init="fit"``: ``"original"`` fits each site toward
             the original model's pooling output there, ``"pool"`` toward max
             pooling of the rewritten model's own activations.
@@ -130,9 +132,9 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     if unknown:
         raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {all_keywords()}")
     planned = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
-    if calibration is not None and iter(calibration) is calibration:
+    if calibration is not None and not isinstance(calibration, str) and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: every pass reads it
-    if example_input is None and calibration is not None and any(o.wants_calibration() for _, o in planned):
+    if example_input is None and calibration is not None and not isinstance(calibration, str) and any(o.wants_calibration() for _, o in planned):
         example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
     return apply_steps(model, [Step(cls(opts), example, only, skip) for cls, opts in planned], calibration)

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from .report import Report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: ``--calibration synthetic`` (convify.synthetic.SYNTHETIC; repeated here so that ``--help`` imports no torch).
+SYNTHETIC = "synthetic"
 
 #: How the command line spells the parameters library errors name (see convify.errors.PARAMETERS).
 FLAGS = {
@@ -103,9 +105,18 @@ def _rewrite_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
     g.add_argument("--skip", action="append", metavar="GLOB", help="leave sites matching GLOB alone (repeatable)")
     g.add_argument("--calibration", metavar="DIR",
-                   help="with --init fit: a folder of images (flat, or class subfolders) to fit on")
-    g.add_argument("--calibration-images", type=int, default=256, metavar="N",
-                   help="with --init fit: use at most N calibration images (default: 256)")
+                   help="with --init fit or --reconstruct: a folder of images (flat, or class subfolders), or "
+                        "the word 'synthetic': images synthesized from the model's BatchNorm statistics "
+                        "(no data needed; write ./synthetic for a folder of that name)")
+    g.add_argument("--calibration-images", type=int, default=1024, metavar="N",
+                   help="use at most N calibration images (default: 1024)")
+    g = p.add_argument_group("reconstruction (convify.reconstruct: train each pooling site's block toward the "
+                             "original's activations on the calibration images, no labels)")
+    g.add_argument("--reconstruct", action="store_true", help="reconstruct after the rewrite (needs --calibration)")
+    g.add_argument("--reconstruct-steps", type=int, metavar="N",
+                   help="Adam steps per block (default: convify.reconstruct's, 500)")
+    g.add_argument("--reconstruct-lr", type=float, metavar="LR",
+                   help="Adam learning rate (default: convify.reconstruct's, 0.001)")
 
 
 def _output_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -711,7 +722,13 @@ def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...]
     passes = plan_passes(options, shape, only=args.only, skip=args.skip)
     calibration = _calibration(args, passes, shape)
     try:
-        return apply_passes(src.model, passes, calibration=calibration)
+        rewritten = apply_passes(src.model, passes, calibration=calibration)
+        if not getattr(args, "reconstruct", False):
+            return rewritten
+        from .reconstruction import reconstruct  # noqa: PLC0415
+
+        return reconstruct(src.model, rewritten, calibration, steps=args.reconstruct_steps, lr=args.reconstruct_lr,
+                           progress=False)
     except ConvifyError:
         raise
     except Exception as e:
@@ -719,16 +736,23 @@ def _rewrite(src: "ModelSource", options: dict[str, Any], shape: tuple[int, ...]
 
 
 def _calibration(args: argparse.Namespace, passes: Sequence["RecipePass"], shape: tuple[int, ...]
-                 ) -> list[Any] | None:
+                 ) -> list[Any] | str | None:
     """Batches of images from ``--calibration DIR``, resized to the input
-    shape, when a pass needs them (None otherwise)."""
+    shape, when a pass or ``--reconstruct`` needs them (None otherwise; the
+    word ``synthetic`` as it is)."""
     needing = [p.options for p in passes if p.options.needs_calibration()]
-    if not needing:
+    reconstructing = getattr(args, "reconstruct", False)
+    if not needing and not reconstructing:
         return None
     if not args.calibration:
+        if not needing:
+            raise UsageError("--reconstruct needs --calibration DIR, a folder of images (or --calibration "
+                             "synthetic) to reconstruct on")
         field, value = needing[0].calibration_option()
         raise UsageError(f"--{field.replace('_', '-')} {value} needs --calibration DIR, a folder of images to fit "
-                         "the new weights on")
+                         "the new weights on (or --calibration synthetic)")
+    if args.calibration == SYNTHETIC:
+        return SYNTHETIC
     import torch  # noqa: PLC0415
 
     from .distillation import image_folder  # noqa: PLC0415

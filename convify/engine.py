@@ -73,7 +73,7 @@ class RewriteResult:
 
 def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
              only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-             inplace: bool = False, calibration: Iterable[Any] | None = None,
+             inplace: bool = False, calibration: Iterable[Any] | str | None = None,
              teacher: nn.Module | None | _Same = SAME, rebuilt_from: RewriteOptions | None = None) -> nn.Module:
     """Rewrite ``model``, calibrate the new weights when the options ask for it
     and attach the pass to the result's report.
@@ -86,7 +86,10 @@ def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
     """
     options = rewrite.options
     batches = None
-    if calibration is not None and options.wants_calibration():
+    synthetic = isinstance(calibration, str) and options.wants_calibration()
+    if synthetic:
+        batches = ()  # made from the teacher once the rewrite knows the input's shape
+    elif calibration is not None and options.wants_calibration():
         batches = calibration_batches(calibration, rewrite.name)
     elif options.needs_calibration():
         field, value = options.calibration_option()
@@ -96,10 +99,15 @@ def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
         teacher, why = (model, "") if not inplace or batches is None else _copy_for_teacher(model)
     else:
         why = "" if teacher is not None else "no teacher model was given"
-    if example_input is None and batches is not None:
+    if example_input is None and batches:
         example_input = first_input(batches[0])
     result = rewrite_model(model, rewrite, example_input, only=only, skip=skip, inplace=inplace)
     done = result.done
+    if synthetic:
+        from .synthetic import synthetic_calibration  # noqa: PLC0415
+
+        source = teacher if teacher is not None else model
+        batches = synthetic_calibration(source, calibration, done.input_shape, rewrite.name)
     if batches is not None:
         done = rewrite.calibrate(teacher, result.model, done, batches)
         if why:

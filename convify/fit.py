@@ -52,8 +52,8 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
-class _Site:
-    """One new convolution to fit: its report row, the pooling it replaced, the module."""
+class PoolSite:
+    """One new convolution to fit (or reconstruct): its report row, the pooling it replaced, the module."""
 
     row: Replaced
     params: PoolParams
@@ -91,8 +91,7 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
     >>> allconv = convify.replace_maxpool(model, init="fit", calibration=batches)
     >>> print(convify.report(allconv))   # ... pool: init=fit, reconstruction error 0.08 (avg init 0.41)
     """
-    sites = [_Site(row, row.detail.params, _conv_at(model, row)) for row in done.replaced
-             if isinstance(row.detail, PoolRecord) and row.detail.is_conv]
+    sites = pool_sites(model, done)
     notes = list(done.notes)
     if done.options.get("mode") == "fold":
         notes.append("init='fit' with mode='fold': a folded pool adds no weights (its stride moves onto the "
@@ -100,16 +99,23 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
     calls: dict[str, list[int]] | None = None
     why = "no original model to take the targets from" if teacher is None else ""
     if target == "original" and teacher is not None and sites:
-        calls, why = _match_calls(teacher, model, sites, batches[0])
+        calls, why = match_calls(teacher, model, sites, batches[0])
     if target == "original" and sites and calls is None:
         notes.append(f"init='fit': fitted toward max pooling of the rewritten model's own activations, not the "
                      f"original model's pooling outputs: {why}")
     fitted: dict[str, Fit | str] = {}
-    for site in _in_forward_order(model, sites, batches):
+    for site in in_forward_order(model, sites, batches):
         fitted[site.row.name] = _fit_site(model, site, batches, teacher,
                                           (calls.get(site.row.name) or None) if calls is not None else None)
     rows = tuple(_with_fit(r, fitted[r.name]) if r.name in fitted else r for r in done.replaced)
     return dataclasses.replace(done, replaced=rows, notes=tuple(dict.fromkeys(notes)))
+
+
+def pool_sites(model: nn.Module, done: Pass) -> list[PoolSite]:
+    """The sites of a maxpool pass whose pooling became a convolution (a fold adds no weights), read from
+    the rows' typed records."""
+    return [PoolSite(row, row.detail.params, conv_at(model, row)) for row in done.replaced
+            if isinstance(row.detail, PoolRecord) and row.detail.is_conv]
 
 
 def _with_fit(row: Replaced, result: Fit | str) -> Replaced:
@@ -122,7 +128,7 @@ def _with_fit(row: Replaced, result: Fit | str) -> Replaced:
 # --------------------------------------------------------------------------- calibration data
 
 
-def _as_input(batch: Any) -> torch.Tensor:
+def batch_input(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
@@ -131,15 +137,15 @@ def _as_input(batch: Any) -> torch.Tensor:
                             f"not {type(batch).__name__}")
 
 
-class _Enough(Exception):
+class Enough(Exception):
     """Raised inside a forward once everything needed from it is recorded."""
 
 
-def _run(model: nn.Module, batch: Any) -> None:
-    x = to_model(model, _as_input(batch))
+def run_batch(model: nn.Module, batch: Any) -> None:
+    x = to_model(model, batch_input(batch))
     try:
         model(x)
-    except _Enough:
+    except Enough:
         return
     except Exception as e:
         raise ExampleInputError(f"init='fit': a calibration batch of shape {tuple(x.shape)} does not run "
@@ -149,7 +155,7 @@ def _run(model: nn.Module, batch: Any) -> None:
 # --------------------------------------------------------------------------- the original's activations
 
 
-class _PoolCalls(TorchFunctionMode):
+class PoolCalls(TorchFunctionMode):
     """Records the output shape of every max pooling call, in call order, and
     keeps the outputs of the calls in ``keep`` (stops the forward once it has them)."""
 
@@ -169,19 +175,19 @@ class _PoolCalls(TorchFunctionMode):
         if index in self.keep:
             self.kept[index] = first.detach().clone()  # an in-place op downstream must not change it
             if len(self.kept) == len(self.keep):
-                raise _Enough
+                raise Enough
         return out
 
 
-def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
+def match_calls(teacher: nn.Module, model: nn.Module, sites: list[PoolSite],
                  batch: Any) -> tuple[dict[str, list[int]] | None, str]:
     """For each site, the indices of the original's max pooling calls that its
     convolution's calls replace, by call order on one batch; ``(None, why)``
     when the two models' calls do not line up."""
-    original = _PoolCalls()
+    original = PoolCalls()
     with torch.no_grad(), G.eval_mode(teacher), original:
-        _run(teacher, batch)
-    rewritten = _PoolCalls()
+        run_batch(teacher, batch)
+    rewritten = PoolCalls()
 
     def record(name: str):  # noqa: ANN202
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
@@ -191,7 +197,7 @@ def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
     handles = [s.conv.register_forward_hook(record(s.row.name)) for s in sites]
     try:
         with torch.no_grad(), G.eval_mode(model), rewritten:
-            _run(model, batch)
+            run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -211,9 +217,9 @@ def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[_Site],
 
 def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: str) -> list[torch.Tensor]:
     """The original's max pooling outputs at call ``indices`` on ``batch``."""
-    mode = _PoolCalls(indices)
+    mode = PoolCalls(indices)
     with torch.no_grad(), G.eval_mode(teacher), mode:
-        _run(teacher, batch)
+        run_batch(teacher, batch)
     if len(mode.kept) != len(indices):
         raise RewriteError(f"init='fit' at {site!r}: the original ran only {len(mode.shapes)} max poolings on a "
                            f"calibration batch, where the first batch needed call {max(indices) + 1}; "
@@ -225,7 +231,7 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
 # --------------------------------------------------------------------------- sites
 
 
-def _conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
+def conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
     try:
         conv = model.get_submodule(row.module)
     except AttributeError as e:
@@ -237,7 +243,7 @@ def _conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
     return conv
 
 
-def _in_forward_order(model: nn.Module, sites: list[_Site], batches: Sequence[Any]) -> list[_Site]:
+def in_forward_order(model: nn.Module, sites: list[PoolSite], batches: Sequence[Any]) -> list[PoolSite]:
     """Sites sorted by when the forward first calls them (one batch, no grad)."""
     if len(sites) < 2:
         return sites
@@ -251,14 +257,14 @@ def _in_forward_order(model: nn.Module, sites: list[_Site], batches: Sequence[An
     handles = [s.conv.register_forward_pre_hook(first_call(i)) for i, s in enumerate(sites)]
     try:
         with torch.no_grad(), G.eval_mode(model):
-            _run(model, next(iter(batches)))
+            run_batch(model, next(iter(batches)))
     finally:
         for h in handles:
             h.remove()
     return [sites[i] for i in sorted(range(len(sites)), key=lambda i: order.get(i, len(sites) + i))]
 
 
-def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn.Module | None = None,
+def _fit_site(model: nn.Module, site: PoolSite, batches: Sequence[Any], teacher: nn.Module | None = None,
               calls: Sequence[int] | None = None) -> Fit | str:
     """Accumulate the site's normal equations over the calibration batches,
     solve, install the weights; returns the report note. With ``teacher`` and
@@ -281,7 +287,7 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn
         _accumulate(normal, site, args[0], depthwise, targets[seen[0]])
         seen[0] += 1
         if seen[0] == len(targets):
-            raise _Enough  # nothing after the site's last call matters for its fit
+            raise Enough  # nothing after the site's last call matters for its fit
 
     handles = [site.conv.register_forward_pre_hook(hook)]
     if site.params.same and calls is None:  # the target pools the input before its PadSame
@@ -292,7 +298,7 @@ def _fit_site(model: nn.Module, site: _Site, batches: Sequence[Any], teacher: nn
                 if calls:
                     targets[:] = _pool_outputs(teacher, batch, calls, site.row.name)
                     seen[0] = 0
-                _run(model, batch)
+                run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
@@ -313,7 +319,7 @@ def _solve_and_install(conv: nn.modules.conv._ConvNd, normal: _Normal, depthwise
     return Fit(before, after, normal.samples, start, toward)
 
 
-def _unpadded(site: _Site, x: torch.Tensor, last_pad: list[tuple[torch.Tensor, torch.Tensor]]
+def _unpadded(site: PoolSite, x: torch.Tensor, last_pad: list[tuple[torch.Tensor, torch.Tensor]]
               ) -> torch.Tensor | None:
     """For a "same" site, the input of the ``PadSame`` whose output ``x`` is
     (the rewrite puts it right before the convolution); None for other sites."""
@@ -326,7 +332,7 @@ def _unpadded(site: _Site, x: torch.Tensor, last_pad: list[tuple[torch.Tensor, t
     return last_pad[0][1]
 
 
-def _accumulate(normal: _Normal, site: _Site, x: torch.Tensor, depthwise: bool,
+def _accumulate(normal: _Normal, site: PoolSite, x: torch.Tensor, depthwise: bool,
                 target: torch.Tensor | None = None, unpadded: torch.Tensor | None = None) -> None:
     """Add one batch arriving at the site's convolution to its normal equations
     (``target``: what the convolution should output; default: max pooling of
@@ -481,7 +487,7 @@ def _capture(model: nn.Module, module: nn.Module, batch: Any, what: str) -> list
         handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()) and None)
     try:
         with torch.no_grad(), G.eval_mode(model):
-            _run(model, batch)
+            run_batch(model, batch)
     finally:
         handle.remove()
     return seen
