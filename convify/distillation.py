@@ -572,7 +572,7 @@ class _Run:
         losses: list[torch.Tensor] = []  # on the device, read once at the end of the epoch
         sizes: list[int] = []
         agree: Any = 0
-        shown_loss = shown_agree = 0.0
+        shown_loss = shown_agree = shown_seen = 0.0
         bar = _bar(self.train_loader, f"distill {epoch + 1}/{self.epochs}", self.progress)
         for batch in bar:
             x, labels = _split(batch, self.ctx.device, self.speed.memory_format)
@@ -585,7 +585,8 @@ class _Run:
             if self.progress:  # reading the values waits for the device: only for the bar
                 shown_loss += float(loss) * sizes[-1]
                 shown_agree += float(agreement)
-                bar.set_postfix(loss=f"{shown_loss / sum(sizes):.4f}", agreement=f"{shown_agree / sum(sizes):.3f}")
+                shown_seen += sizes[-1]
+                bar.set_postfix(loss=f"{shown_loss / shown_seen:.4f}", agreement=f"{shown_agree / shown_seen:.3f}")
         if self.steps_per_epoch is None:
             self._step_schedule()
         loss_sum = float(torch.stack(losses).cpu().double() @ torch.tensor(sizes, dtype=torch.float64)
@@ -655,11 +656,15 @@ class _Run:
         agree: Any = 0
         correct: Any = 0
         seen = labelled = 0
-        with torch.inference_mode(), G.eval_mode(self.student), self.speed.autocast(self.ctx.device):
+        # no_grad, not inference_mode, for the student: state a module caches in its forward would otherwise
+        # be an inference tensor that its next training step cannot use
+        with torch.no_grad(), G.eval_mode(self.student), self.speed.autocast(self.ctx.device):
             for batch in self.val_loader:
                 x, labels = _split(batch, self.ctx.device, self.speed.memory_format)
                 pred = _logits(self.student(x)).argmax(1)
-                agree = agree + (pred == _logits(self.teacher(x)).argmax(1)).sum()
+                with torch.inference_mode():
+                    teacher_pred = _logits(self.teacher(x)).argmax(1)
+                agree = agree + (pred == teacher_pred).sum()
                 seen += x.shape[0]
                 if labels is not None:
                     correct = correct + (pred == labels).sum()
