@@ -53,7 +53,8 @@ SYNTHETIC = "synthetic"
 FLAGS = {
     "force": "--force", "trust_pickle": "--trust-pickle", "trust_code": "--trust-code", "path": "MODEL",
     "weights": "--weights", "arch": "--arch", "arch_kwargs": "--arch-kwargs", "input_shape": "--input-shape",
-    "calibration": "--calibration DIR",
+    "calibration": "--calibration DIR", "precision": "--precision", "device": "--device",
+    "no_compile": "leave out --compile",
 }
 
 
@@ -468,6 +469,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_distill(p: argparse.ArgumentParser) -> None:
+    from .distillation import PRECISIONS  # noqa: PLC0415  (imports torch: only when the command is distill)
+
     p.add_argument("model", metavar="REWRITTEN", help="the rewritten model: a convify checkpoint (from `convify "
                                                       "rewrite`), or a pickled module with --trust-pickle")
     p.add_argument("--teacher", required=True, metavar="MODEL",
@@ -489,6 +492,14 @@ def _add_distill(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the state in --checkpoint-dir")
     g.add_argument("--input-shape", metavar="N,C,H,W",
                    help="size the images are resized to (default: REWRITTEN's example input shape)")
+    g = p.add_argument_group("training speed (defaults: those of convify.distill)")
+    g.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="autocast the forward passes to bfloat16 or float16 (with loss scaling); default: fp32")
+    g.add_argument("--channels-last", action="store_true",
+                   help="train with weights and images in channels-last memory format (faster on recent GPUs)")
+    g.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes that read and decode the images (default: 0, in this process)")
+    g.add_argument("--compile", action="store_true", help="train a torch.compile-d student")
     p.add_argument("--trust-pickle", action="store_true", help="allow files holding pickled Python objects")
     p.add_argument("--trust-code", action="store_true",
                    help="allow a convify checkpoint whose recipe imports package.module:factory")
@@ -512,7 +523,9 @@ def run_distill(args: argparse.Namespace) -> int:
     val = image_folder(args.val_data, shape) if args.val_data else None
     history = distill(teacher, student_src.model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       temperature=args.temperature, alpha=args.alpha, val_data=val, device=args.device,
-                      progress=not args.json, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+                      progress=not args.json, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                      precision=args.precision, channels_last=args.channels_last, workers=args.workers,
+                      compile=args.compile)
     student = student_src.model.cpu().eval()
     if student_src.pickled:
         ck.save_pickled(student, args.output, force=args.force, inputs=[args.model, args.teacher])

@@ -31,6 +31,10 @@ PARAMETERS: dict[str, str] = {
     "arch_kwargs": "arch_kwargs=",
     "input_shape": "example_input=",
     "calibration": "calibration=",
+    "precision": "precision=",
+    "device": "device=",
+    # a whole phrase: the library turns an option off, the command line leaves a flag out
+    "no_compile": "pass compile=False",
 }
 
 
@@ -81,6 +85,10 @@ class ExportError(ConvifyError):
 class VerificationError(ConvifyError):
     """A verification could not be run (not: a verification that failed,
     which is a `Verification` with `passed == False`)."""
+
+
+class CompileError(ConvifyError):
+    """``torch.compile`` is unavailable or could not compile a model that runs eagerly."""
 
 
 class CheckpointError(ConvifyError):

@@ -533,3 +533,91 @@ def test_fit_init_without_calibration_is_a_usage_error(tmp_path):
     proc = run("rewrite", *TINY, "--init", "fit", "-o", str(tmp_path / "x.pt"), cwd=tmp_path)
     assert_one_line_error(proc, "--init fit needs --calibration DIR")
     assert listing(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- distill's speed flags
+
+
+def _distill_inputs(folder: Path) -> list[str]:
+    """A convify checkpoint of tiny_net (student and, read a second time, teacher) and a flat folder of
+    8 images: the arguments of a `convify distill` run up to its speed flags."""
+    from PIL import Image
+
+    convify.save(convify.convify(tiny_net().eval(), torch.zeros(1, 3, 16, 16)), folder / "ck.pt",
+                 arch="cli_factories:tiny_net")
+    (folder / "images").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+            folder / "images" / f"{i}.png")
+    return ["distill", "ck.pt", "--teacher", "ck.pt", "--data", "images", "-o", "out.pt", "--device", "cpu",
+            "--batch-size", "4", "--trust-code"]
+
+
+def test_distill_speed_flags_reach_convify_distill(tmp_path, monkeypatch, capsys):
+    import convify.distillation as D
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = _distill_inputs(tmp_path)
+    calls = []
+    real = D.distill
+    monkeypatch.setattr(D, "distill", lambda *a, **kw: (calls.append(kw), real(*a, **kw))[1])
+    assert main([*args, "--json"]) == 0
+    defaults = {k: calls[0][k] for k in ("precision", "channels_last", "workers", "compile")}
+    assert defaults == {"precision": "fp32", "channels_last": False, "workers": 0, "compile": False}
+    capsys.readouterr()
+    precision = "bf16" if D._autocasts("bf16", torch.device("cpu")) is None else "fp32"
+    assert main([*args, "-o", "fast.pt", "--json", "--precision", precision, "--channels-last", "--workers",
+                 "2"]) == 0
+    assert {k: calls[1][k] for k in ("precision", "channels_last", "workers", "compile")} == {
+        "precision": precision, "channels_last": True, "workers": 2, "compile": False}
+    assert json.loads(capsys.readouterr().out)["history"]["precision"] == [precision]
+    assert (tmp_path / "fast.pt").exists()
+
+
+def _no_compile(monkeypatch):
+    def unavailable(module, *args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+
+
+def _no_fp16_scaler(monkeypatch):
+    class NoScaler(torch.amp.GradScaler):
+        def is_enabled(self) -> bool:
+            return False
+
+    monkeypatch.setattr(torch.amp, "GradScaler", NoScaler)
+
+
+@pytest.mark.parametrize("flags, patch, match, code", [
+    (["--compile"], _no_compile, r"torch\.compile is not available here \(RuntimeError: no compiler here\); "
+                                 r"to train eagerly, leave out --compile$", 1),
+    (["--precision", "fp16"], _no_fp16_scaler, r"precision 'fp16' cannot run on cpu \(.*\); choose another "
+                                               r"--precision \(fp32 or bf16\) or another --device$", 2),
+    (["--workers", "-1"], None, r"distill: workers must be a whole number", 2),
+], ids=["compile", "precision", "workers"])
+def test_distill_speed_errors_speak_in_flags(tmp_path, monkeypatch, capsys, flags, patch, match, code):
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = _distill_inputs(tmp_path)
+    if patch is not None:
+        patch(monkeypatch)
+    before = _snapshot(tmp_path)
+    result = main([*args, *flags])
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, result, captured.out, captured.err), match, code)
+    assert _snapshot(tmp_path) == before
+
+
+def test_distill_refuses_an_unknown_precision(tmp_path, capsys):
+    from convify.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "ck.pt", "--teacher", "ck.pt", "--data", "images", "-o", "out.pt", "--precision", "half"])
+    assert e.value.code == 2
+    # argparse quotes the choices in some Python versions, not in others
+    assert re.search(r"--precision: invalid choice: 'half' \(choose from '?fp32'?, '?bf16'?, '?fp16'?\)",
+                     capsys.readouterr().err)

@@ -14,8 +14,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import convify
+import convify.distillation as D
 from convify.distillation import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
-from convify.errors import ConvifyError
+from convify.errors import CompileError, ConvifyError, UsageError
 from conftest import reinit
 
 
@@ -230,9 +231,321 @@ def test_argument_errors() -> None:
 
 
 def test_history_round_trips() -> None:
-    h = History([1.0], [0.5], [None], [None], [2.0])
+    h = History([1.0], [0.5], [None], [None], [2.0], ["bf16"])
     assert History.from_dict(h.to_dict()) == h
     assert "epoch" in str(h)
+    # saved before precision= existed: those epochs ran in float32
+    assert History.from_dict({"loss": [1.0, 0.9], "seconds": [1.0, 1.0]}).precision == ["fp32", "fp32"]
+
+
+def test_a_non_finite_loss_stops_before_the_step_on_the_cpu(monkeypatch) -> None:
+    teacher, student = _pair(6)
+    images = _images(32, 6)
+    images[20] = float("nan")  # in the second batch of 16
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    after_one_step = {}
+
+    class Spy(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            out = super().step(*args, **kwargs)
+            after_one_step.update({k: v.clone() for k, v in student.state_dict().items()})
+            return out
+
+    monkeypatch.setattr(torch.optim, "Adam", Spy)
+    with pytest.raises(ConvifyError, match="the loss became nan in epoch 1; lower lr="):
+        convify.distill(teacher, student, DataLoader(TensorDataset(images), batch_size=16), device="cpu",
+                        progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in after_one_step.items())
+    for k, v in student.state_dict().items():  # the first batch's step, not the second's
+        assert torch.equal(v, after_one_step[k]), k
+
+
+def test_a_non_finite_loss_on_an_accelerator_stops_at_the_end_of_the_epoch(monkeypatch) -> None:
+    """Where checking every step would make the host wait for the device, the check is the epoch's sum."""
+    monkeypatch.setattr(D._Run, "check_every_step", property(lambda self: False))
+    teacher, student = _pair(6)
+    images = _images(32, 6)
+    images[20] = float("nan")
+    with pytest.raises(ConvifyError, match="the loss became nan in epoch 1"):
+        convify.distill(teacher, student, DataLoader(TensorDataset(images), batch_size=16), device="cpu",
+                        progress=False)
+
+
+# --------------------------------------------------------------------------- speed options
+
+
+def _cpu_precisions() -> list:
+    """bf16 and fp16, each skipped where this torch cannot autocast to it on the CPU (found by trying)."""
+    params = []
+    for name in ("bf16", "fp16"):
+        reason = D._autocasts(name, torch.device("cpu"))
+        params.append(pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=f"{name}: {reason}")))
+    return params
+
+
+def _default_run() -> tuple[History, nn.Module]:
+    """Two epochs with the default options, to compare the others with."""
+    teacher, student = _pair(7)
+    torch.manual_seed(0)
+    history = convify.distill(teacher, student, TensorDataset(_images(64, 8)), epochs=2, batch_size=16, lr=3e-3,
+                              device="cpu", progress=False)
+    return history, student
+
+
+@pytest.mark.parametrize("precision", _cpu_precisions())
+def test_mixed_precision_trains_the_student_with_a_float32_loss(monkeypatch, precision: str) -> None:
+    teacher, student = _pair(7)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    seen: dict[str, set] = {"teacher": set(), "student": set(), "loss": set(), "teacher_inference": set()}
+    teacher.c2.register_forward_hook(lambda m, i, o: seen["teacher"].add(o.dtype))
+    teacher.c2.register_forward_hook(lambda m, i, o: seen["teacher_inference"].add(torch.is_inference_mode_enabled()))
+    student.get_submodule("c2").register_forward_hook(lambda m, i, o: seen["student"].add(o.dtype))
+    real_loss = D.distillation_loss
+
+    def loss_spy(s, t, labels, temperature, alpha):
+        seen["loss"].update({s.dtype, t.dtype})
+        return real_loss(s, t, labels, temperature, alpha)
+
+    monkeypatch.setattr(D, "distillation_loss", loss_spy)
+    x = _images(64, 8)
+    history = convify.distill(teacher, student, TensorDataset(x, _sign_labels(x)), batch_size=16, lr=3e-3,
+                              val_data=TensorDataset(x), device="cpu", progress=False, precision=precision)
+    dtype = D.PRECISIONS[precision]
+    assert seen == {"teacher": {dtype}, "student": {dtype}, "loss": {torch.float32}, "teacher_inference": {True}}
+    assert history.precision == [precision] and all(v == v for v in history.loss)  # finite, not NaN
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+class _SpyScaler(torch.amp.GradScaler):
+    made: list["_SpyScaler"] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scaled = self.stepped = 0
+        _SpyScaler.made.append(self)
+
+    def scale(self, outputs):
+        self.scaled += 1
+        return super().scale(outputs)
+
+    def step(self, optimizer, *args, **kwargs):
+        self.stepped += 1
+        return super().step(optimizer, *args, **kwargs)
+
+
+@pytest.mark.parametrize("precision", _cpu_precisions())
+def test_only_fp16_scales_the_loss_and_its_scale_is_checkpointed(monkeypatch, tmp_path: Path, precision: str
+                                                                 ) -> None:
+    monkeypatch.setattr(_SpyScaler, "made", [])
+    monkeypatch.setattr(torch.amp, "GradScaler", _SpyScaler)
+    teacher, student = _pair(7)
+    convify.distill(teacher, student, TensorDataset(_images(64, 8)), batch_size=16, device="cpu", progress=False,
+                    precision=precision, checkpoint_dir=tmp_path)
+    state = load_checkpoint(tmp_path)
+    assert state["options"] == {"precision": precision, "channels_last": False, "workers": 0, "compile": False}
+    if precision == "bf16":
+        assert _SpyScaler.made == []
+        assert "scaler" not in state
+        return
+    used = [s for s in _SpyScaler.made if s.scaled]
+    assert len(used) == 1 and used[0].scaled == used[0].stepped == 4  # every one of the 4 steps
+    assert state["scaler"]["scale"] == used[0].get_scale()
+
+
+def _needs_both_cpu_precisions() -> None:
+    for name in ("bf16", "fp16"):
+        reason = D._autocasts(name, torch.device("cpu"))
+        if reason is not None:
+            pytest.skip(f"{name}: {reason}")
+
+
+def test_resuming_in_another_precision_is_recorded_per_epoch(tmp_path: Path) -> None:
+    _needs_both_cpu_precisions()
+    teacher, student = _pair(8)
+    data = TensorDataset(_images(32, 9))
+    common = dict(batch_size=16, device="cpu", progress=False, checkpoint_dir=tmp_path)
+    convify.distill(teacher, student, data, epochs=1, precision="fp16", **common)
+    assert "scaler" in load_checkpoint(tmp_path)
+    _, again = _pair(8)
+    history = convify.distill(teacher, again, data, epochs=2, precision="bf16", resume=True, **common)
+    assert history.precision == ["fp16", "bf16"]
+    state = load_checkpoint(tmp_path)
+    assert state["options"]["precision"] == "bf16" and "scaler" not in state
+
+
+def test_an_fp16_run_resumed_in_fp16_continues_its_loss_scale(tmp_path: Path, monkeypatch) -> None:
+    _needs_both_cpu_precisions()
+    teacher, student = _pair(8)
+    data = TensorDataset(_images(32, 9))
+    common = dict(batch_size=16, device="cpu", progress=False, checkpoint_dir=tmp_path, precision="fp16")
+    convify.distill(teacher, student, data, epochs=1, **common)
+    saved = load_checkpoint(tmp_path)["scaler"]
+    loaded = []
+    real = torch.amp.GradScaler.load_state_dict
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", lambda self, state: (loaded.append(state),
+                                                                                      real(self, state))[1])
+    _, again = _pair(8)
+    history = convify.distill(teacher, again, data, epochs=2, resume=True, **common)
+    assert loaded == [saved] and history.precision == ["fp16", "fp16"]
+
+
+def test_channels_last_gives_the_default_results() -> None:
+    seen: list[bool] = []
+    default, plain = _default_run()
+    teacher, student = _pair(7)
+    # the images (one channel: channels-last strides them (HW, 1, W, 1), contiguous (HW, HW, W, 1)) and
+    # the activations inside
+    student.register_forward_pre_hook(lambda m, args: seen.append(args[0].stride()[1] == 1))
+    student.get_submodule("c2").register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    torch.manual_seed(0)
+    history = convify.distill(teacher, student, TensorDataset(_images(64, 8)), epochs=2, batch_size=16, lr=3e-3,
+                              device="cpu", progress=False, channels_last=True)
+    assert seen and all(seen)  # the student did run channels-last
+    assert history.loss == pytest.approx(default.loss, rel=1e-5)
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(student.state_dict()[k], v, atol=1e-5), k
+    # given back in the default memory format, like the teacher
+    assert all(p.is_contiguous() for p in student.parameters())
+    assert all(p.is_contiguous() for p in teacher.parameters())
+
+
+class _OnlyInWorkers(torch.utils.data.Dataset):
+    """Items that can only be read in a DataLoader worker process."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("read in the main process, not in a worker")
+        return self.data[index]
+
+
+def test_workers_load_a_dataset_and_give_the_same_results() -> None:
+    default, plain = _default_run()
+    teacher, student = _pair(7)
+    torch.manual_seed(0)
+    history = convify.distill(teacher, student, _OnlyInWorkers(_images(64, 8)), epochs=2, batch_size=16, lr=3e-3,
+                              val_data=_OnlyInWorkers(_images(16, 9)), device="cpu", progress=False, workers=2)
+    assert history.loss == pytest.approx(default.loss, rel=1e-6)  # the same shuffles: drawn in this process
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+def test_workers_on_no_dataset_of_distills_is_an_error() -> None:
+    teacher, student = _pair()
+    loader = DataLoader(TensorDataset(_images(8, 0)), batch_size=4)
+    with pytest.raises(UsageError, match="workers=2 sets the loaders distill builds .* give it num_workers="):
+        convify.distill(teacher, student, loader, workers=2, device="cpu", progress=False)
+
+
+def test_the_teacher_runs_in_inference_mode_and_the_loss_may_save_its_logits(monkeypatch) -> None:
+    """A loss that keeps the teacher's logits for backward (a product) still trains: they reach it as an
+    ordinary tensor, not as the inference tensor the teacher made."""
+    modes = []
+    teacher, student = _pair(9)
+    teacher.register_forward_hook(lambda m, i, o: modes.append((torch.is_inference_mode_enabled(), o.is_inference())))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    monkeypatch.setattr(D, "distillation_loss", lambda s, t, labels, temperature, alpha: (s * t).mean())
+    convify.distill(teacher, student, TensorDataset(_images(32, 1)), batch_size=16, device="cpu", progress=False)
+    assert modes == [(True, True)] * 2
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
+def test_compile_failures_name_the_fix(monkeypatch) -> None:
+    teacher, student = _pair()
+    data = TensorDataset(_images(8, 0))
+
+    def unavailable(module, *args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    with pytest.raises(CompileError, match=r"torch.compile is not available here .*Dynamo.* pass compile=False") as e:
+        convify.distill(teacher, student, data, compile=True, device="cpu", progress=False)
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+    class Broken(nn.Module):
+        def __init__(self, module: nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("backend compiler failed")
+
+    monkeypatch.setattr(torch, "compile", lambda module, *args, **kwargs: Broken(module))
+    with pytest.raises(CompileError, match=r"failed on its first training step .*backend compiler failed.* "
+                                           r"pass compile=False") as e:
+        convify.distill(teacher, student, data, compile=True, device="cpu", progress=False)
+    assert "backend compiler failed" in str(e.value.__cause__)
+
+
+def _compile_works() -> str | None:
+    """Why torch.compile cannot run here (None: it can), found by trying."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+    except Exception as e:  # noqa: BLE001
+        return f"torch.compile does not work here: {type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.slow  # about 20 s on 2 busy cores with Inductor's cache empty (3 s with it warm)
+def test_compile_trains_like_eager_and_checkpoints_the_plain_student(tmp_path: Path, monkeypatch) -> None:
+    reason = _compile_works()
+    if reason:
+        pytest.skip(reason)
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(module, *args, **kwargs):
+        compiled.append(module)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    teacher, eager = _pair(7)
+    torch.manual_seed(0)
+    expected = convify.distill(teacher, eager, TensorDataset(_images(32, 8)), batch_size=16, lr=3e-3,
+                               device="cpu", progress=False)
+    teacher, student = _pair(7)
+    torch.manual_seed(0)
+    history = convify.distill(teacher, student, TensorDataset(_images(32, 8)), batch_size=16, lr=3e-3,
+                              device="cpu", progress=False, compile=True, checkpoint_dir=tmp_path)
+    assert compiled == [student]
+    assert load_checkpoint(tmp_path)["student"].keys() == eager.state_dict().keys()  # no "_orig_mod." prefixes
+    assert history.loss == pytest.approx(expected.loss, rel=1e-4)
+    for k, v in eager.state_dict().items():
+        assert torch.allclose(student.state_dict()[k], v, atol=1e-4), k
+
+
+def test_bad_precision_and_workers_are_usage_errors() -> None:
+    teacher, student = _pair()
+    data = TensorDataset(_images(8, 0))
+    with pytest.raises(UsageError, match=r"precision must be one of \('fp32', 'bf16', 'fp16'\), not 'half'"):
+        convify.distill(teacher, student, data, precision="half", progress=False)
+    with pytest.raises(UsageError, match="workers must be a whole number"):
+        convify.distill(teacher, student, data, workers=-1, progress=False)
+
+
+def test_a_precision_the_device_cannot_run_is_refused_with_the_fix(monkeypatch) -> None:
+    """Where torch has no gradient scaler (or no autocast) for the device it only warns and runs float32;
+    distill says so instead."""
+
+    class NoScaler(torch.amp.GradScaler):
+        def is_enabled(self) -> bool:
+            return False
+
+    monkeypatch.setattr(torch.amp, "GradScaler", NoScaler)
+    teacher, student = _pair()
+    if D._autocasts("bf16", torch.device("cpu")) is not None:
+        pytest.skip("bf16 does not autocast on this CPU either")
+    with pytest.raises(UsageError, match=r"precision 'fp16' cannot run on cpu \(.*no gradient scaler for cpu\); "
+                                         r"choose another precision= \(fp32 or bf16\) or another device="):
+        convify.distill(teacher, student, TensorDataset(_images(8, 0)), precision="fp16", device="cpu",
+                        progress=False)
 
 
 # --------------------------------------------------------------------------- torchrun
