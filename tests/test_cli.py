@@ -529,6 +529,39 @@ def test_rewrite_with_fit_init_on_calibration_images_and_load_back(tmp_path):
     assert convify.report(fitted).last.options["init"] == "fit"
 
 
+def test_rewrite_with_reconstruct_writes_a_checkpoint_that_loads_back(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "calib"
+    images.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(16):
+        pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"img{i}.png")
+    fit_only, rebuilt = tmp_path / "fit.pt", tmp_path / "rec.pt"
+    common = ["rewrite", *TINY, "--init", "fit", "--calibration", str(images), "--head", "none"]
+    assert run(*common, "-o", str(fit_only), cwd=tmp_path).returncode == 0
+    proc = run(*common, "--reconstruct", "--reconstruct-steps", "20", "--reconstruct-lr", "0.003", "-o", str(rebuilt),
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "reconstructed: error" in proc.stdout and "20 Adam steps at lr 0.003" in proc.stdout
+    sys.path.insert(0, str(TESTS))
+    try:
+        fitted, reconstructed = convify.load(fit_only, trust_code=True), convify.load(rebuilt, trust_code=True)
+    finally:
+        sys.path.remove(str(TESTS))
+    x = torch.randn(2, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        assert not torch.allclose(reconstructed(x), fitted(x))  # the reconstructed weights were written
+    assert convify.report(reconstructed).last.options["init"] == "fit"
+
+
+def test_reconstruct_without_calibration_is_a_usage_error(tmp_path):
+    proc = run("rewrite", *TINY, "--reconstruct", "-o", str(tmp_path / "x.pt"), cwd=tmp_path)
+    assert_one_line_error(proc, "--reconstruct needs --calibration DIR")
+    assert listing(tmp_path) == []
+
+
 def test_fit_init_without_calibration_is_a_usage_error(tmp_path):
     proc = run("rewrite", *TINY, "--init", "fit", "-o", str(tmp_path / "x.pt"), cwd=tmp_path)
     assert_one_line_error(proc, "--init fit needs --calibration DIR")
