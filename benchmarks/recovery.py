@@ -184,8 +184,8 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
         "60,000 training images, no augmentation, one original per seed (the seed sets the initial weights and "
         "the shuffling); cached in `~/.cache/convify/recovery/`. Calibration: "
         f"{CALIBRATION} training images drawn per seed, batches of {CAL_BATCH}, labels unused. "
-        "`reconstruct` and `synthetic` run with convify's defaults (500 Adam steps per site at lr 1e-3; 512 "
-        "synthetic images). Distillation: `convify.distill` defaults (T=4, alpha=0.9, Adam 1e-3, cosine), "
+        "`reconstruct` and `synthetic` run with convify's defaults (500 Adam steps per site at lr 1e-3; 256 "
+        "synthetic images, 300 Adam steps on each batch of 128). Distillation: `convify.distill` defaults (T=4, alpha=0.9, Adam 1e-3, cosine), "
         f"1 epoch of the 60,000 labelled images, batch {BATCH}. Test accuracy and top-1 agreement with the "
         "original on the 10,000 test images; mean over the seeds and the worst seed.",
         "",

@@ -43,9 +43,9 @@ FIRST_LAYER = 10.0
 class SynthesisOptions:
     """How many images and how hard to work on them."""
 
-    count: int = 512
+    count: int = 256
     batch_size: int = 128
-    steps: int = 500
+    steps: int = 300
     lr: float = 0.1
     classes: float = 0.5    # weight of the cross-entropy toward each image's class
     smoothness: float = 1e-3  # total variation
