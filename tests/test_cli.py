@@ -556,6 +556,15 @@ def test_rewrite_with_reconstruct_writes_a_checkpoint_that_loads_back(tmp_path):
     assert convify.report(reconstructed).last.options["init"] == "fit"
 
 
+def test_rewrite_with_synthetic_calibration_needs_no_images(tmp_path):
+    out = tmp_path / "synthetic.pt"
+    proc = run("rewrite", *TINY, "--init", "fit", "--calibration", "synthetic", "--reconstruct",
+               "--reconstruct-steps", "5", "--head", "none", "-o", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "on 256 calibration samples" in proc.stdout and "reconstructed: error" in proc.stdout
+    assert out.exists()
+
+
 def test_reconstruct_without_calibration_is_a_usage_error(tmp_path):
     proc = run("rewrite", *TINY, "--reconstruct", "-o", str(tmp_path / "x.pt"), cwd=tmp_path)
     assert_one_line_error(proc, "--reconstruct needs --calibration DIR")
