@@ -158,11 +158,28 @@ def main() -> None:
     results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep, log=log)
                for seed in range(args.seeds) for arch in args.arch]
     text = render(args, results, time.perf_counter() - started)
+    notes = handwritten_notes()
+    if notes:  # kept across reruns, marked stale until someone rereads them
+        title, _, body = notes.partition("\n")
+        body = "\n".join(line for line in body.splitlines() if not line.startswith("_Written"))
+        text += f"\n{title}\n\n_Written by hand for an earlier run: its numbers may differ from the tables above._\n" \
+                f"{body.lstrip()}\n"
     print(text)
     if args.write:
         from results import write_section  # noqa: PLC0415
 
         write_section("recovery", text)
+
+
+def handwritten_notes() -> str:
+    """The hand-written part of the recovery section of RESULTS.md (from its "## Reading" heading on), if any."""
+    from results import RESULTS  # noqa: PLC0415  (benchmarks/results.py, beside this script)
+
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    begin, end = text.find("<!-- recovery -->"), text.find("<!-- /recovery -->")
+    section = text[begin:end] if 0 <= begin < end else ""
+    at = section.find("\n## Reading")
+    return section[at + 1:].strip() if at >= 0 else ""
 
 
 def _verdict(ok: bool) -> str:

@@ -88,8 +88,8 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
         rewritten: what :func:`convify.replace_maxpool` (or :func:`convify.convify`)
             made of it, typically with ``init="fit"``; changed in place and returned.
         calibration: unlabeled input batches (tensors, or ``(input, label)``
-            pairs whose labels are ignored), iterated ``steps`` times over per
-            block in turn; or ``"synthetic"``: images synthesized to match the
+            pairs whose labels are ignored), each Adam step taking the next
+            batch in turn; or ``"synthetic"``: images synthesized to match the
             original's BatchNorm statistics (see :func:`convify.synthetic.synthesize`).
             A thousand images are usually enough.
         steps: Adam steps per block (default 500), one calibration batch each.
@@ -118,7 +118,6 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
     batches = _batches(original, done, calibration)
     sites = in_forward_order(rewritten, sites, batches)
     blocks = _blocks(original, rewritten, sites, batches[0])
-    notes = list(done.notes)
     results: dict[str, Reconstruction] = {}
     flags = {p: p.requires_grad for p in rewritten.parameters()}
     try:
@@ -131,7 +130,7 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
     rows = tuple(dataclasses.replace(r, reconstruction=results[r.name]) if r.name in results else r
                  for r in done.replaced)
     passes = list(rep.passes)
-    passes[index] = dataclasses.replace(done, replaced=rows, notes=tuple(dict.fromkeys(notes)))
+    passes[index] = dataclasses.replace(done, replaced=rows)
     attach(rewritten, dataclasses.replace(rep, passes=tuple(passes)))
     return rewritten
 
