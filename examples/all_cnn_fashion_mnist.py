@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import pickle
 import shlex
 import sys
 import time
@@ -147,7 +148,7 @@ def train_model_c(model: nn.Module, data: _data.Data, args: argparse.Namespace
         try:
             saved = torch.load(path, weights_only=True)
             model.load_state_dict(saved["state"])
-        except (RuntimeError, KeyError, OSError) as e:
+        except (RuntimeError, KeyError, OSError, pickle.UnpicklingError) as e:
             print(f"{path}: unreadable ({e}); training Model C again")
         else:
             print(f"{MODEL_C}: read from {path} (trained earlier with the same settings)")
@@ -157,7 +158,7 @@ def train_model_c(model: nn.Module, data: _data.Data, args: argparse.Namespace
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state": model.state_dict(), "curve": curve, "seconds": seconds,
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}, path)
+                    "threads": torch.get_num_threads(), "torch": str(torch.__version__)}, path)
         print(f"  cached in {path}")
     return curve, seconds, None
 
@@ -255,13 +256,15 @@ def verdict(by_name: dict[str, Result], distill_epochs: int) -> str:
     c, s, a, r = (by_name[n].error for n in (MODEL_C, STRIDED, ALLCONV, RECOVERED))
     paper = PAPER_ERROR
     order = sorted(((a, "All-CNN-C"), (c, "Model C"), (s, "Strided-CNN-C")))
+    ranking = order[0][1] + "".join(f" {'=' if e == before else '<'} {n}"
+                                    for (before, _), (e, n) in zip(order, order[1:]))
     paper_order = a < c < s
     return (f"In the paper All-CNN-C has {paper['Model C'] - paper['All-CNN-C']:.2f} points less error than Model C "
             f"and Strided-CNN-C {paper['Strided-CNN-C'] - paper['Model C']:.2f} points more. Here All-CNN-C has "
             f"{versus(a - c, paper['All-CNN-C'] - paper['Model C'])}, and Strided-CNN-C has "
             f"{versus(s - c, paper['Strided-CNN-C'] - paper['Model C'])}: the paper's order (All-CNN-C < Model C < "
             f"Strided-CNN-C) {'holds' if paper_order else 'does not hold'} here "
-            f"({' < '.join(n for _, n in order)}). Rewriting the trained Model C instead (fit and reconstruction on "
+            f"({ranking}). Rewriting the trained Model C instead (fit and reconstruction on "
             f"unlabeled images, then {epoch_count(distill_epochs)} of distillation) ends at {r:.2f}% error: "
             f"{r - c:+.2f} points of error against Model C and {r - a:+.2f} against All-CNN-C trained from scratch. One seed "
             "each, on another dataset than the paper's: a difference of a few tenths of a point is within what "
