@@ -266,9 +266,9 @@ def verdict(by_name: dict[str, Result], distill_epochs: int) -> str:
             f"Strided-CNN-C) {'holds' if paper_order else 'does not hold'} here "
             f"({ranking}). Rewriting the trained Model C instead (fit and reconstruction on "
             f"unlabeled images, then {epoch_count(distill_epochs)} of distillation) ends at {r:.2f}% error: "
-            f"{r - c:+.2f} points of error against Model C and {r - a:+.2f} against All-CNN-C trained from scratch. One seed "
-            "each, on another dataset than the paper's: a difference of a few tenths of a point is within what "
-            "another seed may move (benchmarks/RESULTS.md, recovery, gives the spread over seeds).")
+            f"{r - c:+.2f} points of error against Model C and {r - a:+.2f} against All-CNN-C trained from scratch. "
+            "One seed each, on another dataset than the paper's: a difference of a few tenths of a point is within "
+            "what another seed may move (benchmarks/RESULTS.md, recovery, gives the spread over seeds).")
 
 
 def write_table(results: list[Result], path: Path, header: str, data: _data.Data, distill_epochs: int) -> str:
@@ -290,7 +290,8 @@ def write_table(results: list[Result], path: Path, header: str, data: _data.Data
               "",
               "Springenberg et al. (2014), Table 3: test error on CIFAR-10 without data augmentation, full-size models "
               "without BatchNorm. Here: test error (100 - accuracy) on the "
-              f"{len(data.test.labels):,} {data.source} test images, models above. The difference columns are points of error against Model C.",
+              f"{len(data.test.labels):,} {data.source} test images, models above. The difference columns are points "
+              "of error against Model C.",
               "",
               f"| model | paper: CIFAR-10 error | here: {data.source} error | paper: vs Model C | here: vs Model C |",
               "|---|---:|---:|---:|---:|"]
@@ -376,7 +377,8 @@ def main() -> None:
     stem = args.out / "all_cnn_fashion_mnist"
     title = f"{data.source}, {len(data.train.labels):,} training images, width {args.width}"
     plot(results, stem.with_suffix(".png"), title, data.source)
-    header = (f"# The pooling study in miniature\n\n{title}, {torch.get_num_threads()} CPU thread(s), seed {args.seed}. "
+    header = (f"# The pooling study in miniature\n\n{title}, {torch.get_num_threads()} CPU thread(s), "
+              f"seed {args.seed}. "
               f"From scratch: Adam at lr {args.lr:g}, decayed per step along a cosine to zero over {args.epochs} "
               f"epochs, batch {args.batch_size}; test accuracy after the last epoch. "
               f"`{command(sys.argv[1:])}`.")
