@@ -133,7 +133,11 @@ def train(model: nn.Module, data: _data.Data, epochs: int, lr: float, batch_size
 
 
 def cache_file(args: argparse.Namespace, train_size: int) -> Path | None:
-    """Where the trained Model C of these settings is kept; None for --quick and --no-cache."""
+    """Where the trained Model C of these settings is kept; None for --quick and --no-cache.
+
+    The name holds every setting its training depends on; ``model_c-bn`` stands for the architecture built in
+    :func:`main` (BatchNorm, no conv bias, no hidden 1x1): give it another tag if that changes.
+    """
     if args.quick or args.no_cache:
         return None
     return CACHE / (f"fashion_mnist-model_c-bn-w{args.width}-e{args.epochs}-b{args.batch_size}-lr{args.lr:g}"
