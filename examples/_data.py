@@ -93,8 +93,11 @@ def accuracy(model: torch.nn.Module, split: Split, batch_size: int = 1000) -> fl
 
 
 def train_epoch(model: torch.nn.Module, split: Split, optimizer: torch.optim.Optimizer, batch_size: int = 128,
-                seed: int = 0) -> float:
-    """One epoch of cross-entropy training in shuffled mini-batches; returns the mean loss."""
+                seed: int = 0, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One epoch of cross-entropy training in shuffled mini-batches; returns the mean loss.
+
+    ``scheduler``, when given, is stepped after every batch (a per-step decay).
+    """
     model.train()
     order = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))
     total = 0.0
@@ -104,5 +107,7 @@ def train_epoch(model: torch.nn.Module, split: Split, optimizer: torch.optim.Opt
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total += loss.item() * len(idx)
     return total / len(order)
