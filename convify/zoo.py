@@ -45,7 +45,7 @@ def model_c(width: int = 32, *, in_channels: int = 3, num_classes: int = 10, bat
     The three configurations in use::
 
         model_c()                                           # convify demo: 3x32x32 inputs
-        model_c(8, in_channels=1, batch_norm=True, bias=True, hidden_1x1=False)  # examples/all_cnn_fashion_mnist.py
+        model_c(32, in_channels=1, batch_norm=True, hidden_1x1=False)           # examples/all_cnn_fashion_mnist.py
         model_c(16, in_channels=1, batch_norm=True, hidden_1x1=False)            # benchmarks/recovery.py
     """
     bias = not batch_norm if bias is None else bias
