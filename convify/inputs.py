@@ -117,6 +117,19 @@ def to_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _COMMON_SIZES = (224, 32, 28, 299, 64, 96, 128, 256)
 
 
+def output_tensor(output: Any) -> torch.Tensor | None:
+    """The main tensor of a model's output: the output itself, its ``logits`` (a Hugging Face ``ModelOutput``
+    or a dict), or the first element of a tuple (timm, torchvision aux heads); None when there is none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output:
+        return output_tensor(output[0])
+    return None
+
+
 def first_conv(model: nn.Module) -> nn.Module | None:
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd):

@@ -44,7 +44,10 @@ ACTIVATION_METHODS = frozenset({"relu", "relu_", "sigmoid", "tanh"})
 PASS_THROUGH_METHODS = frozenset({"contiguous", "clone"})
 
 #: Per-channel affine maps of a feature map (in eval mode).
-PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+#: Every BatchNorm with running statistics (1d/2d/3d, SyncBatchNorm, the lazy ones): what reconstruction
+#: re-estimates and synthetic calibration matches.
+BATCH_NORM = nn.modules.batchnorm._BatchNorm
+PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (BATCH_NORM,)
 PER_CHANNEL_FUNCTIONS: frozenset[Callable] = frozenset({F.batch_norm})
 
 #: Modules whose output has their input's shape and dtype (by exact type: a

@@ -49,16 +49,16 @@ import torch
 import torch.nn as nn
 
 from . import graph as G
+from . import ops
 from .errors import RewriteError, UsageError
 from .fit import Enough, PoolSite, batch_input, in_forward_order, pool_sites, run_batch
-from .inputs import to_model
+from .inputs import output_tensor, to_model
 from .report import Pass, Reconstruction, attach, report
 
 #: Adam steps per block when ``steps`` is not given.
 STEPS = 500
 #: Adam's learning rate when ``lr`` is not given.
 LR = 1e-3
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 @dataclass
@@ -257,17 +257,11 @@ class _Forward:
 
 def _tensor(output: Any) -> torch.Tensor:
     """The activation a block is compared on: a tensor, or the logits of a model output."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    raise RewriteError(f"reconstruct: the model returned {type(output).__name__}; reconstruct compares the "
-                       "last block on a tensor output (or one with .logits)")
+    found = output_tensor(output)
+    if found is None:
+        raise RewriteError(f"reconstruct: the model returned {type(output).__name__}; reconstruct compares the "
+                           "last block on a tensor output (or one with .logits)")
+    return found
 
 
 def _targets(original: nn.Module, block: _Block, batches: Sequence[Any]) -> list[torch.Tensor]:
@@ -335,7 +329,7 @@ def _find_block(model: nn.Module, block: _Block, batch: Any) -> None:
         return hook
 
     handles = [block.site.conv.register_forward_pre_hook(started_hook)]
-    handles += [m.register_forward_pre_hook(seen(n)) for n, m in modules.items() if isinstance(m, _BATCHNORMS)]
+    handles += [m.register_forward_pre_hook(seen(n)) for n, m in modules.items() if isinstance(m, ops.BATCH_NORM)]
     try:
         with G.eval_mode(model), _Forward(model, block) as forward:
             forward(batch).float().pow(2).sum().backward()
@@ -396,7 +390,7 @@ def _reestimate(original: nn.Module, model: nn.Module, names: Sequence[str], bat
         except AttributeError:
             continue
         bn = model.get_submodule(name)
-        if not isinstance(reference, _BATCHNORMS) or bn.running_mean is None or reference.running_mean is None:
+        if not isinstance(reference, ops.BATCH_NORM) or bn.running_mean is None or reference.running_mean is None:
             continue
         sums = None
         for batch in batches:

@@ -30,11 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import graph as G
+from . import ops
 from .errors import UsageError
+from .inputs import output_tensor
 
 #: The word that asks for synthetic calibration data.
 SYNTHETIC = "synthetic"
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 #: Weight of the first BatchNorm's statistics (its input is closest to the image).
 FIRST_LAYER = 10.0
 
@@ -88,7 +89,7 @@ def synthesize(model: nn.Module, sample_shape: Sequence[int], options: Synthesis
     >>> batches = synthesize(model, (3, 32, 32))
     """
     options = options or SynthesisOptions()
-    norms = [m for m in model.modules() if isinstance(m, _BATCHNORMS) and m.running_mean is not None]
+    norms = [m for m in model.modules() if isinstance(m, ops.BATCH_NORM) and m.running_mean is not None]
     if not norms:
         raise UsageError(f"{who}: calibration={SYNTHETIC!r} needs BatchNorm layers with running statistics "
                          f"(they are what the images are made to match); {type(model).__name__} has none: "
@@ -130,9 +131,9 @@ def _optimize(model: nn.Module, norms: list[nn.Module], x: torch.Tensor, labels:
         with G.eval_mode(model):
             for _ in range(options.steps):
                 losses.clear()
-                out = _logits(model(x))
+                out = output_tensor(model(x))
                 loss = torch.stack(losses).sum()
-                if out is not None and options.classes:
+                if out is not None and out.dim() == 2 and options.classes:
                     loss = loss + options.classes * F.cross_entropy(out, labels % out.shape[1])
                 if x.dim() == 4 and options.smoothness:
                     loss = loss + options.smoothness * _total_variation(x)
@@ -147,17 +148,6 @@ def _optimize(model: nn.Module, norms: list[nn.Module], x: torch.Tensor, labels:
         for p, flag in flags:
             p.requires_grad_(flag)
     return x.detach()
-
-
-def _logits(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output if output.dim() == 2 else None
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
-        return logits
-    if isinstance(output, (tuple, list)) and output:
-        return _logits(output[0])
-    return None
 
 
 def _total_variation(x: torch.Tensor) -> torch.Tensor:

@@ -503,15 +503,20 @@ def test_progress_shows_on_a_terminal(tmp_path):
 # --------------------------------------------------------------------------- init=fit from a folder of images
 
 
-def test_rewrite_with_fit_init_on_calibration_images_and_load_back(tmp_path):
+def write_images(folder: Path, count: int, seed: int) -> Path:
+    """``count`` random 20x20 RGB PNGs in ``folder`` (created)."""
     from PIL import Image
 
-    images = tmp_path / "calib"
-    images.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(12):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    for i in range(count):
         pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"img{i}.png")
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_rewrite_with_fit_init_on_calibration_images_and_load_back(tmp_path):
+    images = write_images(tmp_path / "calib", 12, seed=0)
     out = tmp_path / "fit.pt"
     proc = run("rewrite", *TINY, "--init", "fit", "--calibration", str(images), "--head", "none", "-o", str(out),
                cwd=tmp_path)
@@ -530,14 +535,8 @@ def test_rewrite_with_fit_init_on_calibration_images_and_load_back(tmp_path):
 
 
 def test_rewrite_with_reconstruct_writes_a_checkpoint_that_loads_back(tmp_path):
-    from PIL import Image
-
-    images = tmp_path / "calib"
-    images.mkdir()
-    g = torch.Generator().manual_seed(1)
-    for i in range(16):
-        pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(images / f"img{i}.png")
+    images = write_images(tmp_path / "calib", 16, seed=1)
+    g = torch.Generator().manual_seed(2)
     fit_only, rebuilt = tmp_path / "fit.pt", tmp_path / "rec.pt"
     common = ["rewrite", *TINY, "--init", "fit", "--calibration", str(images), "--head", "none"]
     assert run(*common, "-o", str(fit_only), cwd=tmp_path).returncode == 0
