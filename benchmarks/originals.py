@@ -19,11 +19,20 @@ from convify.zoo import fashion_mnist, model_c, resnet_mini
 MEAN, STD = 0.2860, 0.3530
 CACHE = Path.home() / ".cache" / "convify" / "recovery"
 ARCHS = ("model_c", "resnet_mini")
+#: Suffix of an architecture name for its all-convolutional rewrite (see :func:`build`).
+ALLCONV = "-allconv"
 #: The recipe every original is trained with (and that the cache file names).
 EPOCHS, BATCH, LR, WIDTH = 15, 256, 2e-3, 16
 
 
 def build(arch: str, width: int = WIDTH) -> nn.Module:
+    """The original of ``arch``; ``"<arch>-allconv"`` is its max poolings rewritten to strided convolutions
+    (``replace_maxpool(mode="conv")``, Kaiming init): the rewritten architecture, for training from scratch."""
+    if arch.endswith(ALLCONV):
+        import convify  # noqa: PLC0415
+
+        original = build(arch[:-len(ALLCONV)], width)
+        return convify.replace_maxpool(original, torch.zeros(1, 1, 28, 28), mode="conv", init="kaiming")
     if arch == "model_c":
         return model_c(width, in_channels=1, batch_norm=True, hidden_1x1=False)
     if arch == "resnet_mini":

@@ -1,0 +1,142 @@
+"""How close can the rewritten architecture get to the original at all? A control for benchmarks/recovery.py.
+
+The recovery targets ask a model whose max poolings became strided
+convolutions to come within 0.1 point of the original's test accuracy after
+one epoch of distillation. That presumes the rewritten architecture can reach
+the original's accuracy at all. Two measurements per architecture and seed,
+with the originals and the recipe of ``benchmarks/originals.py``:
+
+* **from scratch**: the rewritten architecture (``replace_maxpool(mode="conv",
+  init="kaiming")`` of a fresh original: All-CNN-C for Model C) trained with
+  exactly the original's recipe and budget (cached like the originals);
+* **more distillation**: the converged original rewritten with
+  ``init="fit"`` on 1,024 unlabeled images, ``convify.reconstruct`` on them,
+  then ``convify.distill`` for 1, 2 and 3 epochs (each a run of its own, its
+  cosine schedule spanning its epochs).
+
+``--write`` replaces this benchmark's section of ``benchmarks/RESULTS.md``.
+
+    python benchmarks/recovery_capacity.py --write
+    python benchmarks/recovery_capacity.py --arch model_c --seeds 1 --distill-epochs 1   # a quicker look
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+import convify
+from convify.errors import DataError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_split, predict  # noqa: E402
+from recovery import CALIBRATION, calibration  # noqa: E402
+
+
+@dataclass
+class SeedRun:
+    arch: str
+    seed: int
+    original: float
+    scratch: float  # the rewritten architecture trained from scratch: final test accuracy
+    scratch_plateau: float
+    distilled: dict[int, float] = field(default_factory=dict)  # epochs of distillation -> test accuracy
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x) == y).float().mean())
+
+
+def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], log) -> SeedRun:
+    train_x, train_y, test_x, test_y = data
+    original = cached(arch, seed, data, log=log).model.eval()
+    scratch = cached(arch + ALLCONV, seed, data, log=log)
+    run = SeedRun(arch, seed, accuracy(original, test_x, test_y), scratch.test_accuracy[-1], scratch.plateau)
+    log(f"{arch} seed {seed}: original {100 * run.original:.2f}%, rewritten architecture from scratch "
+        f"{100 * run.scratch:.2f}% (last 3 epochs gained {run.scratch_plateau:+.2f})")
+    cal = calibration(train_x, CALIBRATION, seed)
+    example = train_x[:1]
+    reconstructed = convify.replace_maxpool(original, example, init="fit", calibration=cal)
+    convify.reconstruct(original, reconstructed, cal, progress=False)
+    start = {k: v.clone() for k, v in reconstructed.state_dict().items()}
+    for epochs in distill_epochs:
+        reconstructed.load_state_dict(start)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        convify.distill(original, reconstructed, TensorDataset(train_x, train_y), epochs=epochs, batch_size=BATCH,
+                        device="cpu", progress=False)
+        run.distilled[epochs] = accuracy(reconstructed.eval(), test_x, test_y)
+        log(f"{arch} seed {seed}: reconstruct + {epochs} epoch(s) of distill {100 * run.distilled[epochs]:.2f}% "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return run
+
+
+def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
+    lines = [
+        "# Recovery: how close the rewritten architecture gets at all (control)",
+        "",
+        f"`python benchmarks/recovery_capacity.py --seeds {args.seeds}` on {platform.machine()} CPU, torch "
+        f"{torch.__version__}, {args.threads} threads; {total / 60:.0f} minutes. The originals of the recovery "
+        f"benchmark (width {WIDTH}, Adam lr {LR:g}, cosine to zero over {EPOCHS} epochs, batch {BATCH}, all 60,000 "
+        "training images). *From scratch*: the rewritten architecture (each max pooling a strided convolution, "
+        "`replace_maxpool(mode=\"conv\", init=\"kaiming\")`; for Model C that is All-CNN-C) trained with the same "
+        f"recipe and budget, cached beside the originals. *Reconstruct + distill*: `init=\"fit\"` and "
+        f"`convify.reconstruct` on {CALIBRATION} unlabeled images, then `convify.distill` (defaults, batch "
+        f"{BATCH}) for the given epochs, each its own run. Test accuracy on the 10,000 test images, minus the "
+        "original's, mean over the seeds and worst seed.",
+        "",
+        "| architecture | original (mean) | rewritten, from scratch: minus original (mean / worst) | "
+        + " | ".join(f"reconstruct + {e} epoch{'s' if e > 1 else ''} of distill (mean / worst)"
+                     for e in args.distill_epochs) + " |",
+        "|---|---:|---:|" + "---:|" * len(args.distill_epochs),
+    ]
+    for arch in dict.fromkeys(r.arch for r in runs):
+        rs = [r for r in runs if r.arch == arch]
+
+        def cell(values: list[float]) -> str:
+            return f"{statistics.mean(values):+.2f} / {min(values):+.2f}"
+
+        scratch = [100 * (r.scratch - r.original) for r in rs]
+        lines.append(f"| {arch} | {100 * statistics.mean(r.original for r in rs):.2f}% | {cell(scratch)} | "
+                     + " | ".join(cell([100 * (r.distilled[e] - r.original) for r in rs])
+                                  for e in args.distill_epochs) + " |")
+    lines += ["", "Per seed (test accuracy): " + "; ".join(
+        f"{r.arch} seed {r.seed}: original {100 * r.original:.2f}%, from scratch {100 * r.scratch:.2f}% (last 3 "
+        f"epochs {r.scratch_plateau:+.2f}), "
+        + ", ".join(f"{e} ep {100 * a:.2f}%" for e, a in r.distilled.items()) for r in runs) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--distill-epochs", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    try:
+        data = (*load_split("train"), *load_split("test"))
+    except DataError as e:
+        sys.exit(str(e))
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    runs = [run_seed(arch, seed, data, args.distill_epochs, log) for arch in args.arch for seed in range(args.seeds)]
+    text = render(args, runs, time.perf_counter() - started)
+    print(text)
+    if args.write:
+        from results import write_section  # noqa: PLC0415
+
+        write_section("recovery-capacity", text)
+
+
+if __name__ == "__main__":
+    main()
