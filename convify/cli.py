@@ -844,18 +844,17 @@ class _Progress:
     def __init__(self, total: int) -> None:
         self.total = total
         self.bar: Any = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> "_Progress":
-        if sys.stderr.isatty():
-            from tqdm import tqdm  # noqa: PLC0415
+        from .progress import terminal_bar  # noqa: PLC0415  (the CLI imports lazily: `convify --help` is fast)
 
-            self.bar = tqdm(total=self.total, file=sys.stderr, leave=False,
-                            bar_format="convify: {desc} [{n_fmt}/{total_fmt}] {elapsed}")
+        self.bar = self._stack.enter_context(
+            terminal_bar(total=self.total, bar_format="convify: {desc} [{n_fmt}/{total_fmt}] {elapsed}"))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._stack.close()
 
     def set(self, desc: str) -> None:
         if self.bar is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn as nn
 
 from . import graph as G
 from .errors import ConvifyError, DataError, UsageError, one_line
+from .progress import terminal_bar
 from .geometry import Axis, Geometry, NotTilableError, graph_geometry
 
 #: The default tile's memory budget on CPU: a quarter of the available memory, at most this.
@@ -474,14 +474,15 @@ def _run_tiles(plan: TilePlan, image: torch.Tensor, run: Callable[[torch.Tensor]
         by_shape.setdefault(t.shape, []).append(t)
     dtype = getattr(run, "dtype", torch.float32)
     pieces: list[tuple[Tile, torch.Tensor]] = []
-    with _bar(len(mine), progress and ranks.rank == 0) as bar:
+    with terminal_bar(progress and ranks.rank == 0, total=len(mine), unit="tile", desc="convify: dense_map") as bar:
         for tiles in by_shape.values():
             for k in range(0, len(tiles), batch_size):
                 batch = tiles[k:k + batch_size]
                 x = torch.stack([image[:, t.rows.start:t.rows.stop, t.cols.start:t.cols.stop] for t in batch])
                 out = run(_convert(x, dtype, normalize))
                 pieces.extend((t, _owned(plan, t, out[i:i + 1])) for i, t in enumerate(batch))
-                bar(len(batch))
+                if bar is not None:
+                    bar.update(len(batch))
     return pieces
 
 
@@ -503,25 +504,6 @@ def _stitch(plan: TilePlan, full: tuple[int, ...], pieces: list[tuple[Tile, torc
     for t, piece in pieces:
         result[:, :, t.rows.first:t.rows.end, t.cols.first:t.cols.end] = piece
     return result
-
-
-class _bar:  # noqa: N801
-    """A tqdm bar on a terminal; a no-op otherwise."""
-
-    def __init__(self, total: int, show: bool) -> None:
-        self.total, self.show, self.tqdm = total, show and sys.stderr.isatty(), None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self.show:
-            from tqdm import tqdm  # noqa: PLC0415
-
-            self.tqdm = tqdm(total=self.total, file=sys.stderr, leave=False, unit="tile",
-                             desc="convify: dense_map")
-        return lambda n: self.tqdm.update(n) if self.tqdm is not None else None
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.tqdm is not None:
-            self.tqdm.close()
 
 
 def tile_plan(model: nn.Module, image_size: tuple[int, int], tile: int | None = None, channels: int = 3,

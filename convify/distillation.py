@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from . import graph as G
 from .errors import CheckpointError, CompileError, ConvifyError, DataError, UsageError, one_line
+from .inputs import output_tensor
+from .progress import terminal_bar
 from .ranks import join_process_group
 
 CHECKPOINT_NAME = "distill-checkpoint.pt"
@@ -394,12 +396,13 @@ def _images_to(images: torch.Tensor, device: torch.device, memory_format: torch.
 
 
 def _logits(output: Any) -> torch.Tensor:
-    """Classifier logits from a model output (timm/torchvision may return tuples)."""
-    if isinstance(output, torch.Tensor):
-        return output.flatten(1) if output.dim() > 2 else output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return _logits(output[0])
-    raise ConvifyError(f"distill: the model returned {type(output).__name__}; distill needs class logits")
+    """Classifier logits from a model output: a tensor (a ``N x classes x 1 x 1`` score map is flattened), a
+    Hugging Face ``ModelOutput``'s ``logits``, or the first element of a tuple (timm, torchvision aux heads)."""
+    logits = output_tensor(output)
+    if logits is None:
+        raise ConvifyError(f"distill: the model returned {type(output).__name__}, which holds no tensor of class "
+                           "logits; distill a model that returns logits (or a tuple or ModelOutput holding them)")
+    return logits.flatten(1) if logits.dim() > 2 else logits
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
@@ -573,20 +576,23 @@ class _Run:
         sizes: list[int] = []
         agree: Any = 0
         shown_loss = shown_agree = shown_seen = 0.0
-        bar = _bar(self.train_loader, f"distill {epoch + 1}/{self.epochs}", self.progress)
-        for batch in bar:
-            x, labels = _split(batch, self.ctx.device, self.speed.memory_format)
-            loss, agreement = self._step(trained, x, labels, epoch)
-            if self.steps_per_epoch is not None:
-                self._step_schedule()
-            losses.append(loss)
-            sizes.append(x.shape[0])
-            agree = agree + agreement
-            if self.progress:  # reading the values waits for the device: only for the bar
-                shown_loss += float(loss) * sizes[-1]
-                shown_agree += float(agreement)
-                shown_seen += sizes[-1]
-                bar.set_postfix(loss=f"{shown_loss / shown_seen:.4f}", agreement=f"{shown_agree / shown_seen:.3f}")
+        with terminal_bar(self.progress, total=_length(self.train_loader),
+                          desc=f"distill {epoch + 1}/{self.epochs}") as bar:
+            for batch in self.train_loader:
+                x, labels = _split(batch, self.ctx.device, self.speed.memory_format)
+                loss, agreement = self._step(trained, x, labels, epoch)
+                if self.steps_per_epoch is not None:
+                    self._step_schedule()
+                losses.append(loss)
+                sizes.append(x.shape[0])
+                agree = agree + agreement
+                if bar is not None:  # reading the values waits for the device: only for the bar
+                    shown_loss += float(loss) * sizes[-1]
+                    shown_agree += float(agreement)
+                    shown_seen += sizes[-1]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{shown_loss / shown_seen:.4f}",
+                                    agreement=f"{shown_agree / shown_seen:.3f}", refresh=False)
         if self.steps_per_epoch is None:
             self._step_schedule()
         loss_sum = float(torch.stack(losses).cpu().double() @ torch.tensor(sizes, dtype=torch.float64)
@@ -760,15 +766,12 @@ def load_checkpoint(path: str | os.PathLike, student: nn.Module | None = None) -
     return state
 
 
-def _bar(loader: DataLoader, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return loader
-    from tqdm.auto import tqdm  # noqa: PLC0415  (only on a terminal)
+def _length(loader: Any) -> int | None:
+    """The number of batches per epoch, or None for an iterable without a length."""
     try:
-        total = len(loader)
+        return len(loader)
     except TypeError:
-        total = None
-    return tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True)
+        return None
 
 
 __all__ = ["History", "distill", "distillation_loss", "load_checkpoint", "CHECKPOINT_NAME", "SCHEDULES", "PRECISIONS",

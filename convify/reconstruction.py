@@ -53,6 +53,7 @@ from . import ops
 from .errors import RewriteError, UsageError
 from .fit import Enough, PoolSite, batch_input, in_forward_order, pool_sites, run_batch
 from .inputs import output_tensor, to_model
+from .progress import terminal_bar
 from .report import Pass, Reconstruction, attach, report
 
 #: Adam steps per block when ``steps`` is not given.
@@ -451,9 +452,9 @@ def _train(model: nn.Module, block: _Block, batches: Sequence[Any], targets: lis
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(block.parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    bar = _bar(steps, f"reconstruct {block.site.row.name}", progress)
     try:
-        with G.eval_mode(model), _Forward(model, block) as forward:
+        with G.eval_mode(model), _Forward(model, block) as forward, \
+                terminal_bar(progress, total=steps, desc=f"reconstruct {block.site.row.name}") as bar:
             for step in range(steps):
                 i = step % len(batches)
                 t = targets[i]
@@ -465,22 +466,8 @@ def _train(model: nn.Module, block: _Block, batches: Sequence[Any], targets: lis
                 schedule.step()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
     finally:
-        if bar is not None:
-            bar.close()
         for p in block.parameters:
             p.requires_grad_(False)
             p.grad = None
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    import sys  # noqa: PLC0415
-
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)

@@ -81,6 +81,47 @@ def test_distillation_raises_agreement_on_unlabelled_images() -> None:
     assert history.loss[-1] < history.loss[0]
 
 
+class _Wrapped(nn.Module):
+    """``model``'s logits wrapped the way a zoo returns them: a dict with ``logits`` (a Hugging Face
+    ``ModelOutput`` is one), a tuple with the logits first, or a score map ``N x classes x 1 x 1``."""
+
+    def __init__(self, model: nn.Module, form: str) -> None:
+        super().__init__()
+        self.model, self.form = model, form
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model(x)
+        if self.form == "dict":
+            return {"logits": logits, "hidden_states": None}
+        if self.form == "tuple":
+            return logits, logits.detach() * 0
+        if self.form == "map":
+            return logits[:, :, None, None]
+        return "no logits here"
+
+
+@pytest.mark.parametrize("form", ["dict", "tuple", "map"])
+def test_zoo_outputs_distill_like_plain_logits(form: str) -> None:
+    teacher, student = _pair()
+    plain = convify.replace_maxpool(teacher, init="kaiming")
+    plain.load_state_dict(student.state_dict())
+    train = TensorDataset(_images(64, 1))
+    runs = []
+    for t, s in ((teacher, plain), (_Wrapped(teacher, form), _Wrapped(student, form))):
+        torch.manual_seed(0)
+        runs.append(convify.distill(t, s, train, epochs=1, batch_size=32, device="cpu", progress=False).loss)
+    assert runs[1] == pytest.approx(runs[0])
+    for a, b in zip(plain.parameters(), student.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_output_without_logits_is_refused_with_its_type() -> None:
+    teacher, student = _pair()
+    with pytest.raises(ConvifyError, match="returned str, which holds no tensor of class logits"):
+        convify.distill(_Wrapped(teacher, "none"), _Wrapped(student, "none"), TensorDataset(_images(8, 1)),
+                        epochs=1, batch_size=8, device="cpu", progress=False)
+
+
 def test_labels_give_validation_accuracy_apart_from_agreement() -> None:
     teacher, student = _pair(1)
     x = _images(128, 3)
