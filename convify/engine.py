@@ -85,18 +85,19 @@ def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
     then records those options.
     """
     options = rewrite.options
-    batches = None
+    batches: Sequence[Any] | None = None
     synthetic = isinstance(calibration, str) and options.wants_calibration()
     if synthetic:
-        batches = ()  # made from the teacher once the rewrite knows the input's shape
+        batches = None  # made from the teacher once the rewrite knows the input's shape (below)
     elif calibration is not None and options.wants_calibration():
         batches = calibration_batches(calibration, rewrite.name)
     elif options.needs_calibration():
         field, value = options.calibration_option()
         raise UsageError(f"{rewrite.name}: {field}={value!r} needs calibration=, an iterable of input batches "
                          "(a list of tensors or a DataLoader) to fit the new weights on")
+    calibrates = synthetic or batches is not None
     if teacher is SAME:
-        teacher, why = (model, "") if not inplace or batches is None else _copy_for_teacher(model)
+        teacher, why = (model, "") if not inplace or not calibrates else _copy_for_teacher(model)
     else:
         why = "" if teacher is not None else "no teacher model was given"
     if example_input is None and batches:
@@ -108,7 +109,7 @@ def run_pass(model: nn.Module, rewrite: Rewrite, example_input: Any = None, *,
 
         source = teacher if teacher is not None else model
         batches = synthetic_calibration(source, calibration, done.input_shape, rewrite.name)
-    if batches is not None:
+    if calibrates:
         done = rewrite.calibrate(teacher, result.model, done, batches)
         if why:
             done = dataclasses.replace(done, notes=done.notes + (f"calibration without the original model: {why}",))
