@@ -593,6 +593,22 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A command's parser that takes options anywhere between its positionals: ``convify scan MODEL --tile 64
+    IMAGE`` (plain argparse gives IMAGE to the optional MODEL when an option sits between them)."""
+
+    _inner = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inner:  # parse_known_intermixed_args itself calls parse_known_args (Python < 3.12)
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def build_parser(commands: Sequence[Command] = COMMANDS, argv: Sequence[str] | None = None
                  ) -> argparse.ArgumentParser:
     """The argument parser: one subparser per row of ``commands``. Only the
@@ -608,7 +624,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS, argv: Sequence[str] | N
     )
     parser.add_argument("--version", action="version", version=f"convify {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_IntermixedParser)
     for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

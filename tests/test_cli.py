@@ -417,13 +417,27 @@ def test_scan_reads_a_dense_checkpoint_as_it_is(tmp_path):
 
     pixels = _png(tmp_path / "image.png", 40, 52)
     assert run("rewrite", *TINY, "--dense", "-o", "dense.pt", cwd=tmp_path).returncode == 0
-    proc = run("scan", "dense.pt", "image.png", "--trust-code", "-o", "scores.npy", cwd=tmp_path)
+    proc = run("scan", "dense.pt", "--trust-code", "image.png", "-o", "scores.npy", cwd=tmp_path)  # option between
     assert proc.returncode == 0, proc.stderr
     assert "converted its head" not in proc.stderr
     model = convify.load(tmp_path / "dense.pt", trust_code=True)
     with torch.no_grad():
         want = model(pixels[None].float() / 255)
     assert rel_err(torch.from_numpy(np.load(tmp_path / "scores.npy")), want) <= 1e-5
+
+
+@pytest.mark.parametrize("argv", [
+    ["scan", "m.pt", "--tile", "64", "big.png", "-o", "s.npy"],
+    ["scan", "--tile", "64", "m.pt", "big.png", "-o", "s.npy"],
+    ["scan", "-o", "s.npy", "m.pt", "big.png", "--tile", "64"],
+])
+def test_options_may_sit_anywhere_between_positionals(argv):
+    from convify.cli import build_parser
+
+    args = build_parser(argv=argv).parse_args(argv)
+    assert (args.model, args.image, args.tile, args.output) == ("m.pt", "big.png", 64, "s.npy")
+    args = build_parser(argv=argv).parse_args(["scan", "--arch", "timm:vgg11", "--tile", "64", "big.png", "-o", "s"])
+    assert (args.model, args.image, args.arch) == (None, "big.png", "timm:vgg11")
 
 
 @pytest.mark.parametrize("case, args, match, code", [
