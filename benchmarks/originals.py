@@ -105,15 +105,16 @@ def train(arch: str, seed: int, train_x: torch.Tensor, train_y: torch.Tensor, te
     return out
 
 
-def cached(arch: str, seed: int, data, *, cache: Path | None = CACHE, log=print) -> Trained:
-    """The trained original of ``arch`` and ``seed``, from the cache or trained now (and cached)."""
-    path = cache / f"{arch}-w{WIDTH}-e{EPOCHS}-b{BATCH}-lr{LR:g}-s{seed}.pt" if cache is not None else None
+def cached(arch: str, seed: int, data, *, epochs: int = EPOCHS, cache: Path | None = CACHE, log=print) -> Trained:
+    """The trained original of ``arch`` and ``seed``, from the cache or trained now (and cached); ``epochs``: the
+    length of the schedule (the recipe's by default)."""
+    path = cache / f"{arch}-w{WIDTH}-e{epochs}-b{BATCH}-lr{LR:g}-s{seed}.pt" if cache is not None else None
     if path is not None and path.exists():
         saved = torch.load(path, weights_only=True)
         model = build(arch)
         model.load_state_dict(saved["state"])
         return Trained(arch, seed, model.eval(), saved["epochs"], saved["test_accuracy"], saved["seconds"])
-    out = train(arch, seed, *data, log=log)
+    out = train(arch, seed, *data, epochs=epochs, log=log)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state": out.model.state_dict(), "epochs": out.epochs, "test_accuracy": out.test_accuracy,
