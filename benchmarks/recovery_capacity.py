@@ -10,7 +10,7 @@ with the originals and the recipe of ``benchmarks/originals.py``:
   init="kaiming")`` of a fresh original: All-CNN-C for Model C) trained with
   exactly the original's recipe and budget (cached like the originals);
 * **a longer schedule** (the stopping check): the original itself trained
-  with the same recipe over twice the epochs (first seed only by default);
+  with the same recipe over twice the epochs (last seed only by default);
   if that does not beat the original, the original had converged and the
   gap is the rewrite's;
 * **more distillation**: the converged original rewritten with
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--distill-epochs", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--longer-seeds", type=int, default=1,
-                        help=f"seeds whose original is also trained over {2 * EPOCHS} epochs (default: 1)")
+                        help=f"the last seeds whose original is also trained over {2 * EPOCHS} epochs (default: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
@@ -143,14 +143,20 @@ def main() -> None:
     except DataError as e:
         sys.exit(str(e))
     log = lambda s: print(s, flush=True)  # noqa: E731
-    runs = [run_seed(arch, seed, data, args.distill_epochs, seed < args.longer_seeds, log)
-            for arch in args.arch for seed in range(args.seeds)]
-    text = render(args, runs, time.perf_counter() - started)
-    print(text)
-    if args.write:
-        from results import write_section  # noqa: PLC0415
+    runs: list[SeedRun] = []
+    planned = len(args.arch) * args.seeds
+    for arch in args.arch:
+        for seed in range(args.seeds):
+            longer = seed >= args.seeds - args.longer_seeds
+            runs.append(run_seed(arch, seed, data, args.distill_epochs, longer, log))
+            text = render(args, runs, time.perf_counter() - started)
+            if len(runs) < planned:
+                text += f"\n_Partial: {len(runs)} of {planned} runs measured; the run went on (or was stopped)._\n"
+            if args.write:  # after every run: a stopped run leaves what it measured
+                from results import write_section  # noqa: PLC0415
 
-        write_section("recovery-capacity", text)
+                write_section("recovery-capacity", text)
+    print(text)
 
 
 if __name__ == "__main__":
