@@ -90,8 +90,10 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
     lines = [
         "# Recovery: how close the rewritten architecture gets at all (control)",
         "",
-        f"`python benchmarks/recovery_capacity.py --seeds {args.seeds}` on {platform.machine()} CPU, torch "
-        f"{torch.__version__}, {args.threads} threads; {total / 60:.0f} minutes. The originals of the recovery "
+        f"`python benchmarks/recovery_capacity.py --seeds {args.seeds} --arch {' '.join(args.arch)} "
+        f"--distill-epochs {' '.join(map(str, args.distill_epochs))} --threads {args.threads}` on "
+        f"{platform.machine()} CPU, torch {torch.__version__}; {total / 60:.0f} minutes (wall, under the load of "
+        "other work on the 2 cores). The originals of the recovery "
         f"benchmark (width {WIDTH}, Adam lr {LR:g}, cosine to zero over {EPOCHS} epochs, batch {BATCH}, all 60,000 "
         "training images). *From scratch*: the rewritten architecture (each max pooling a strided convolution, "
         "`replace_maxpool(mode=\"conv\", init=\"kaiming\")`; for Model C that is All-CNN-C) trained with the same "
