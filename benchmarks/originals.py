@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convify.errors import DataError
 from convify.zoo import fashion_mnist, model_c, resnet_mini
 
 MEAN, STD = 0.2860, 0.3530
@@ -44,6 +46,15 @@ def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fashion-MNIST's split, standardized with the training set's mean and std."""
     x, y = fashion_mnist(split)
     return x.sub_(MEAN).div_(STD), y
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's training and test images and labels, standardized; exits with the reason (the Debian
+    package to install) when the data is missing."""
+    try:
+        return (*load_split("train"), *load_split("test"))
+    except DataError as e:
+        sys.exit(str(e))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
@@ -129,7 +140,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = (*load_split("train"), *load_split("test"))
+    data = load_data()
     for seed in range(args.seeds):
         for arch in args.arch:
             t = cached(arch, seed, data, log=lambda s: print(s, flush=True))

@@ -41,10 +41,9 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import convify
-from convify.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from originals import ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_split, predict  # noqa: E402
+from originals import ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
 
 CALIBRATION = 1024
 CAL_BATCH = 64
@@ -150,10 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
-        data = (*load_split("train"), *load_split("test"))
-    except DataError as e:
-        sys.exit(str(e))
+    data = load_data()
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep, log=log)
                for seed in range(args.seeds) for arch in args.arch]

@@ -37,10 +37,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import convify
-from convify.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_split, predict  # noqa: E402
+from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
 from recovery import CALIBRATION, calibration  # noqa: E402
 
 
@@ -140,10 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
-        data = (*load_split("train"), *load_split("test"))
-    except DataError as e:
-        sys.exit(str(e))
+    data = load_data()
     log = lambda s: print(s, flush=True)  # noqa: E731
     runs: list[SeedRun] = []
     planned = len(args.arch) * args.seeds
