@@ -141,14 +141,16 @@ class Enough(Exception):
     """Raised inside a forward once everything needed from it is recorded."""
 
 
-def run_batch(model: nn.Module, batch: Any) -> None:
+def run_batch(model: nn.Module, batch: Any, who: str = "init='fit'") -> None:
+    """Run ``model`` on a calibration batch (a hook may stop it early with :class:`Enough`); ``who`` names the
+    caller in the error of a batch that does not run."""
     x = to_model(model, batch_input(batch))
     try:
         model(x)
     except Enough:
         return
     except Exception as e:
-        raise ExampleInputError(f"init='fit': a calibration batch of shape {tuple(x.shape)} does not run "
+        raise ExampleInputError(f"{who}: a calibration batch of shape {tuple(x.shape)} does not run "
                                 f"through the model: {one_line(e)}") from e
 
 
@@ -243,8 +245,9 @@ def conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
     return conv
 
 
-def in_forward_order(model: nn.Module, sites: list[PoolSite], batches: Sequence[Any]) -> list[PoolSite]:
-    """Sites sorted by when the forward first calls them (one batch, no grad)."""
+def in_forward_order(model: nn.Module, sites: list[PoolSite], batches: Sequence[Any],
+                     who: str = "init='fit'") -> list[PoolSite]:
+    """Sites sorted by when the forward first calls them (one batch, no grad); ``who`` as in :func:`run_batch`."""
     if len(sites) < 2:
         return sites
     order: dict[int, int] = {}
@@ -257,7 +260,7 @@ def in_forward_order(model: nn.Module, sites: list[PoolSite], batches: Sequence[
     handles = [s.conv.register_forward_pre_hook(first_call(i)) for i, s in enumerate(sites)]
     try:
         with torch.no_grad(), G.eval_mode(model):
-            run_batch(model, next(iter(batches)))
+            run_batch(model, next(iter(batches)), who)
     finally:
         for h in handles:
             h.remove()

@@ -117,7 +117,7 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
         raise UsageError("reconstruct: no max pooling of this model became a convolution (a fold adds no "
                          "weights to train); nothing to reconstruct")
     batches = _batches(original, done, calibration)
-    sites = in_forward_order(rewritten, sites, batches)
+    sites = in_forward_order(rewritten, sites, batches, "reconstruct")
     blocks = _blocks(original, rewritten, sites, batches[0])
     results: dict[str, Reconstruction] = {}
     flags = {p: p.requires_grad for p in rewritten.parameters()}
@@ -205,7 +205,7 @@ def _last_map(original: nn.Module, model: nn.Module, site: PoolSite, batch: Any)
         for p, _ in flags:
             p.requires_grad_(p is site.conv.weight)
         with torch.enable_grad(), G.eval_mode(model):
-            run_batch(model, batch)
+            run_batch(model, batch, "reconstruct")
     finally:
         for h in handles:
             h.remove()
@@ -283,7 +283,7 @@ def _module_output(original: nn.Module, block: _Block, batch: Any) -> torch.Tens
 
     handle = original.get_submodule(block.module).register_forward_hook(hook)
     try:
-        run_batch(original, batch)
+        run_batch(original, batch, "reconstruct")
     finally:
         handle.remove()
     if len(seen) <= block.module_call:
@@ -364,7 +364,7 @@ def _bn_input(model: nn.Module, bn: nn.Module, batch: Any) -> torch.Tensor | Non
     handle = bn.register_forward_pre_hook(hook)
     try:
         with torch.no_grad(), G.eval_mode(model):
-            run_batch(model, batch)
+            run_batch(model, batch, "reconstruct")
     finally:
         handle.remove()
     if not seen:

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import convify
-from convify.errors import UsageError
+from convify.errors import ExampleInputError, UsageError
 from convify.report import Reconstruction
 from conftest import reinit
 
@@ -168,6 +168,9 @@ def test_reconstruct_refuses_what_it_cannot_do() -> None:
         convify.reconstruct(model, rewritten, "real")
     with pytest.raises(UsageError, match="yielded no batches"):
         convify.reconstruct(model, rewritten, [])
+    with pytest.raises(ExampleInputError, match=r"^reconstruct: a calibration batch of shape \(2, 1, 15, 15\) "
+                       "does not run through the model"):
+        convify.reconstruct(model, rewritten, [torch.randn(2, 1, 15, 15)])
 
 
 def test_reconstruct_reads_input_label_pairs_like_bare_batches() -> None:
