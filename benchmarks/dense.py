@@ -210,7 +210,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     intro = (f"## Dense evaluation ({IMAGE}x{IMAGE} image, {NATIVE}x{NATIVE} crops at the map's stride, "
              f"all crops in one batch)\n\n"
-             f"`python benchmarks/dense.py` on {cpu}, {args.threads} thread{'s' if args.threads != 1 else ''}, torch {torch.__version__}; "
+             f"`python benchmarks/dense.py` on {cpu}, {args.threads} thread{'s' if args.threads != 1 else ''}, "
+             f"torch {torch.__version__}; "
              f"best of {', '.join(f'{n}: {r}' for n, r in repeats.items())} interleaved runs (4x as many at "
              f"the native size); load average {load_before:.1f} before, {load_after:.1f} after (other "
              f"processes share the cores); {time.perf_counter() - start:.0f} s. *plain*: the dense model as "

@@ -198,7 +198,8 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
         "the shuffling); cached in `~/.cache/convify/recovery/`. Calibration: "
         f"{CALIBRATION} training images drawn per seed, batches of {CAL_BATCH}, labels unused. "
         "`reconstruct` and `synthetic` run with convify's defaults (500 Adam steps per site at lr 1e-3; 256 "
-        "synthetic images, 300 Adam steps on each batch of 128). Distillation: `convify.distill` defaults (T=4, alpha=0.9, Adam 1e-3, cosine), "
+        "synthetic images, 300 Adam steps on each batch of 128). Distillation: `convify.distill` defaults (T=4, "
+        "alpha=0.9, Adam 1e-3, cosine), "
         f"1 epoch of the 60,000 labelled images, batch {BATCH}. Test accuracy and top-1 agreement with the "
         "original on the 10,000 test images; mean over the seeds and the worst seed.",
         "",
@@ -236,7 +237,8 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
             "",
             "Targets:",
             f"- reconstruct, {CALIBRATION} unlabeled images: agreement >= 98%: "
-            f"{_verdict(min(m.agreement for m in rec) >= 0.98)} (mean {100 * statistics.mean(m.agreement for m in rec):.2f}%, "
+            f"{_verdict(min(m.agreement for m in rec) >= 0.98)} "
+            f"(mean {100 * statistics.mean(m.agreement for m in rec):.2f}%, "
             f"worst {100 * min(m.agreement for m in rec):.2f}%); accuracy >= original - 0.5: "
             f"{_verdict(min(rec_drop) >= -0.5)} (worst {min(rec_drop):+.2f}); <= 2 minutes: "
             f"{_verdict(max(m.seconds for m in rec) <= 120)} (slowest {max(m.seconds for m in rec):.0f} s, fit "

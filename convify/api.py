@@ -132,9 +132,10 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     if unknown:
         raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {all_keywords()}")
     planned = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
-    if calibration is not None and not isinstance(calibration, str) and iter(calibration) is calibration:
+    batches_given = calibration is not None and not isinstance(calibration, str)  # not the word "synthetic"
+    if batches_given and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: every pass reads it
-    if example_input is None and calibration is not None and not isinstance(calibration, str) and any(o.wants_calibration() for _, o in planned):
+    if example_input is None and batches_given and any(o.wants_calibration() for _, o in planned):
         example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
     return apply_steps(model, [Step(cls(opts), example, only, skip) for cls, opts in planned], calibration)

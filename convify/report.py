@@ -209,8 +209,8 @@ def _jsonable(value: Any) -> Any:
         return _jsonable(value.value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return data if isinstance(value, (Replaced, Skipped, Untraced, Fit, Reconstruction)) else {"type": type(value).__name__,
-                                                                                    **data}
+        untagged = (Replaced, Skipped, Untraced, Fit, Reconstruction)  # their place in the report says what they are
+        return data if isinstance(value, untagged) else {"type": type(value).__name__, **data}
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
