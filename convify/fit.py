@@ -99,7 +99,7 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
     calls: dict[str, list[int]] | None = None
     why = "no original model to take the targets from" if teacher is None else ""
     if target == "original" and teacher is not None and sites:
-        calls, why = match_calls(teacher, model, sites, batches[0])
+        calls, why = _match_calls(teacher, model, sites, batches[0])
     if target == "original" and sites and calls is None:
         notes.append(f"init='fit': fitted toward max pooling of the rewritten model's own activations, not the "
                      f"original model's pooling outputs: {why}")
@@ -114,7 +114,7 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
 def pool_sites(model: nn.Module, done: Pass) -> list[PoolSite]:
     """The sites of a maxpool pass whose pooling became a convolution (a fold adds no weights), read from
     the rows' typed records."""
-    return [PoolSite(row, row.detail.params, conv_at(model, row)) for row in done.replaced
+    return [PoolSite(row, row.detail.params, _conv_at(model, row)) for row in done.replaced
             if isinstance(row.detail, PoolRecord) and row.detail.is_conv]
 
 
@@ -157,7 +157,7 @@ def run_batch(model: nn.Module, batch: Any, who: str = "init='fit'") -> None:
 # --------------------------------------------------------------------------- the original's activations
 
 
-class PoolCalls(TorchFunctionMode):
+class _PoolCalls(TorchFunctionMode):
     """Records the output shape of every max pooling call, in call order, and
     keeps the outputs of the calls in ``keep`` (stops the forward once it has them)."""
 
@@ -181,15 +181,15 @@ class PoolCalls(TorchFunctionMode):
         return out
 
 
-def match_calls(teacher: nn.Module, model: nn.Module, sites: list[PoolSite],
-                 batch: Any) -> tuple[dict[str, list[int]] | None, str]:
+def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[PoolSite],
+                  batch: Any) -> tuple[dict[str, list[int]] | None, str]:
     """For each site, the indices of the original's max pooling calls that its
     convolution's calls replace, by call order on one batch; ``(None, why)``
     when the two models' calls do not line up."""
-    original = PoolCalls()
+    original = _PoolCalls()
     with torch.no_grad(), G.eval_mode(teacher), original:
         run_batch(teacher, batch)
-    rewritten = PoolCalls()
+    rewritten = _PoolCalls()
 
     def record(name: str):  # noqa: ANN202
         def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
@@ -219,7 +219,7 @@ def match_calls(teacher: nn.Module, model: nn.Module, sites: list[PoolSite],
 
 def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: str) -> list[torch.Tensor]:
     """The original's max pooling outputs at call ``indices`` on ``batch``."""
-    mode = PoolCalls(indices)
+    mode = _PoolCalls(indices)
     with torch.no_grad(), G.eval_mode(teacher), mode:
         run_batch(teacher, batch)
     if len(mode.kept) != len(indices):
@@ -233,7 +233,7 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
 # --------------------------------------------------------------------------- sites
 
 
-def conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
+def _conv_at(model: nn.Module, row: Replaced) -> nn.modules.conv._ConvNd:
     try:
         conv = model.get_submodule(row.module)
     except AttributeError as e:
