@@ -218,17 +218,22 @@ def _last_map(original: nn.Module, model: nn.Module, site: PoolSite, batch: Any)
 
 
 class _Forward:
-    """Runs ``model`` on a batch with the block's start detached from upstream
-    and stops at its end; returns the activation there."""
+    """Runs ``model`` on a batch and stops at the block's end; returns the activation there.
 
-    def __init__(self, model: nn.Module, block: _Block) -> None:
-        self.model, self.block = model, block
+    On the rewritten model the block's start is detached from upstream (only
+    the block trains); on the original (``original=True``, which has no site
+    convolution) the run only stops at the end."""
+
+    def __init__(self, model: nn.Module, block: _Block, *, original: bool = False) -> None:
+        self.model, self.block, self.original = model, block, original
         self.out: torch.Tensor | None = None
         self.calls = 0
 
     def __enter__(self) -> "_Forward":
-        start = self.block.site.conv
-        self.handles = [start.register_forward_pre_hook(lambda _m, args: (args[0].detach(), *args[1:]))]
+        self.handles = []
+        if not self.original:
+            start = self.block.site.conv
+            self.handles.append(start.register_forward_pre_hook(lambda _m, args: (args[0].detach(), *args[1:])))
         if self.block.module is not None:
             self.handles.append(self.model.get_submodule(self.block.module).register_forward_hook(self._module_output))
         return self
@@ -251,6 +256,11 @@ class _Forward:
         except Enough:
             y = self.out
         if self.block.module is not None and self.out is None:
+            if self.original:
+                raise RewriteError(f"reconstruct at {self.block.site.row.name!r}: the original ran "
+                                   f"{self.block.module!r} {self.calls} times on a calibration batch, where the "
+                                   f"first batch reached call {self.block.module_call + 1}; pass batches that "
+                                   "run the whole model")
             raise RewriteError(f"reconstruct: a calibration batch never reached {self.block.toward} after "
                                f"{self.block.site.row.name!r}; pass batches that run the whole model")
         return _tensor(y)
@@ -267,30 +277,8 @@ def _tensor(output: Any) -> torch.Tensor:
 
 def _targets(original: nn.Module, block: _Block, batches: Sequence[Any]) -> list[torch.Tensor]:
     """The original's activation at the block's end, per batch."""
-    with torch.no_grad(), G.eval_mode(original):
-        return [_module_output(original, block, batch) if block.module is not None
-                else _tensor(original(to_model(original, batch_input(batch)))).detach() for batch in batches]
-
-
-def _module_output(original: nn.Module, block: _Block, batch: Any) -> torch.Tensor:
-    """The original's output of call ``block.module_call`` of ``block.module`` on ``batch``."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        seen.append(out.detach().clone())
-        if len(seen) > block.module_call:
-            raise Enough
-
-    handle = original.get_submodule(block.module).register_forward_hook(hook)
-    try:
-        run_batch(original, batch, "reconstruct")
-    finally:
-        handle.remove()
-    if len(seen) <= block.module_call:
-        raise RewriteError(f"reconstruct at {block.site.row.name!r}: the original ran {block.module!r} "
-                           f"{len(seen)} times on a calibration batch, where the first batch reached call "
-                           f"{block.module_call + 1}")
-    return seen[block.module_call]
+    with torch.no_grad(), G.eval_mode(original), _Forward(original, block, original=True) as forward:
+        return [forward(batch).detach().clone() for batch in batches]
 
 
 def _errors(model: nn.Module, block: _Block, batches: Sequence[Any], targets: list[torch.Tensor]) -> float:

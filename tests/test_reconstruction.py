@@ -184,3 +184,29 @@ def test_reconstruct_reads_input_label_pairs_like_bare_batches() -> None:
     x = batches[0]
     with torch.no_grad():
         torch.testing.assert_close(paired(x), bare(x))
+
+
+class Branchy(nn.Module):
+    """The class map comes from one of two heads, chosen by the input's sign (not traceable at the top)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.a = nn.Conv2d(8, 5, 1)
+        self.b = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        return (self.a(f) if float(x.mean()) > 0 else self.b(f)).mean((2, 3))
+
+
+def test_a_batch_that_never_reaches_the_blocks_end_is_named() -> None:
+    model = reinit(Branchy(), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    positive, negative = torch.rand(8, 3, 12, 12, generator=g) + 0.1, -torch.rand(8, 3, 12, 12, generator=g) - 0.1
+    rewritten = convify.replace_maxpool(model, positive[:1], init="fit", calibration=[positive, negative])
+    with pytest.raises(convify.errors.RewriteError, match=r"^reconstruct at '.*': the original ran 'a' 0 times on a "
+                       r"calibration batch, where the first batch reached call 1; pass batches that run"):
+        convify.reconstruct(model, rewritten, [positive, negative], steps=2, progress=False)
+    convify.reconstruct(model, rewritten, [positive, positive], steps=2, progress=False)  # one branch: runs
