@@ -16,12 +16,21 @@ with the originals and the recipe of ``benchmarks/originals.py``:
 * **more distillation**: the converged original rewritten with
   ``init="fit"`` on 1,024 unlabeled images, ``convify.reconstruct`` on them,
   then ``convify.distill`` for 1, 2 and 3 epochs (each a run of its own, its
-  cosine schedule spanning its epochs).
+  cosine schedule spanning its epochs);
+* **how faithful a copy can get** (top-1 agreement with the original on the
+  test images): originals of different seeds against each other (two
+  trainings of the same recipe), the rewritten architecture from scratch
+  against its seed's original, and a *fidelity ceiling* on the first seed:
+  the reconstructed model distilled for ``--ceiling-epochs`` epochs on all
+  60,000 training images without labels (pure imitation, convify's KL loss),
+  its test agreement after every epoch. The recovery targets ask 98%
+  agreement from 1,024 images in 2 minutes; the ceiling says what 60,000
+  images and many epochs give.
 
 ``--write`` replaces this benchmark's section of ``benchmarks/RESULTS.md``.
 
     python benchmarks/recovery_capacity.py --write
-    python benchmarks/recovery_capacity.py --arch model_c --seeds 1 --distill-epochs 1   # a quicker look
+    python benchmarks/recovery_capacity.py --arch model_c --seeds 1 --distill-epochs 1 --ceiling-epochs 0   # quicker
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ from torch.utils.data import TensorDataset
 import convify
 
 sys.path.insert(0, str(Path(__file__).parent))
-from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
+from originals import ALLCONV, ARCHS, BATCH, LR, WIDTH, cached, epochs_of, load_data, predict  # noqa: E402
 from recovery import CALIBRATION, calibration  # noqa: E402
 
 
@@ -50,22 +59,33 @@ class SeedRun:
     original: float
     scratch: float  # the rewritten architecture trained from scratch: final test accuracy
     scratch_plateau: float
+    scratch_agreement: float  # the rewritten architecture from scratch against this seed's original
+    predictions: torch.Tensor  # the original's top-1 class on each test image
     longer: float | None = None  # the original's recipe over twice the epochs: final test accuracy
     distilled: dict[int, float] = field(default_factory=dict)  # epochs of distillation -> test accuracy
+    distilled_agreement: dict[int, float] = field(default_factory=dict)  # epochs of distillation -> agreement
+    ceiling: list[tuple[float, float]] = field(default_factory=list)  # per epoch: (agreement, accuracy)
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x) == y).float().mean())
 
 
-def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longer: bool, log) -> SeedRun:
+def agreement(model: torch.nn.Module, reference: torch.Tensor, x: torch.Tensor) -> float:
+    return float((predict(model, x) == reference).float().mean())
+
+
+def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longer: bool, ceiling_epochs: int,
+             log) -> SeedRun:
     train_x, train_y, test_x, test_y = data
     original = cached(arch, seed, data, log=log).model.eval()
     scratch = cached(arch + ALLCONV, seed, data, log=log)
-    run = SeedRun(arch, seed, accuracy(original, test_x, test_y), scratch.test_accuracy[-1], scratch.plateau)
+    reference = predict(original, test_x)
+    run = SeedRun(arch, seed, float((reference == test_y).float().mean()), scratch.test_accuracy[-1],
+                  scratch.plateau, agreement(scratch.model, reference, test_x), reference)
     if longer:
-        run.longer = cached(arch, seed, data, epochs=2 * EPOCHS, log=log).test_accuracy[-1]
-        log(f"{arch} seed {seed}: the original's recipe over {2 * EPOCHS} epochs {100 * run.longer:.2f}%")
+        run.longer = cached(arch, seed, data, epochs=2 * epochs_of(arch), log=log).test_accuracy[-1]
+        log(f"{arch} seed {seed}: the original's recipe over {2 * epochs_of(arch)} epochs {100 * run.longer:.2f}%")
     log(f"{arch} seed {seed}: original {100 * run.original:.2f}%, rewritten architecture from scratch "
         f"{100 * run.scratch:.2f}% (last 3 epochs gained {run.scratch_plateau:+.2f})")
     cal = calibration(train_x, CALIBRATION, seed)
@@ -80,8 +100,18 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
         convify.distill(original, reconstructed, TensorDataset(train_x, train_y), epochs=epochs, batch_size=BATCH,
                         device="cpu", progress=False)
         run.distilled[epochs] = accuracy(reconstructed.eval(), test_x, test_y)
+        run.distilled_agreement[epochs] = agreement(reconstructed, reference, test_x)
         log(f"{arch} seed {seed}: reconstruct + {epochs} epoch(s) of distill {100 * run.distilled[epochs]:.2f}% "
-            f"({time.perf_counter() - t0:.0f} s)")
+            f"(agreement {100 * run.distilled_agreement[epochs]:.2f}%, {time.perf_counter() - t0:.0f} s)")
+    if ceiling_epochs:
+        reconstructed.load_state_dict(start)
+        torch.manual_seed(seed)
+        history = convify.distill(original, reconstructed, TensorDataset(train_x), epochs=ceiling_epochs,
+                                  batch_size=BATCH, device="cpu", progress=False,
+                                  val_data=TensorDataset(test_x, test_y))
+        run.ceiling = list(zip(history.val_agreement, history.val_accuracy))
+        log(f"{arch} seed {seed}: fidelity ceiling, agreement per epoch "
+            + ", ".join(f"{100 * a:.2f}%" for a, _ in run.ceiling))
     return run
 
 
@@ -90,10 +120,12 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
         "# Recovery: how close the rewritten architecture gets at all (control)",
         "",
         f"`python benchmarks/recovery_capacity.py --seeds {args.seeds} --arch {' '.join(args.arch)} "
-        f"--distill-epochs {' '.join(map(str, args.distill_epochs))} --threads {args.threads}` on "
-        f"{platform.machine()} CPU, torch {torch.__version__}; {total / 60:.0f} minutes (wall, under the load of "
+        f"--distill-epochs {' '.join(map(str, args.distill_epochs))} --ceiling-epochs {args.ceiling_epochs} "
+        f"--threads {args.threads}` on "
+        f"{platform.machine()} CPU, torch {torch.__version__}; {total / 60:.0f} min (wall, under the load of "
         "other work on the 2 cores). The originals of the recovery "
-        f"benchmark (width {WIDTH}, Adam lr {LR:g}, cosine to zero over {EPOCHS} epochs, batch {BATCH}, all 60,000 "
+        f"benchmark (width {WIDTH}, Adam lr {LR:g}, cosine to zero over "
+        f"{', '.join(f'{epochs_of(a)} epochs ({a})' for a in args.arch)}, batch {BATCH}, all 60,000 "
         "training images). *From scratch*: the rewritten architecture (each max pooling a strided convolution, "
         "`replace_maxpool(mode=\"conv\", init=\"kaiming\")`; for Model C that is All-CNN-C) trained with the same "
         f"recipe and budget, cached beside the originals. *Reconstruct + distill*: `init=\"fit\"` and "
@@ -101,7 +133,7 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
         f"{BATCH}) for the given epochs, each its own run. Test accuracy on the 10,000 test images, minus the "
         "original's, mean over the seeds and worst seed.",
         "",
-        f"| architecture | original (mean) | original's recipe over {2 * EPOCHS} epochs: minus original (seeds) | "
+        "| architecture | original (mean) | original's recipe over twice the epochs: minus original (seeds) | "
         "rewritten, from scratch: minus original (mean / worst) | "
         + " | ".join(f"reconstruct + {e} epoch{'s' if e > 1 else ''} of distill (mean / worst)"
                      for e in args.distill_epochs) + " |",
@@ -122,9 +154,49 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
     lines += ["", "Per seed (test accuracy): " + "; ".join(
         f"{r.arch} seed {r.seed}: original {100 * r.original:.2f}%, from scratch {100 * r.scratch:.2f}% (last 3 "
         f"epochs {r.scratch_plateau:+.2f}), "
-        + (f"over {2 * EPOCHS} epochs {100 * r.longer:.2f}%, " if r.longer is not None else "")
+        + (f"over {2 * epochs_of(r.arch)} epochs {100 * r.longer:.2f}%, " if r.longer is not None else "")
         + ", ".join(f"{e} ep {100 * a:.2f}%" for e, a in r.distilled.items()) for r in runs) + "."]
+    lines += ["", *fidelity(args, runs)]
     return "\n".join(lines) + "\n"
+
+
+def fidelity(args: argparse.Namespace, runs: list[SeedRun]) -> list[str]:
+    """Top-1 agreement with the original on the test images: what a copy of it reaches by each route."""
+    ceiling = next((r.ceiling for r in runs if r.ceiling), None)
+    lines = [
+        "Fidelity: top-1 agreement with the original on the 10,000 test images (mean / worst). *Originals of "
+        "different seeds*: every pair of this benchmark's originals (the same recipe trained twice). *Fidelity "
+        f"ceiling* (first seed): the reconstructed model distilled on all 60,000 training images without labels "
+        f"(pure imitation) for {args.ceiling_epochs} epochs, one cosine schedule; its best epoch.",
+        "",
+        "| architecture | originals of different seeds | rewritten, from scratch | "
+        + " | ".join(f"reconstruct + {e} epoch{'s' if e > 1 else ''} of distill" for e in args.distill_epochs)
+        + (f" | fidelity ceiling ({args.ceiling_epochs} epochs, first seed)" if ceiling is not None else "") + " |",
+        "|---|---:|---:|" + "---:|" * (len(args.distill_epochs) + (ceiling is not None)),
+    ]
+
+    def cell(values: list[float]) -> str:
+        return f"{100 * statistics.mean(values):.2f}% / {100 * min(values):.2f}%" if values else "-"
+
+    for arch in dict.fromkeys(r.arch for r in runs):
+        rs = [r for r in runs if r.arch == arch]
+        pairs = [float((a.predictions == b.predictions).float().mean())
+                 for i, a in enumerate(rs) for b in rs[i + 1:]]
+        row = [arch, cell(pairs), cell([r.scratch_agreement for r in rs]),
+               *(cell([r.distilled_agreement[e] for r in rs]) for e in args.distill_epochs)]
+        if ceiling is not None:
+            own = next((r.ceiling for r in rs if r.ceiling), None)
+            if own:
+                best = max(range(len(own)), key=lambda i: own[i][0])
+                row.append(f"{100 * own[best][0]:.2f}% (epoch {best + 1}; accuracy {100 * own[best][1]:.2f}%)")
+            else:
+                row.append("-")
+        lines.append("| " + " | ".join(row) + " |")
+    for r in runs:
+        if r.ceiling:
+            lines += ["", f"Fidelity ceiling, {r.arch} seed {r.seed}, after each epoch (agreement / accuracy): "
+                      + ", ".join(f"{100 * a:.2f}% / {100 * c:.2f}%" for a, c in r.ceiling) + "."]
+    return lines
 
 
 def main() -> None:
@@ -133,7 +205,9 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--distill-epochs", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--longer-seeds", type=int, default=1,
-                        help=f"the last seeds whose original is also trained over {2 * EPOCHS} epochs (default: 1)")
+                        help="the last seeds whose original is also trained over twice the epochs (default: 1)")
+    parser.add_argument("--ceiling-epochs", type=int, default=8,
+                        help="epochs of the fidelity ceiling on the first seed (0: not measured; default: 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
@@ -146,7 +220,8 @@ def main() -> None:
     for arch in args.arch:
         for seed in range(args.seeds):
             longer = seed >= args.seeds - args.longer_seeds
-            runs.append(run_seed(arch, seed, data, args.distill_epochs, longer, log))
+            runs.append(run_seed(arch, seed, data, args.distill_epochs, longer,
+                                 args.ceiling_epochs if seed == 0 else 0, log))
             text = render(args, runs, time.perf_counter() - started)
             if len(runs) < planned:
                 text += f"\n_Partial: {len(runs)} of {planned} runs measured; the run went on (or was stopped)._\n"
