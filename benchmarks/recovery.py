@@ -43,7 +43,7 @@ from torch.utils.data import TensorDataset
 import convify
 
 sys.path.insert(0, str(Path(__file__).parent))
-from originals import ARCHS, BATCH, LR, WIDTH, cached, epochs_of, load_data, predict  # noqa: E402
+from originals import ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
 
 CALIBRATION = 1024
 CAL_BATCH = 64
@@ -203,8 +203,8 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
         f"{torch.__version__}, {args.threads} threads; {total / 60:.0f} minutes in all (wall times include the "
         "load of other work on the 2 cores, see the notes). Originals (`benchmarks/originals.py`): width "
         f"{WIDTH}, Adam lr {LR:g} with a cosine decay to zero over "
-        f"{', '.join(f'{epochs_of(a)} epochs ({a})' for a in args.arch)} (each until a schedule twice as long "
-        f"gains little: the stopping check below), batch {BATCH}, the full "
+        f"{EPOCHS} epochs (where the test accuracy stops improving: the stopping check below), batch {BATCH}, "
+        "the full "
         "60,000 training images, no augmentation, one original per seed (the seed sets the initial weights and "
         "the shuffling); cached in `~/.cache/convify/recovery/`. Calibration: "
         f"{CALIBRATION} training images drawn per seed, batches of {CAL_BATCH}, labels unused. "

@@ -48,7 +48,7 @@ from torch.utils.data import TensorDataset
 import convify
 
 sys.path.insert(0, str(Path(__file__).parent))
-from originals import ALLCONV, ARCHS, BATCH, LR, WIDTH, cached, epochs_of, load_data, predict  # noqa: E402
+from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
 from recovery import CALIBRATION, calibration  # noqa: E402
 
 
@@ -84,8 +84,8 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
     run = SeedRun(arch, seed, float((reference == test_y).float().mean()), scratch.test_accuracy[-1],
                   scratch.plateau, agreement(scratch.model, reference, test_x), reference)
     if longer:
-        run.longer = cached(arch, seed, data, epochs=2 * epochs_of(arch), log=log).test_accuracy[-1]
-        log(f"{arch} seed {seed}: the original's recipe over {2 * epochs_of(arch)} epochs {100 * run.longer:.2f}%")
+        run.longer = cached(arch, seed, data, epochs=2 * EPOCHS, log=log).test_accuracy[-1]
+        log(f"{arch} seed {seed}: the original's recipe over {2 * EPOCHS} epochs {100 * run.longer:.2f}%")
     log(f"{arch} seed {seed}: original {100 * run.original:.2f}%, rewritten architecture from scratch "
         f"{100 * run.scratch:.2f}% (last 3 epochs gained {run.scratch_plateau:+.2f})")
     cal = calibration(train_x, CALIBRATION, seed)
@@ -125,7 +125,7 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
         f"{platform.machine()} CPU, torch {torch.__version__}; {total / 60:.0f} min (wall, under the load of "
         "other work on the 2 cores). The originals of the recovery "
         f"benchmark (width {WIDTH}, Adam lr {LR:g}, cosine to zero over "
-        f"{', '.join(f'{epochs_of(a)} epochs ({a})' for a in args.arch)}, batch {BATCH}, all 60,000 "
+        f"{EPOCHS} epochs, batch {BATCH}, all 60,000 "
         "training images). *From scratch*: the rewritten architecture (each max pooling a strided convolution, "
         "`replace_maxpool(mode=\"conv\", init=\"kaiming\")`; for Model C that is All-CNN-C) trained with the same "
         f"recipe and budget, cached beside the originals. *Reconstruct + distill*: `init=\"fit\"` and "
@@ -154,7 +154,7 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
     lines += ["", "Per seed (test accuracy): " + "; ".join(
         f"{r.arch} seed {r.seed}: original {100 * r.original:.2f}%, from scratch {100 * r.scratch:.2f}% (last 3 "
         f"epochs {r.scratch_plateau:+.2f}), "
-        + (f"over {2 * epochs_of(r.arch)} epochs {100 * r.longer:.2f}%, " if r.longer is not None else "")
+        + (f"over {2 * EPOCHS} epochs {100 * r.longer:.2f}%, " if r.longer is not None else "")
         + ", ".join(f"{e} ep {100 * a:.2f}%" for e, a in r.distilled.items()) for r in runs) + "."]
     lines += ["", *fidelity(args, runs)]
     return "\n".join(lines) + "\n"
