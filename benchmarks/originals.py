@@ -1,11 +1,14 @@
 """Converged originals for benchmarks/recovery.py (imported by it; also runnable to fill the cache).
 
     python benchmarks/originals.py            # trains what the cache lacks, both architectures, seeds 0-2
+    python benchmarks/originals.py --stopping-check --write   # and each over twice the epochs: did it converge?
 """
 from __future__ import annotations
 
 import argparse
 import math
+import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +28,10 @@ ARCHS = ("model_c", "resnet_mini")
 ALLCONV = "-allconv"
 #: The recipe every original is trained with (and that the cache file names). 15 epochs is where the test
 #: accuracy stops improving: the same recipe over twice the epochs does not gain on the mean over the seeds (the
-#: stopping check, ``recovery.py --longer-seeds``, in RESULTS.md).
+#: stopping check, ``originals.py --stopping-check``, in RESULTS.md).
 EPOCHS, BATCH, LR, WIDTH = 15, 256, 2e-3, 16
+#: The stopping check's threshold: a schedule twice as long gains less than this (points, mean over the seeds).
+STOPPED = 0.1
 
 
 def build(arch: str, width: int = WIDTH) -> nn.Module:
@@ -135,19 +140,70 @@ def cached(arch: str, seed: int, data, *, epochs: int = EPOCHS, cache: Path | No
     return out
 
 
+def stopping_check(archs: list[str], seeds: int, data, log=print) -> str:
+    """Each original against the same recipe over twice the epochs (trained now unless cached): the markdown of
+    RESULTS.md's ``originals`` section."""
+    lines = [
+        "# The recovery benchmark's originals: where the test accuracy stops improving",
+        "",
+        f"`python benchmarks/originals.py --seeds {seeds} --arch {' '.join(archs)} --stopping-check --write` on "
+        f"{platform.machine()} CPU, torch {torch.__version__}. The recipe: width {WIDTH}, Adam lr {LR:g} with a "
+        f"cosine decay to zero over {EPOCHS} epochs (stepped every batch), batch {BATCH}, all 60,000 training "
+        "images, no augmentation; one original per seed (the seed sets the initial weights and the shuffling). "
+        f"The stopping check trains each seed again with the same recipe over {2 * EPOCHS} epochs: where that "
+        f"gains less than {STOPPED} point on the mean over the seeds (the recovery targets' finest step), the "
+        "originals had stopped improving. Final test accuracy on "
+        "the 10,000 test images; wall time of the training (under the load of other work on the 2 cores).",
+        "",
+        f"| architecture | seed | {EPOCHS} epochs (the original) | {2 * EPOCHS} epochs | gain (points) | "
+        f"best epoch of the {EPOCHS} | training (min, {EPOCHS} / {2 * EPOCHS}) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for arch in archs:
+        gains = []
+        for seed in range(seeds):
+            short, long = cached(arch, seed, data, log=log), cached(arch, seed, data, epochs=2 * EPOCHS, log=log)
+            gain = 100 * (long.test_accuracy[-1] - short.test_accuracy[-1])
+            gains.append(gain)
+            best = max(range(len(short.test_accuracy)), key=short.test_accuracy.__getitem__)
+            lines.append(f"| {arch} | {seed} | {100 * short.test_accuracy[-1]:.2f}% | "
+                         f"{100 * long.test_accuracy[-1]:.2f}% | {gain:+.2f} | {best + 1} "
+                         f"({100 * short.test_accuracy[best]:.2f}%) | {short.seconds / 60:.0f} / "
+                         f"{long.seconds / 60:.0f} |")
+        lines.append(f"| {arch} | mean | | | {statistics.mean(gains):+.2f} | | |")
+        verdicts.append(f"- {arch}: stopped improving at {EPOCHS} epochs: "
+                        f"{'**yes**' if statistics.mean(gains) < STOPPED else '**no**'} (mean gain "
+                        f"{statistics.mean(gains):+.2f}, seeds {', '.join(f'{g:+.2f}' for g in gains)}).")
+    return "\n".join([*lines, "", *verdicts]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stopping-check", action="store_true",
+                        help=f"also train each seed over {2 * EPOCHS} epochs and compare (the evidence that the "
+                             "originals stopped improving)")
+    parser.add_argument("--write", action="store_true",
+                        help="with --stopping-check: replace the originals section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data()
+    log = lambda s: print(s, flush=True)  # noqa: E731
     for seed in range(args.seeds):
         for arch in args.arch:
-            t = cached(arch, seed, data, log=lambda s: print(s, flush=True))
+            t = cached(arch, seed, data, log=log)
             print(f"{arch} seed {seed}: {100 * t.test_accuracy[-1]:.2f}% after {t.epochs} epochs, "
                   f"{t.seconds:.0f} s; last 3 epochs gained {t.plateau:+.2f} points", flush=True)
+    if args.stopping_check:
+        text = stopping_check(args.arch, args.seeds, data, log)
+        print(text)
+        if args.write:
+            from results import write_section  # noqa: PLC0415
+
+            write_section("originals", text)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ class SeedResult:
     epochs: int
     train_seconds: float
     plateau: float
-    longer: float | None = None  # the stopping check: the same recipe over twice the epochs, final test accuracy
     rows: dict[str, Measure] = field(default_factory=dict)
     sweep: dict[str, Measure] = field(default_factory=dict)
 
@@ -81,16 +80,13 @@ def measure(model: nn.Module, reference: torch.Tensor, test_x: torch.Tensor, tes
     return Measure(float((pred == test_y).float().mean()), float((pred == reference).float().mean()), seconds)
 
 
-def run_seed(arch: str, seed: int, data: tuple, sweep: bool, longer: bool, log) -> SeedResult:
+def run_seed(arch: str, seed: int, data: tuple, sweep: bool, log) -> SeedResult:
     train_x, train_y, test_x, test_y = data
     trained = cached(arch, seed, data, log=log)
     original = trained.model.eval()
     reference = predict(original, test_x)
     result = SeedResult(arch, seed, float((reference == test_y).float().mean()), trained.epochs, trained.seconds,
                         trained.plateau)
-    if longer:  # did the original stop improving? the same recipe over twice the epochs
-        result.longer = cached(arch, seed, data, epochs=2 * trained.epochs, log=log).test_accuracy[-1]
-        log(f"{arch} seed {seed}: the recipe over {2 * trained.epochs} epochs {100 * result.longer:.2f}%")
     example = train_x[:1]
 
     def row(name: str, model: nn.Module, seconds: float) -> None:
@@ -149,17 +145,13 @@ def main() -> None:
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=ARCHS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true", help="skip the calibration-size and steps sweep")
-    parser.add_argument("--longer-seeds", type=int, default=1,
-                        help="the stopping check: the last seeds whose original is also trained over twice the "
-                             "epochs (cached like the originals; default: 1)")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data = load_data()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep,
-                        longer=seed >= args.seeds - args.longer_seeds, log=log)
+    results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep, log=log)
                for seed in range(args.seeds) for arch in args.arch]
     text = render(args, results, time.perf_counter() - started)
     notes = handwritten_notes()
@@ -198,13 +190,10 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
     lines = [
         "# Recovery after the rewrite (Fashion-MNIST, converged originals)",
         "",
-        f"`python benchmarks/recovery.py --seeds {args.seeds} --longer-seeds {args.longer_seeds}` on "
-        f"{platform.machine()} CPU, torch "
+        f"`python benchmarks/recovery.py --seeds {args.seeds}` on {platform.machine()} CPU, torch "
         f"{torch.__version__}, {args.threads} threads; {total / 60:.0f} minutes in all (wall times include the "
         "load of other work on the 2 cores, see the notes). Originals (`benchmarks/originals.py`): width "
-        f"{WIDTH}, Adam lr {LR:g} with a cosine decay to zero over "
-        f"{EPOCHS} epochs (where the test accuracy stops improving: the stopping check below), batch {BATCH}, "
-        "the full "
+        f"{WIDTH}, Adam lr {LR:g} with a cosine decay to zero over {EPOCHS} epochs, batch {BATCH}, the full "
         "60,000 training images, no augmentation, one original per seed (the seed sets the initial weights and "
         "the shuffling); cached in `~/.cache/convify/recovery/`. Calibration: "
         f"{CALIBRATION} training images drawn per seed, batches of {CAL_BATCH}, labels unused. "
@@ -225,10 +214,6 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
                                       f"({r.train_seconds / 60:.0f} min; the last 3 epochs gained "
                                       f"{r.plateau:+.2f} points over the best before)" for r in rs) + ".",
             "",
-            *(["Stopping check (the same recipe over twice the epochs): " + "; ".join(
-                f"seed {r.seed} {100 * r.longer:.2f}% after {2 * r.epochs} epochs ({100 * (r.longer - r.original):+.2f} "
-                f"points)" for r in rs if r.longer is not None) + ".", ""] if any(r.longer is not None for r in rs)
-              else []),
             "| model | accuracy (mean) | worst seed | minus original (mean / worst) | agreement (mean) | "
             "worst agreement | wall time (s, mean) |",
             "|---|---:|---:|---:|---:|---:|---:|",
