@@ -60,7 +60,6 @@ class SeedRun:
     scratch: float  # the rewritten architecture trained from scratch: final test accuracy
     scratch_plateau: float
     scratch_agreement: float  # the rewritten architecture from scratch against this seed's original
-    predictions: torch.Tensor  # the original's top-1 class on each test image
     longer: float | None = None  # the original's recipe over twice the epochs: final test accuracy
     distilled: dict[int, float] = field(default_factory=dict)  # epochs of distillation -> test accuracy
     distilled_agreement: dict[int, float] = field(default_factory=dict)  # epochs of distillation -> agreement
@@ -82,7 +81,7 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
     scratch = cached(arch + ALLCONV, seed, data, log=log)
     reference = predict(original, test_x)
     run = SeedRun(arch, seed, float((reference == test_y).float().mean()), scratch.test_accuracy[-1],
-                  scratch.plateau, agreement(scratch.model, reference, test_x), reference)
+                  scratch.plateau, agreement(scratch.model, reference, test_x))
     if longer:
         run.longer = cached(arch, seed, data, epochs=2 * EPOCHS, log=log).test_accuracy[-1]
         log(f"{arch} seed {seed}: the original's recipe over {2 * EPOCHS} epochs {100 * run.longer:.2f}%")
@@ -115,7 +114,14 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
     return run
 
 
-def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
+def twin_agreements(arch: str, seeds: int, data: tuple, log) -> list[float]:
+    """Top-1 agreement on the test images of every pair of ``arch``'s originals (seeds 0 .. seeds-1)."""
+    test_x = data[2]
+    predictions = [predict(cached(arch, seed, data, log=log).model, test_x) for seed in range(seeds)]
+    return [float((a == b).float().mean()) for i, a in enumerate(predictions) for b in predictions[i + 1:]]
+
+
+def render(args: argparse.Namespace, runs: list[SeedRun], twins: dict[str, list[float]], total: float) -> str:
     lines = [
         "# Recovery: how close the rewritten architecture gets at all (control)",
         "",
@@ -156,11 +162,11 @@ def render(args: argparse.Namespace, runs: list[SeedRun], total: float) -> str:
         f"epochs {r.scratch_plateau:+.2f}), "
         + (f"over {2 * EPOCHS} epochs {100 * r.longer:.2f}%, " if r.longer is not None else "")
         + ", ".join(f"{e} ep {100 * a:.2f}%" for e, a in r.distilled.items()) for r in runs) + "."]
-    lines += ["", *fidelity(args, runs)]
+    lines += ["", *fidelity(args, runs, twins)]
     return "\n".join(lines) + "\n"
 
 
-def fidelity(args: argparse.Namespace, runs: list[SeedRun]) -> list[str]:
+def fidelity(args: argparse.Namespace, runs: list[SeedRun], twins: dict[str, list[float]]) -> list[str]:
     """Top-1 agreement with the original on the test images: what a copy of it reaches by each route."""
     ceiling = next((r.ceiling for r in runs if r.ceiling), None)
     lines = [
@@ -180,9 +186,7 @@ def fidelity(args: argparse.Namespace, runs: list[SeedRun]) -> list[str]:
 
     for arch in dict.fromkeys(r.arch for r in runs):
         rs = [r for r in runs if r.arch == arch]
-        pairs = [float((a.predictions == b.predictions).float().mean())
-                 for i, a in enumerate(rs) for b in rs[i + 1:]]
-        row = [arch, cell(pairs), cell([r.scratch_agreement for r in rs]),
+        row = [arch, cell(twins.get(arch, [])), cell([r.scratch_agreement for r in rs]),
                *(cell([r.distilled_agreement[e] for r in rs]) for e in args.distill_epochs)]
         if ceiling is not None:
             own = next((r.ceiling for r in rs if r.ceiling), None)
@@ -216,13 +220,14 @@ def main() -> None:
     data = load_data()
     log = lambda s: print(s, flush=True)  # noqa: E731
     runs: list[SeedRun] = []
+    twins = {arch: twin_agreements(arch, args.seeds, data, log) for arch in args.arch}
     planned = len(args.arch) * args.seeds
     for arch in args.arch:
         for seed in range(args.seeds):
             longer = seed >= args.seeds - args.longer_seeds
             runs.append(run_seed(arch, seed, data, args.distill_epochs, longer,
                                  args.ceiling_epochs if seed == 0 else 0, log))
-            text = render(args, runs, time.perf_counter() - started)
+            text = render(args, runs, twins, time.perf_counter() - started)
             if len(runs) < planned:
                 text += f"\n_Partial: {len(runs)} of {planned} runs measured; the run went on (or was stopped)._\n"
             if args.write:  # after every run: a stopped run leaves what it measured
