@@ -49,7 +49,7 @@ import convify
 
 sys.path.insert(0, str(Path(__file__).parent))
 from originals import ALLCONV, ARCHS, BATCH, EPOCHS, LR, WIDTH, cached, load_data, predict  # noqa: E402
-from recovery import CALIBRATION, calibration  # noqa: E402
+from recovery import CALIBRATION, calibration, measure  # noqa: E402
 
 
 @dataclass
@@ -66,14 +66,6 @@ class SeedRun:
     ceiling: list[tuple[float, float]] = field(default_factory=list)  # per epoch: (agreement, accuracy)
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((predict(model, x) == y).float().mean())
-
-
-def agreement(model: torch.nn.Module, reference: torch.Tensor, x: torch.Tensor) -> float:
-    return float((predict(model, x) == reference).float().mean())
-
-
 def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longer: bool, ceiling_epochs: int,
              log) -> SeedRun:
     train_x, train_y, test_x, test_y = data
@@ -81,7 +73,7 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
     scratch = cached(arch + ALLCONV, seed, data, log=log)
     reference = predict(original, test_x)
     run = SeedRun(arch, seed, float((reference == test_y).float().mean()), scratch.test_accuracy[-1],
-                  scratch.plateau, agreement(scratch.model, reference, test_x))
+                  scratch.plateau, measure(scratch.model, reference, test_x, test_y, 0.0).agreement)
     if longer:
         run.longer = cached(arch, seed, data, epochs=2 * EPOCHS, log=log).test_accuracy[-1]
         log(f"{arch} seed {seed}: the original's recipe over {2 * EPOCHS} epochs {100 * run.longer:.2f}%")
@@ -98,8 +90,8 @@ def run_seed(arch: str, seed: int, data: tuple, distill_epochs: list[int], longe
         t0 = time.perf_counter()
         convify.distill(original, reconstructed, TensorDataset(train_x, train_y), epochs=epochs, batch_size=BATCH,
                         device="cpu", progress=False)
-        run.distilled[epochs] = accuracy(reconstructed.eval(), test_x, test_y)
-        run.distilled_agreement[epochs] = agreement(reconstructed, reference, test_x)
+        m = measure(reconstructed.eval(), reference, test_x, test_y, 0.0)  # one pass: accuracy and agreement
+        run.distilled[epochs], run.distilled_agreement[epochs] = m.accuracy, m.agreement
         log(f"{arch} seed {seed}: reconstruct + {epochs} epoch(s) of distill {100 * run.distilled[epochs]:.2f}% "
             f"(agreement {100 * run.distilled_agreement[epochs]:.2f}%, {time.perf_counter() - t0:.0f} s)")
     if ceiling_epochs:
