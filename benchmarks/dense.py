@@ -48,7 +48,7 @@ import torch.nn.functional as F
 import torchvision
 
 import convify
-from convify.head_matmul import conv2d_as_matmul
+from convify.dense.matmul import conv2d_as_matmul
 from convify.zoo import count_macs
 
 NATIVE = 224

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import convify
-from convify.distillation import PRECISIONS
+from convify.recovery.distillation import PRECISIONS
 from convify.zoo import model_c
 
 BATCH, LR, TEMPERATURE, ALPHA, TARGET = 256, 1e-3, 4.0, 0.9, 0.90

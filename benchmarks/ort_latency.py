@@ -36,7 +36,7 @@ import torchvision
 
 import convify
 import convify.api
-from convify.onnx import export
+from convify.export.onnx import export
 from convify.zoo import count_macs
 
 # name -> (native size, builder kwargs). A modest list: it runs in a few

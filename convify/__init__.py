@@ -14,8 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import ConvifyError
-from .report import Report, report
+from convify import _moved
+from convify.core.report import Report, report
+from convify.errors import ConvifyError
+
+_moved.install()  # 0.2.0 pickles name modules that moved
 
 __version__ = "0.2.0"
 
@@ -25,17 +28,17 @@ _LAZY = {
     "replace_maxpool": "convify.api",
     "replace_linear_head": "convify.api",
     "convify": "convify.api",
-    "export_onnx": "convify.onnx",
-    "verify": "convify.verification",
-    "Verification": "convify.verification",
+    "export_onnx": "convify.export.onnx",
+    "verify": "convify.export.verify",
+    "Verification": "convify.export.verify",
     "load": "convify.io",
     "save": "convify.io",
-    "distill": "convify.distillation",
-    "History": "convify.distillation",
-    "matmul_heads": "convify.head_matmul",
+    "distill": "convify.recovery.distillation",
+    "History": "convify.recovery.distillation",
+    "matmul_heads": "convify.dense.matmul",
     "dense_map": "convify.dense",
-    "receptive_field": "convify.geometry",
-    "reconstruct": "convify.reconstruction",
+    "receptive_field": "convify.dense.geometry",
+    "reconstruct": "convify.recovery.reconstruction",
 }
 
 __all__ = [

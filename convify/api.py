@@ -1,21 +1,28 @@
 """The rewrite entry points behind ``convify.replace_maxpool`` and friends."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
-from .engine import copy_model, first_input, run_pass
-from .errors import UsageError
-from .inputs import as_args
-from .rewrites import get
-from .rewrites.base import Rewrite, RewriteOptions, all_keywords, in_order, options_from_keywords, unknown_keywords
+from convify.core import registry
+from convify.core.rewrites.head import HeadOptions
+from convify.core.rewrites.maxpool import MaxPoolOptions
+from convify.errors import UsageError
+from convify.fx.inputs import as_args
+from convify.fx.rewrites import implementation
+from convify.passes import Step, apply_steps, run_pass
+from convify.recovery.calibration import first_input
+from convify.recovery.fit import check_fit_target
 
-def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = "conv", init: str = "avg",
-                    only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
-                    inplace: bool = False, calibration: Iterable[torch.Tensor] | str | None = None,
+#: The entry points' defaults are the options' own (declared once, in the core).
+_POOL, _HEAD = MaxPoolOptions.defaults(), HeadOptions.defaults()
+
+
+def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = _POOL["mode"],
+                    init: str = _POOL["init"], only: str | Sequence[str] | None = None,
+                    skip: str | Sequence[str] | None = None, inplace: bool = False, calibration: Iterable[torch.Tensor] | str | None = None,
                     fit_target: str = "original") -> nn.Module:
     """Replace every max pooling in ``model``'s forward by a strided convolution.
 
@@ -50,11 +57,14 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
     >>> allconv = convify.replace_maxpool(m)
     >>> print(convify.report(allconv))
     """
-    rewrite = get("maxpool")(mode=mode, init=init, fit_target=fit_target)  # type: ignore[call-arg]
-    return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration)
+    check_fit_target(fit_target)
+    rewrite = implementation(MaxPoolOptions.rewrite)(MaxPoolOptions(mode=mode, init=init))
+    return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration,
+                    fit_target=fit_target)
 
 
-def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: str = "conv", dense: bool = False,
+def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: str = _HEAD["mode"],
+                        dense: bool = _HEAD["dense"],
                         only: str | Sequence[str] | None = None, skip: str | Sequence[str] | None = None,
                         inplace: bool = False, calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
     """Turn every Linear classifier head of ``model`` into convolutions.
@@ -99,7 +109,7 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
     >>> fcn(torch.randn(1, 3, 451, 451)).shape
     torch.Size([1, 1000, 8, 8])
     """
-    rewrite = get("head")(mode=mode, dense=dense)
+    rewrite = implementation(HeadOptions.rewrite)(HeadOptions(mode=mode, dense=dense))
     return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration)
 
 
@@ -128,10 +138,11 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     >>> allconv = convify.convify(torchvision.models.vgg11().eval(), torch.randn(1, 3, 224, 224))
     >>> print(convify.report(allconv))
     """
-    unknown = unknown_keywords(options)
+    unknown = registry.unknown_keywords(options)
     if unknown:
-        raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {all_keywords()}")
-    planned = [(cls, opts) for cls in in_order() if (opts := options_from_keywords(cls, options)) is not None]
+        raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {registry.all_keywords()}")
+    planned = [(implementation(spec.name), opts) for spec in registry.in_order()
+               if (opts := spec.options_from_keywords(options)) is not None]
     batches_given = calibration is not None and not isinstance(calibration, str)  # not the word "synthetic"
     if batches_given and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: every pass reads it
@@ -139,26 +150,3 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
         example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
     return apply_steps(model, [Step(cls(opts), example, only, skip) for cls, opts in planned], calibration)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pass to apply: the rewrite (with its options), the example input
-    to trace at, the site filters, and for a rebuild the options it stands for."""
-
-    rewrite: Rewrite
-    example: Any
-    only: str | Sequence[str] | None = None
-    skip: str | Sequence[str] | None = None
-    rebuilt_from: RewriteOptions | None = None
-
-
-def apply_steps(model: nn.Module, steps: Sequence[Step], calibration: Iterable[Any] | None = None) -> nn.Module:
-    """Apply ``steps`` in order to a copy of ``model``; calibration targets
-    come from ``model`` itself. Shared by :func:`convify` and checkpoint rebuilds."""
-    result = model
-    for step in steps:
-        result = run_pass(result, step.rewrite, step.example, only=step.only, skip=step.skip,
-                          inplace=result is not model, calibration=calibration, teacher=model,
-                          rebuilt_from=step.rebuilt_from)
-    return copy_model(model) if result is model else result

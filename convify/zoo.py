@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import DataError, UsageError
+from convify.errors import DataError, UsageError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files."""

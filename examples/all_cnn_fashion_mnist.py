@@ -57,13 +57,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import convify  # noqa: E402
 from convify.zoo import count_macs, model_c  # noqa: E402
+
 import _data  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

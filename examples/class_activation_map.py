@@ -29,6 +29,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import convify  # noqa: E402
+
 import _data  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import convify  # noqa: E402
+
 import _data  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

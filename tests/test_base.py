@@ -1,7 +1,9 @@
-"""The rewrite mechanism: a rewrite declared once, in one file, runs everywhere.
+"""The rewrite mechanism: a rewrite declared once runs everywhere.
 
 A toy third rewrite (average pooling -> an exact depthwise strided
-convolution) is declared here, in this file only, and goes through
+convolution) is declared here, in this file only, as the core declares its
+rewrites (a :class:`RewriteSpec`) and as the torch.fx frontend implements
+them (a :class:`Rewrite` marked with ``implements``), and goes through
 ``convify.convify``, the command line, a saved and reloaded checkpoint, and
 ``verify``'s ONNX census, with no other file of convify edited.
 """
@@ -15,13 +17,16 @@ import torch.fx as fx
 import torch.nn as nn
 
 import convify
-from convify import graph as G
+from convify.core.options import RewriteOptions, option
+from convify.core.registry import REGISTRY, register
+from convify.core.report import Replaced
+from convify.core.spec import RewriteSpec
 from convify.errors import OptionError, UsageError
-from convify.report import Replaced
-from convify.rewrites import REGISTRY
-from convify.rewrites.base import Rewrite, RewriteOptions, Site, option, register
+from convify.fx import nodes, shapes
+from convify.fx.rewrites import IMPLEMENTATIONS, forget, implements
+from convify.fx.rewrites.base import Rewrite, Site
 
-from conftest import rel_err, reinit
+from conftest import reinit, rel_err
 
 
 @dataclass(frozen=True)
@@ -37,20 +42,18 @@ class AvgPoolOptions(RewriteOptions):
     scale: float = option(1.0, "multiply the new weights by this (1: exact)")
 
 
-class ReplaceAvgPool(Rewrite):
+AVGPOOL = RewriteSpec(name="avgpool", Options=AvgPoolOptions, keyword="avgpool",
+                      summary="average pooling becomes a depthwise convolution", order=15, onnx_ops=("AveragePool",))
+
+
+class ReplaceAvgPool(Rewrite[nn.AvgPool2d]):
     """The toy: every plain nn.AvgPool2d without padding becomes Conv2d(C, C, k, s, groups=C)."""
 
-    name = "avgpool"
-    Options = AvgPoolOptions
-    keyword = "avgpool"
-    summary = "average pooling becomes a depthwise convolution"
-    order = 15
     leaf_modules = (nn.AvgPool2d,)
-    onnx_ops = ("AveragePool",)
 
-    def find_sites(self, gm: fx.GraphModule) -> list[Site]:
+    def find_sites(self, gm: fx.GraphModule) -> list[Site[nn.AvgPool2d]]:
         sites = []
-        names = G.CallNames()
+        names = nodes.CallNames()
         for node in gm.graph.nodes:
             if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.AvgPool2d:
                 pool = gm.get_submodule(node.target)
@@ -58,17 +61,17 @@ class ReplaceAvgPool(Rewrite):
                 sites.append(Site(names(node.target), node, "AvgPool2d", skip_reason=reason, params=pool))
         return sites
 
-    def apply(self, gm: fx.GraphModule, site: Site) -> Replaced:
+    def apply(self, gm: fx.GraphModule, site: Site[nn.AvgPool2d]) -> Replaced:
         pool: nn.AvgPool2d = site.params
         k = (pool.kernel_size,) * 2 if isinstance(pool.kernel_size, int) else tuple(pool.kernel_size)
         s = (pool.stride,) * 2 if isinstance(pool.stride, int) else tuple(pool.stride)
-        channels = G.input_info(site.node).shape[1]
+        channels = shapes.input_info(site.node).shape[1]
         conv = nn.Conv2d(channels, channels, k, s, groups=channels, bias=False)
         with torch.no_grad():
             conv.weight.fill_(self.options.scale / (k[0] * k[1]))
-        G.set_submodule(gm, site.node.target, conv)
+        nodes.set_submodule(gm, site.node.target, conv)
         return Replaced(self.name, site.name, site.op, f"Conv2d({channels}, {channels}, groups={channels})",
-                        G.input_info(site.node).shape, G.info(site.node).shape, exact=self.options.scale == 1.0,
+                        shapes.input_info(site.node).shape, shapes.info(site.node).shape, exact=self.options.scale == 1.0,
                         module=site.node.target, detail=AvgPoolRecord(k, s))
 
 
@@ -81,9 +84,10 @@ def avg_net() -> nn.Module:
 
 @pytest.fixture
 def toy():
-    register(ReplaceAvgPool)
+    implements(AVGPOOL)(ReplaceAvgPool)
     yield ReplaceAvgPool
-    del REGISTRY["avgpool"]
+    forget("avgpool")
+    assert "avgpool" not in REGISTRY and "avgpool" not in IMPLEMENTATIONS
 
 
 def test_toy_rewrite_runs_through_convify(toy):
@@ -141,11 +145,21 @@ def test_registering_a_clashing_keyword_is_refused():
         mode: str = option("x", "a mode", choices=("x",))
         init: str = option("avg", "the maxpool rewrite's init, taken")
 
-    class ClashingRewrite(ReplaceAvgPool):
-        name = "clash"
-        Options = Clash
-        keyword = "clash"
-
     with pytest.raises(UsageError, match="keyword 'init' is already taken by maxpool"):
-        register(ClashingRewrite)
+        register(RewriteSpec(name="clash", Options=Clash, keyword="clash"))
     assert "clash" not in REGISTRY
+
+
+def test_a_spec_without_a_mode_or_an_implementation_is_refused():
+    @dataclass(frozen=True)
+    class NoMode(RewriteOptions):
+        scale: float = option(1.0, "a number")
+
+    with pytest.raises(UsageError, match="rewrite 'nomode': its Options need a 'mode' field"):
+        RewriteSpec(name="nomode", Options=NoMode, keyword="nomode")
+    register(AVGPOOL)  # declared in the core, not implemented in the torch.fx frontend
+    try:
+        with pytest.raises(UsageError, match="rewrite 'avgpool' has no torch.fx implementation"):
+            convify.convify(avg_net(), torch.zeros(1, 3, 16, 16), avgpool="depthwise")
+    finally:
+        forget("avgpool")

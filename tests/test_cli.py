@@ -17,8 +17,9 @@ import torchvision
 
 import convify
 from convify import io as ck
+
 from cli_factories import WritesAFile, all_conv_net, tiny_net
-from conftest import rel_err, reinit
+from conftest import reinit, rel_err
 
 TESTS = Path(__file__).resolve().parent
 TINY = ["--arch", "cli_factories:tiny_net", "--input-shape", "1,3,16,16"]
@@ -610,7 +611,7 @@ def _distill_inputs(folder: Path) -> list[str]:
 
 
 def test_distill_speed_flags_reach_convify_distill(tmp_path, monkeypatch, capsys):
-    import convify.distillation as D
+    import convify.recovery.distillation as D
     from convify.cli import main
 
     monkeypatch.chdir(tmp_path)

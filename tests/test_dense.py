@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from test_geometry import Residual, dense_zoo, padded_net, unpadded_net
 
 import convify
 from convify import dense as D
+from convify.dense.geometry import NotTilableError, receptive_field
 from convify.errors import UsageError, VerificationError
-from convify.geometry import NotTilableError, receptive_field
+from convify.fx import tracing
 
-from conftest import assert_input_dependent, rel_err, reinit
-from test_geometry import Residual, dense_zoo, padded_net, unpadded_net
+from conftest import assert_input_dependent, reinit, rel_err
 
 TOLERANCE = 1e-5
 
@@ -121,7 +122,7 @@ def test_grayscale_png_for_a_one_channel_model(tmp_path: Path) -> None:
 def test_default_tile_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     model = padded_net()
     geometry = receptive_field(model)
-    gm = D.G.trace(model)
+    gm = tracing.trace(model)
     monkeypatch.setattr(D, "memory_budget", lambda device: 2_000_000)
     small = D.default_tile(gm, geometry, 3, torch.device("cpu"))
     monkeypatch.setattr(D, "memory_budget", lambda device: 200_000_000)

@@ -14,9 +14,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import convify
-import convify.distillation as D
-from convify.distillation import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
+import convify.recovery.distillation as D
 from convify.errors import CompileError, ConvifyError, UsageError
+from convify.recovery.distillation import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
+
 from conftest import reinit
 
 

@@ -7,9 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from convify.engine import rewrite_model
+from convify.core.registry import REGISTRY, get
 from convify.errors import ConvifyError, ExampleInputError, UsageError
-from convify.rewrites import REGISTRY, get
+from convify.fx.engine import rewrite_model
+from convify.fx.rewrites import implementation
 
 
 class TwiceFromUntraceable(nn.Module):
@@ -70,8 +71,10 @@ def test_registry_and_errors():
     assert "maxpool" in REGISTRY
     with pytest.raises(UsageError, match="no rewrite named 'nope'; known: .*maxpool"):
         get("nope")
+    with pytest.raises(UsageError, match="no rewrite named 'nope'; known: .*maxpool"):
+        implementation("nope")
     with pytest.raises(ConvifyError, match="expected a torch.nn.Module"):
-        rewrite_model("resnet", get("maxpool")())
+        rewrite_model("resnet", implementation("maxpool")())
     with pytest.raises(ExampleInputError, match="tensor or a tuple of tensors"):
         convify.replace_maxpool(nn.Conv2d(3, 3, 1), example_input=[1, 2])
 

@@ -7,8 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from convify import weights as W
+from convify.core import weights as W
 from convify.errors import ConvifyError
+
 from conftest import reinit
 
 
@@ -208,7 +209,7 @@ def test_original_target_falls_back_with_a_note_when_calls_do_not_line_up() -> N
     model.p2 = nn.MaxPool2d(3, 2)  # p1 folds; p2 cannot (c2 at stride 2 gives 4x4, the pool 3x3): a conv to fit
     fold = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
     rep = convify.report(fold)
-    assert [r.detail.outcome.value for r in rep.replaced] == ["fold", "conv"]
+    assert [r.detail.mode for r in rep.replaced] == ["fold", "conv"]
     assert any("fitted toward max pooling of the rewritten model's own activations" in n
                and "the original ran 2 max poolings" in n for n in rep.notes)
     fitted = [r for r in rep.replaced if r.fit is not None]
@@ -269,7 +270,7 @@ def test_fold_notes_that_folded_sites_have_nothing_to_fit() -> None:
     model = reinit(TwoPools()).eval()
     fit = convify.replace_maxpool(model, mode="fold", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
     rep = convify.report(fit)
-    assert any("a folded pool adds no weights" in n for n in rep.notes)
+    assert any("mode='fold': its sites add no weights to fit (dropped; its stride moves onto" in n for n in rep.notes)
     folded = [r for r in rep.replaced if r.new.startswith("stride")]
     assert folded and all(r.fit is None for r in folded)
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from convify.geometry import Axis, Geometry, NotTilableError, receptive_field
+from convify.dense.geometry import Axis, Geometry, NotTilableError, receptive_field
 
 from conftest import reinit
 from zoo import build

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convify import graph as G
 from convify.errors import ExampleInputError, TraceError, UsageError
+from convify.fx import copying, nodes, shapes, tracing
 
 
 class SamePool(nn.MaxPool2d):
@@ -20,7 +20,7 @@ class SamePool(nn.MaxPool2d):
 
 
 def test_tracer_keeps_pool_subclasses_opaque():
-    gm = G.trace(nn.Sequential(nn.Conv2d(3, 3, 1), SamePool(2)), (nn.MaxPool2d,))
+    gm = tracing.trace(nn.Sequential(nn.Conv2d(3, 3, 1), SamePool(2)), (nn.MaxPool2d,))
     ops = [(n.op, str(n.target)) for n in gm.graph.nodes]
     assert ("call_module", "1") in ops
     assert not any("pad" in t for _, t in ops)
@@ -32,7 +32,7 @@ def test_trace_error_carries_fx_reason():
             return x if x.sum() > 0 else -x
 
     with pytest.raises(TraceError, match="torch.fx cannot trace Bad: .*"):
-        G.trace(Bad())
+        tracing.trace(Bad())
 
 
 def test_shape_propagation_records_shapes_and_falls_back_to_real_data():
@@ -45,26 +45,26 @@ def test_shape_propagation_records_shapes_and_falls_back_to_real_data():
             y = self.conv(x)
             return y * y.abs().max().item()  # .item() cannot run on meta tensors
 
-    gm = G.trace(NeedsData())
-    G.propagate_shapes(gm, torch.randn(2, 3, 9, 9))
+    gm = tracing.trace(NeedsData())
+    shapes.propagate_shapes(gm, torch.randn(2, 3, 9, 9))
     conv = next(n for n in gm.graph.nodes if n.target == "conv")
-    assert G.info(conv).shape == (2, 4, 7, 7) and G.info(conv).device.type == "cpu"
+    assert shapes.info(conv).shape == (2, 4, 7, 7) and shapes.info(conv).device.type == "cpu"
 
 
 def test_eval_mode_restores_each_flag():
     model = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm2d(2)).train()
     model[1].eval()
-    with G.eval_mode(model):
+    with copying.eval_mode(model):
         assert not model.training and not model[0].training
     assert model.training and model[0].training and not model[1].training
 
 
 def test_free_name_and_set_submodule():
     root = nn.Module()
-    G.set_submodule(root, "a.b.pool", nn.Identity())
+    nodes.set_submodule(root, "a.b.pool", nn.Identity())
     assert isinstance(root.get_submodule("a.b.pool"), nn.Identity)
-    assert G.free_name(root, "a.b.pool") == "a.b.pool@1"
-    assert G.free_name(root, "a.b.conv") == "a.b.conv"
+    assert nodes.free_name(root, "a.b.pool") == "a.b.pool@1"
+    assert nodes.free_name(root, "a.b.conv") == "a.b.conv"
 
 
 def test_scope_names_from_module_stack():
@@ -72,15 +72,15 @@ def test_scope_names_from_module_stack():
         def forward(self, x):
             return F.max_pool2d(x, 2)
 
-    gm = G.trace(nn.Sequential(nn.Conv2d(1, 1, 1), Inner()))
+    gm = tracing.trace(nn.Sequential(nn.Conv2d(1, 1, 1), Inner()))
     call = next(n for n in gm.graph.nodes if n.op == "call_function")
-    assert G.scope_of(call) == "1"
+    assert nodes.scope_of(call) == "1"
 
 
 def test_convify_leaf_modules_stay_one_call_when_retraced():
-    from convify.head_matmul import MatmulConv2d
+    from convify.dense.matmul import MatmulConv2d
 
-    gm = G.trace(nn.Sequential(MatmulConv2d(4, 3, 2), nn.ReLU()))
+    gm = tracing.trace(nn.Sequential(MatmulConv2d(4, 3, 2), nn.ReLU()))
     assert [n.op for n in gm.graph.nodes][1] == "call_module"
     assert type(gm.get_submodule("0")) is MatmulConv2d
 
@@ -88,10 +88,10 @@ def test_convify_leaf_modules_stay_one_call_when_retraced():
 def test_meta_shape_propagation_shortcuts_shape_preserving_modules():
     """On meta tensors, BatchNorm and activations hand their input on (no fallback to a real forward)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)).eval()
-    gm = G.trace(model, (nn.MaxPool2d,))
-    with torch.no_grad(), G.meta_weights(gm):
-        G.ShapeProp(gm, shortcut_shape_preserving=True).run(torch.randn(1, 3, 10, 10, device="meta"))
-    assert [G.info(n).shape for n in gm.graph.nodes if n.op == "call_module"] == [
+    gm = tracing.trace(model, (nn.MaxPool2d,))
+    with torch.no_grad(), shapes.meta_weights(gm):
+        shapes.ShapeProp(gm, shortcut_shape_preserving=True).run(torch.randn(1, 3, 10, 10, device="meta"))
+    assert [shapes.info(n).shape for n in gm.graph.nodes if n.op == "call_module"] == [
         (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 4, 4)]
 
 
@@ -121,7 +121,7 @@ class WithOptions(nn.Module):
 
 def test_forward_arguments_keep_their_defaults_and_are_guarded():
     model = WithOptions().eval()
-    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    gm = tracing.trace(model, args=(torch.randn(1, 3, 8, 8),))
     assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "mask", "return_both", "scale"]
     x = torch.randn(2, 3, 12, 10)  # other batch and spatial sizes still run: shapes used as values stay symbolic
     with torch.no_grad():
@@ -134,12 +134,12 @@ def test_forward_arguments_keep_their_defaults_and_are_guarded():
 
 
 def test_branches_on_shapes_follow_the_example_and_are_guarded():
-    gm = G.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
-    assert any(n.target is G.check_traced_branch for n in gm.graph.nodes)
+    gm = tracing.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
+    assert any(n.target is tracing.check_traced_branch for n in gm.graph.nodes)
     with pytest.raises(ExampleInputError, match=r"this input's shapes take another branch"):
         gm(torch.randn(1, 5, 8, 8))
     with pytest.raises(TraceError, match=r"cannot be used as inputs to control flow"):
-        G.trace(WithOptions().eval())  # without an example nothing is known about the shapes
+        tracing.trace(WithOptions().eval())  # without an example nothing is known about the shapes
 
 
 def test_branches_on_data_stay_untraceable_with_an_example():
@@ -148,7 +148,7 @@ def test_branches_on_data_stay_untraceable_with_an_example():
             return x if x.sum() > 0 else -x
 
     with pytest.raises(TraceError, match=r"depends on tensor data, not only on shapes"):
-        G.trace(Bad(), args=(torch.randn(1, 3, 4, 4),))
+        tracing.trace(Bad(), args=(torch.randn(1, 3, 4, 4),))
 
 
 def test_tracing_leaves_no_proxy_in_module_state():
@@ -156,9 +156,9 @@ def test_tracing_leaves_no_proxy_in_module_state():
     with torch.no_grad():
         model(torch.randn(1, 3, 8, 8))
     before = dict(model.cache)
-    first = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    first = tracing.trace(model, args=(torch.randn(1, 3, 8, 8),))
     assert model.cache == before
-    second = G.trace(model, args=(torch.randn(1, 3, 8, 8),))  # would read the first trace's Proxy back
+    second = tracing.trace(model, args=(torch.randn(1, 3, 8, 8),))  # would read the first trace's Proxy back
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(first(x), second(x))
@@ -176,7 +176,7 @@ def test_decorated_forwards_trace_with_their_decorators():
         def forward(self, x, flag: bool = False, **kwargs):
             return x + 1 if flag else x - 1
 
-    gm = G.trace(Decorated(), args=(torch.zeros(1, 3, 4, 4),))
+    gm = tracing.trace(Decorated(), args=(torch.zeros(1, 3, 4, 4),))
     assert torch.equal(gm(torch.zeros(1, 3, 4, 4)), torch.full((1, 3, 4, 4), -2.0))
 
 
@@ -200,11 +200,11 @@ def test_dataclass_dict_outputs_are_rebuilt():
         def forward(self, x):
             return DictOutput(logits=self.fc(x))
 
-    gm = G.trace(Net(), args=(torch.randn(1, 4),))
+    gm = tracing.trace(Net(), args=(torch.randn(1, 4),))
     out = gm(torch.randn(3, 4))
     assert type(out) is DictOutput and out.logits.shape == (3, 2) and out.extra is None
     fc = next(n for n in gm.graph.nodes if n.target == "fc")
-    assert all(G.is_output_like(u) for u in fc.users)
+    assert all(nodes.is_output_like(u) for u in fc.users)
 
 
 def test_copy_module_copies_cached_non_leaf_tensors():
@@ -213,14 +213,14 @@ def test_copy_module_copies_cached_non_leaf_tensors():
     assert model.cache["cpu"].grad_fn is not None
     with pytest.raises(RuntimeError, match="graph leaves"):
         copy.deepcopy(model)
-    copied = G.copy_module(model)
+    copied = copying.copy_module(model)
     assert copied.cache["cpu"].grad_fn is None and torch.equal(copied.cache["cpu"], model.cache["cpu"])
     assert copied.conv.weight is not model.conv.weight
 
 
 def test_a_keyword_its_parent_fixed_keeps_the_forwards_default_and_is_guarded():
     model = WithOptions().eval()
-    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),), kwargs={"scale": 3.0})
+    gm = tracing.trace(model, args=(torch.randn(1, 3, 8, 8),), kwargs={"scale": 3.0})
     scale = next(n for n in gm.graph.nodes if n.target == "scale")
     assert scale.args == (2.0,)  # the forward's default: called without scale, the guard refuses
     x = torch.randn(1, 3, 8, 8)
@@ -248,22 +248,22 @@ class ShapesAsNumbers(nn.Module):
 
 def test_shapes_turned_into_numbers_follow_the_example_and_are_guarded():
     model = ShapesAsNumbers().eval()
-    gm = G.trace(model, args=(torch.randn(1, 3, 8, 8),))
+    gm = tracing.trace(model, args=(torch.randn(1, 3, 8, 8),))
     x = torch.randn(2, 3, 8, 8)  # another batch size: only the traced width is fixed
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
-    assert sum(n.target is G.check_traced_value for n in gm.graph.nodes) == 1
+    assert sum(n.target is tracing.check_traced_value for n in gm.graph.nodes) == 1
     with pytest.raises(ExampleInputError, match=r"turns a shape into a number, 8 on the example .* 9 on this one"):
         gm(torch.randn(1, 3, 9, 9))
     with pytest.raises(TraceError, match="not 'Proxy'"):
-        G.trace(model)  # without an example nothing is known about the shapes
+        tracing.trace(model)  # without an example nothing is known about the shapes
 
 
 def test_guards_survive_a_second_trace():
-    gm = G.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
+    gm = tracing.trace(WithOptions().eval(), args=(torch.randn(1, 3, 8, 8),))
     again = torch.fx.symbolic_trace(gm)
     guards = [n.target for n in again.graph.nodes if n.op == "call_function" and n.target in
-              (G.check_traced_argument, G.check_traced_branch)]
+              (tracing.check_traced_argument, tracing.check_traced_branch)]
     assert len(guards) == 4  # three keywords and the channel check
     with pytest.raises(ExampleInputError, match="another branch"):
         again(torch.randn(1, 5, 8, 8))

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 import torchvision
 
 import convify
+from convify.core import weights as W
 from convify.errors import OptionError
-from convify import weights as W
+
 from conftest import assert_input_dependent, reinit, rel_err
 from zoo import build
 
@@ -462,7 +463,7 @@ def test_gap_mode_is_exact_for_gap_heads_at_any_size(pool: str) -> None:
 
 def test_gap_mode_on_flattened_mlp_is_the_papers_head() -> None:
     """One 1x1 convolution to the classes, global average, flatten: the hidden layers are gone."""
-    from convify.rewrites.head import Exactness, HeadRecord
+    from convify.core.rewrites.head import Exactness, HeadRecord
 
     model = tiny(LeNet("torch.flatten"))
     x = torch.randn(4, 1, 32, 32)
@@ -740,7 +741,7 @@ def test_heads_are_standard_convolutions(make, size, kwargs) -> None:
 
 
 def test_head_record_carries_the_plan() -> None:
-    from convify.rewrites.head import Exactness, HeadMode, HeadRecord, PoolRemoval
+    from convify.core.rewrites.head import Exactness, HeadMode, HeadRecord, PoolRemoval
 
     model = tiny(GapNet("module", mlp=True))
     x = torch.randn(1, 3, 12, 12)
@@ -755,7 +756,7 @@ def test_head_record_carries_the_plan() -> None:
 
 def test_dense_head_with_dropout_between_linears_is_a_score_map_whose_mean_is_exact() -> None:
     """Dropout between the Linears is affine in eval mode: the mean of the score map is the original."""
-    from convify.rewrites.head import Exactness
+    from convify.core.rewrites.head import Exactness
 
     model = reinit(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(8, 16), nn.Dropout(), nn.Linear(16, 5))).eval()

@@ -8,10 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from convify import graph as G
+from convify.dense.matmul import MatmulConv2d, conv2d_as_matmul
 from convify.errors import UsageError
-from convify.head_matmul import MatmulConv2d, conv2d_as_matmul
-from convify.onnx import op_census
+from convify.export.onnx import op_census
+from convify.fx import tracing
+
 from conftest import reinit, rel_err
 
 TOL = 1e-5
@@ -137,7 +138,7 @@ def test_matmul_heads_on_a_model_without_linear_heads_changes_nothing() -> None:
 def test_a_sped_up_model_retraces_and_rewrites_to_nothing_new() -> None:
     plain, x = rewritten()
     fast = convify.matmul_heads(plain)
-    gm = G.trace(fast)
+    gm = tracing.trace(fast)
     calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert {"classifier.0", "classifier.3", "classifier.5"} <= set(calls)
     again = convify.replace_linear_head(fast, x[:1])

@@ -16,7 +16,8 @@ import torch.nn as nn
 import convify
 from convify import io as ck
 from convify.errors import CheckpointError, ExampleInputError, UsageError
-from conftest import assert_input_dependent, rel_err, reinit
+
+from conftest import assert_input_dependent, reinit, rel_err
 
 transformers = pytest.importorskip("transformers")
 

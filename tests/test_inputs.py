@@ -8,7 +8,7 @@ import torchvision
 
 import convify
 from convify.errors import ExampleInputError, UsageError
-from convify.inputs import check_dtype_and_device, parse_input_shape, probe_input
+from convify.fx.inputs import check_dtype_and_device, parse_input_shape, probe_input
 
 
 @pytest.mark.parametrize("text, shape", [("1,3,64,64", (1, 3, 64, 64)), ("2x3x8x9", (2, 3, 8, 9)),

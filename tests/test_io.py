@@ -18,8 +18,9 @@ import convify
 from convify import io as ck
 from convify.errors import CheckpointError, UsageError
 from convify.io.digest import weights_digest
+
 from cli_factories import WritesAFile, tiny_net
-from conftest import rel_err, reinit
+from conftest import reinit, rel_err
 
 SHAPE = (1, 3, 16, 16)
 TINY = "cli_factories:tiny_net"

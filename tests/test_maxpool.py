@@ -10,12 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convify
-from convify.reference import avg_reference
-from convify.rewrites.maxpool import PadSame, PoolOutcome
-from convify.zoo import model_c
-from conftest import assert_input_dependent, rel_err, reinit
+from convify.demo.reference import avg_reference
 from convify.errors import ExampleInputError, OptionError
-from convify.graph import meta_weights
+from convify.fx.rewrites.maxpool import PadSame
+from convify.fx.shapes import meta_weights
+from convify.zoo import model_c
+
+from conftest import assert_input_dependent, reinit, rel_err
 from zoo import MAXPOOL_ZOO, build
 
 
@@ -260,7 +261,7 @@ def test_same_pool_modes_fold_and_depthwise():
     again = convify.replace_maxpool(depthwise)  # PadSame stays one call: nothing left to replace
     assert convify.report(again).last.replaced == () and isinstance(again.get_submodule("2_pad"), PadSame)
     folded = convify.replace_maxpool(model, torch.randn(1, 3, 16, 16), mode="fold")
-    assert convify.report(folded).replaced[0].detail.outcome is PoolOutcome.FOLD
+    assert convify.report(folded).replaced[0].detail.mode == "fold"
     for size in (15, 16, 17):  # a stride-s conv gives ceil(n/s) like a "same" pool: at every size
         x = torch.randn(1, 3, size, size)
         with torch.no_grad():
@@ -471,11 +472,11 @@ def test_fold_mode_moves_stride_onto_producer():
     folded = rep.replaced[0]
     assert folded.name == "pool1" and folded.module == "conv1" and "stride" in folded.new
     assert out.get_submodule("conv1").stride == (2, 2)
-    assert folded.detail.outcome is PoolOutcome.FOLD and folded.detail.params.stride == (2, 2)
+    assert folded.detail.mode == "fold" and folded.detail.params.stride == (2, 2)
     assert any("congruent" in n for n in rep.notes)
     assert folded.in_shape == (1, 8, 16, 16) and folded.out_shape == (1, 8, 8, 8)
     others = {r.name: r.detail for r in rep.replaced[1:]}
-    assert all(d.outcome is PoolOutcome.CONV for d in others.values())
+    assert all(d.mode == "conv" for d in others.values())
     assert "also used elsewhere" in others["pool2"].fold_blocker
     assert "not from a convolution" in others["pool3"].fold_blocker
     assert any("mode='conv'" in n for n in rep.replaced[1].notes)
@@ -521,7 +522,7 @@ def test_fold_chains_fold_every_pool(make, size):
     rows = convify.report(out).replaced
     assert len(rows) == len(pool_shapes) > 1
     assert [r.detail.fold_blocker for r in rows] == [None] * len(rows)
-    assert all(r.detail.outcome is PoolOutcome.FOLD for r in rows)
+    assert all(r.detail.mode == "fold" for r in rows)
     assert [(r.in_shape, r.out_shape) for r in rows] == pool_shapes
     assert pools_left(out) == []
     assert sum(p.numel() for p in out.parameters()) == sum(p.numel() for p in model.parameters())

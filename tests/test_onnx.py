@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 import convify
 import convify.api
-import convify.onnx as conv_onnx
-from conftest import assert_input_dependent, reinit, rel_err
+import convify.export.onnx as conv_onnx
 from convify.errors import ExportError
-from convify.onnx import ExportFallbackWarning, export, op_census
+from convify.export.onnx import ExportFallbackWarning, export, op_census
+
+from conftest import assert_input_dependent, reinit, rel_err
 from zoo import build
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 
 import convify
 from convify.progress import terminal_bar
+
 from conftest import reinit
 
 

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 
 import convify
+from convify.core.report import Reconstruction
 from convify.errors import ExampleInputError, UsageError
-from convify.report import Reconstruction
+
 from conftest import reinit
 
 
@@ -156,7 +157,7 @@ def test_reconstruct_refuses_what_it_cannot_do() -> None:
     with pytest.raises(UsageError, match="no max-pool rewrite in its convify report"):
         convify.reconstruct(model, _model(), batches)
     folded = convify.replace_maxpool(model, batches[0][:1], mode="fold")
-    if all(r.detail.outcome.name == "FOLD" for r in convify.report(folded).replaced):
+    if all(r.detail.mode == "fold" for r in convify.report(folded).replaced):
         with pytest.raises(UsageError, match="nothing to reconstruct"):
             convify.reconstruct(model, folded, batches)
     rewritten = _rewritten(model, batches)

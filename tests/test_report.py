@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import convify
-from convify.report import Pass, Replaced, Report, Skipped, Untraced, format_table
+from convify.core.report import Pass, Replaced, Report, Skipped, Untraced, format_table
 
 
 def test_table_and_dict_cover_every_row():

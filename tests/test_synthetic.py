@@ -7,7 +7,8 @@ import torch.nn as nn
 
 import convify
 from convify.errors import UsageError
-from convify.synthetic import SynthesisOptions, synthesize, synthetic_calibration
+from convify.recovery.synthetic import SynthesisOptions, synthesize, synthetic_calibration
+
 from conftest import reinit
 
 SMALL = SynthesisOptions(count=32, batch_size=16, steps=60)
@@ -67,7 +68,7 @@ def test_synthesis_is_deterministic_and_cached_until_the_weights_change() -> Non
 
 
 def test_replace_maxpool_fits_on_synthetic_calibration(monkeypatch) -> None:
-    import convify.synthetic as S
+    import convify.recovery.synthetic as S
 
     monkeypatch.setattr(S, "SynthesisOptions", lambda: SMALL)
     model = reinit(BNNet(), seed=2).eval()

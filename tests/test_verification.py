@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 import convify
 import convify.api
-import convify.verification as V
-from conftest import reinit
+import convify.export.verify as V
+from convify.core.report import Pass, Replaced, Report, attach
 from convify.errors import VerificationError
-from convify.report import Pass, Replaced, Report, attach
+
+from conftest import reinit
 from zoo import MAXPOOL_ZOO, build
 
 HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convify import weights as W
+from convify.core import weights as W
 
 
 @pytest.mark.parametrize("k,s,p,d", [t for t in itertools.product([1, 2, 3, 4, 5], [1, 2, 3], [0, 1, 2], [1, 2])

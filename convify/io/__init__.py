@@ -12,13 +12,13 @@
 """
 from __future__ import annotations
 
-from .arch import ArchSpec, build_arch, parse_arch, parse_arch_kwargs
-from .files import read_file, read_safetensors
-from .recipe import (RecipePass, apply_passes, is_checkpoint, load, load_checkpoint, make_recipe, passes_of,
-                     plan_passes, rebuild, recipe_of, recipe_passes, save, to_checkpoint)
-from .source import ModelSource, open_model
-from .state import KeyMismatch, compare_keys, load_weights, strip_prefixes, unwrap
-from .writing import atomic_write, check_output, save_pickled
+from convify.io.arch import ArchSpec, build_arch, parse_arch, parse_arch_kwargs
+from convify.io.files import read_file, read_safetensors
+from convify.io.recipe import (RecipePass, apply_passes, is_checkpoint, load, load_checkpoint, make_recipe, passes_of,
+                               plan_passes, rebuild, recipe_of, recipe_passes, save, to_checkpoint)
+from convify.io.source import ModelSource, open_model
+from convify.io.state import KeyMismatch, compare_keys, load_weights, strip_prefixes, unwrap
+from convify.io.writing import atomic_write, check_output, save_pickled
 
 __all__ = [
     "ArchSpec", "KeyMismatch", "ModelSource", "RecipePass", "apply_passes", "atomic_write", "build_arch",

@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConvifyError, one_line
+from convify.errors import CheckpointError, ConvifyError, one_line
+
 
 @dataclass(frozen=True)
 class ArchSpec:

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError
+from convify.errors import CheckpointError
 
 ALGORITHM = "sha256"
 #: Recipe versions written before the digest existed; every later one carries it.

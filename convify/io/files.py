@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import CheckpointError, one_line
+from convify.errors import CheckpointError, one_line
 
 LISTED = 8  # names shown per kind in one error line
 

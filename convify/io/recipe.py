@@ -36,14 +36,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConvifyError, UsageError, one_line
-from ..inputs import parse_input_shape, zeros_like_model
-from ..report import report
-from .arch import ArchSpec, build_arch, parse_arch
-from .digest import check_digest, weights_digest
-from .files import read_file
-from .state import compare_keys
-from .writing import atomic_write
+from convify.core import registry
+from convify.core.report import report
+from convify.errors import CheckpointError, ConvifyError, UsageError, one_line
+from convify.fx.inputs import parse_input_shape, zeros_like_model
+from convify.io.arch import ArchSpec, build_arch, parse_arch
+from convify.io.digest import check_digest, weights_digest
+from convify.io.files import read_file
+from convify.io.state import compare_keys
+from convify.io.writing import atomic_write
 
 FORMAT = "convify"
 #: The recipe layout this version writes (``passes``); 0.1.0's is still read.
@@ -69,13 +70,12 @@ class RecipePass:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RecipePass":
-        from ..rewrites import REGISTRY  # noqa: PLC0415
-
         name = data["rewrite"]
-        if name not in REGISTRY:
+        if name not in registry.REGISTRY:
             raise CheckpointError(f"the recipe names a rewrite {name!r} this convify does not have "
-                                  f"(known: {', '.join(sorted(REGISTRY))}); was it written by a newer version?")
-        return cls(name, REGISTRY[name].Options.from_dict(dict(data.get("options") or {})),
+                                  f"(known: {', '.join(sorted(registry.REGISTRY))}); was it written by a newer "
+                                  "version?")
+        return cls(name, registry.get(name).Options.from_dict(dict(data.get("options") or {})),
                    parse_input_shape(data["input_shape"]), _patterns(data.get("only")), _patterns(data.get("skip")))
 
 
@@ -108,14 +108,12 @@ def plan_passes(keywords: Mapping[str, Any], input_shape: Sequence[int], *,
     >>> [p.rewrite for p in plan_passes({"pool": "fold", "head": None}, (1, 3, 32, 32))]
     ['maxpool']
     """
-    from ..rewrites.base import all_keywords, in_order, options_from_keywords, unknown_keywords  # noqa: PLC0415
-
-    unknown = unknown_keywords(keywords)
+    unknown = registry.unknown_keywords(keywords)
     if unknown:
-        raise UsageError(f"unknown rewrite options {unknown}; the rewrites take {all_keywords()}")
+        raise UsageError(f"unknown rewrite options {unknown}; the rewrites take {registry.all_keywords()}")
     shape = parse_input_shape(input_shape)
-    return [RecipePass(cls.name, opts, shape, _patterns(only), _patterns(skip)) for cls in in_order()
-            if (opts := options_from_keywords(cls, keywords)) is not None]
+    return [RecipePass(spec.name, opts, shape, _patterns(only), _patterns(skip)) for spec in registry.in_order()
+            if (opts := spec.options_from_keywords(keywords)) is not None]
 
 
 def passes_of(model: nn.Module) -> list[RecipePass]:
@@ -124,14 +122,12 @@ def passes_of(model: nn.Module) -> list[RecipePass]:
     Raises :class:`CheckpointError` for a pass that traced more than one
     input tensor (a recipe rebuilds from one input shape).
     """
-    from ..rewrites import REGISTRY  # noqa: PLC0415
-
     passes = []
     for p in report(model).passes:
         if p.input_shape is None:
             raise CheckpointError(f"the {p.rewrite} pass of this model traced several input tensors; a convify "
                                   "checkpoint rebuilds from one input shape: save the whole module instead")
-        passes.append(RecipePass(p.rewrite, REGISTRY[p.rewrite].Options.from_dict(p.options), p.input_shape,
+        passes.append(RecipePass(p.rewrite, registry.get(p.rewrite).Options.from_dict(p.options), p.input_shape,
                                  p.only, p.skip))
     return passes
 
@@ -145,15 +141,15 @@ def apply_passes(model: nn.Module, passes: Sequence[RecipePass], *,
     rebuild the same modules with :meth:`~RewriteOptions.for_rebuild`, whose
     weights are then loaded; the report still records the options as saved.
     """
-    from ..api import Step, apply_steps  # noqa: PLC0415  (the rewrite machinery; not needed to parse or refuse)
-    from ..rewrites import get  # noqa: PLC0415
+    from convify.fx.rewrites import implementation  # noqa: PLC0415  (the rewrite machinery: not needed to parse
+    from convify.passes import Step, apply_steps  # noqa: PLC0415    or to refuse a recipe)
 
     steps = []
     for p in passes:
         options, rebuilt_from = p.options, None
         if calibration is None and options.needs_calibration():
             options, rebuilt_from = options.for_rebuild(), options
-        steps.append(Step(get(p.rewrite)(options), (zeros_like_model(model, p.input_shape),), p.only, p.skip,
+        steps.append(Step(implementation(p.rewrite)(options), (zeros_like_model(model, p.input_shape),), p.only, p.skip,
                           rebuilt_from))
     return apply_steps(model, steps, calibration)
 

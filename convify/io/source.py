@@ -12,11 +12,12 @@ from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 
-from ..errors import CheckpointError, UsageError, one_line
-from .arch import ArchSpec, build_arch, hf_config_dict, parse_arch, transformers_module
-from .files import read_file
-from .recipe import is_checkpoint, load_checkpoint, recipe_passes
-from .state import load_weights, unwrap
+from convify.errors import CheckpointError, UsageError, one_line
+from convify.io.arch import ArchSpec, build_arch, hf_config_dict, parse_arch, transformers_module
+from convify.io.files import read_file
+from convify.io.recipe import is_checkpoint, load_checkpoint, recipe_passes
+from convify.io.state import load_weights, unwrap
+
 
 @dataclass
 class ModelSource:

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, one_line
-from .files import LISTED, listing
+from convify.errors import CheckpointError, one_line
+from convify.io.files import LISTED, listing
 
 # Keys under which training scripts nest the state_dict, most specific first.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")

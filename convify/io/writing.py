@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
+from convify.errors import CheckpointError
+
 
 def check_output(path: str | os.PathLike[str], *, force: bool = False,
                  inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
