@@ -20,14 +20,14 @@ import types
 from typing import Any, Sequence
 
 MOVED: dict[str, tuple[str, ...]] = {
-    "convify.graph": ("convify.fx.tracing", "convify.fx.shapes", "convify.fx.nodes", "convify.fx.copying"),
+    "convify.graph": ("convify.fx.tracing", "convify.fx.example_call", "convify.fx.shapes", "convify.fx.nodes",
+                      "convify.fx.copying"),
     "convify.head_matmul": ("convify.dense.matmul",),
     "convify.rewrites": ("convify.fx.rewrites",),
-    "convify.rewrites.maxpool": ("convify.core.pooling", "convify.fx.rewrites.maxpool",
-                                 "convify.fx.rewrites.maxpool.same"),
-    "convify.rewrites.head": ("convify.core.head", "convify.fx.rewrites.head"),
-    "convify.rewrites.head.plan": ("convify.core.head", "convify.fx.rewrites.head.plan"),
-    "convify.rewrites.head.exactness": ("convify.core.head", "convify.fx.rewrites.head.exactness"),
+    "convify.rewrites.maxpool": ("convify.core.rewrites.maxpool", "convify.fx.rewrites.maxpool.same"),
+    "convify.rewrites.head": ("convify.core.rewrites.head", "convify.fx.rewrites.head"),
+    "convify.rewrites.head.plan": ("convify.core.rewrites.head", "convify.fx.rewrites.head.plan"),
+    "convify.rewrites.head.exactness": ("convify.core.rewrites.head", "convify.fx.rewrites.head.exactness"),
     "convify.geometry": ("convify.dense.geometry",),
     "convify.weights": ("convify.core.weights",),
 }

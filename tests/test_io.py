@@ -512,3 +512,18 @@ def test_load_refuses_weights_that_do_not_match_the_digest(tmp_path, rewritten, 
         convify.load(out)
     with pytest.raises(CheckpointError, match=match):
         ck.open_model(out, trust_code=True)
+
+
+def test_a_checkpoint_written_by_0_2_0_still_loads():
+    """tests/data/checkpoint_0.2.0.pt was written by 0.2.0's command line (main at 86e914d):
+    ``convify rewrite --arch cli_factories:tiny_net --input-shape 1,3,16,16 --pool fold --head gap_mlp --dense``;
+    checkpoint_0.2.0.io.pt holds an input of another size and what 0.2.0 loaded it to compute."""
+    data = Path(__file__).parent / "data"
+    back = convify.load(data / "checkpoint_0.2.0.pt", trust_code=True)
+    saved = torch.load(data / "checkpoint_0.2.0.io.pt", weights_only=True)
+    with torch.no_grad():
+        assert torch.allclose(back(saved["input"]), saved["output"], rtol=1e-5, atol=1e-6)
+    rep = convify.report(back)
+    assert [(p.rewrite, p.options) for p in rep.passes] == [("maxpool", {"mode": "fold", "init": "avg"}),
+                                                            ("head", {"mode": "gap_mlp", "dense": True})]
+    assert [r.detail.mode for r in rep.passes[0].replaced] == ["fold", "fold"]
