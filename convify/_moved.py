@@ -3,7 +3,7 @@
 ``torch.save(model)`` pickles classes by module path: a GraphModule names
 its tracer (``convify.graph.ConvifyTracer``), a rewritten model holds
 ``convify.rewrites.maxpool.PadSame`` or ``convify.head_matmul.MatmulConv2d``,
-and its report names the record types. Those modules moved in 0.3.0; this
+and its report names the record types. Those modules moved after 0.2.0; this
 finder answers their old paths with small alias modules that look each name
 up where it lives now, so a pickle written by 0.2.0 still loads. Nothing in
 convify imports an old path; only unpickling does.

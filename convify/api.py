@@ -39,7 +39,7 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
         calibration: input batches for ``init="fit"`` (tensors or ``(input,
             label)`` pairs; the labels are not used), or ``"synthetic"``:
             images synthesized from the model's BatchNorm statistics, for a
-            user without data (see ``convify.synthetic``).
+            user without data (see ``convify.recovery.synthetic``).
         fit_target: with ``init="fit"``: ``"original"`` fits each site toward
             the original model's pooling output there, ``"pool"`` toward max
             pooling of the rewritten model's own activations.
@@ -119,7 +119,7 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     """Every registered rewrite, in order: max pooling to strided
     convolutions, then Linear heads to convolutions.
 
-    Keyword options (each rewrite declares its own; see ``convify.rewrites``):
+    Keyword options (each rewrite declares its own; see ``convify.core.rewrites``):
 
     * ``pool``: ``mode`` of :func:`replace_maxpool` (``"conv"``, ``"depthwise"``,
       ``"fold"``), or None to keep the poolings; ``init``: as there;

@@ -12,7 +12,7 @@
      "state_dict": {...}}
 
 The passes are the rewrites as the model's report recorded them, each with
-the options its rewrite declares (``convify.rewrites``): a rewrite added to
+the options its rewrite declares (``convify.core.rewrites``): a rewrite added to
 the registry is saved and rebuilt with no change here. :func:`load` builds
 the architecture, applies the passes on zero inputs of their shapes and loads
 the weights with ``strict=True``. Checkpoints written by convify 0.1.0 (one

@@ -106,7 +106,7 @@ def _rebuild_collapsed(gm: fx.GraphModule, head: Head, plan: HeadPlan, base: fx.
 def collapsed_conv(gm: fx.GraphModule, head: Head) -> nn.Module:
     """The 1x1 convolution of the paper's GAP head, with the data-free init:
     the product of the head's affine steps (:func:`head_steps`) summed over
-    the positions (:func:`convify.weights.flattened_head_to_gap`)."""
+    the positions (:func:`convify.core.weights.flattened_head_to_gap`)."""
     first = gm.get_submodule(head.linears[0].target)
     last = gm.get_submodule(head.linears[-1].target)
     weight, bias = W.flattened_head_to_gap(head_steps(gm, head), head.channels, head.spatial)
@@ -121,7 +121,7 @@ def collapsed_conv(gm: fx.GraphModule, head: Head) -> nn.Module:
 
 def head_steps(gm: fx.GraphModule, head: Head) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """The head's chain from its first to its last Linear as affine steps
-    (:func:`convify.weights.compose_affine`): each Linear's weight and bias;
+    (:func:`convify.core.weights.compose_affine`): each Linear's weight and bias;
     an affine op between them (an eval BatchNorm1d, a constant factor,
     dropout) as its per-feature scale and shift; an activation as the identity."""
     steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
