@@ -1,0 +1,120 @@
+"""The argument groups several commands share, and reading them back.
+
+The rewrite flags (``--pool``, ``--init``, ``--head``, ``--dense``...) are made
+from the options each registered rewrite declares, so a new rewrite brings its
+flags with it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from convify.errors import UsageError
+
+
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a file, a Hugging Face model folder, or --arch with optional --weights)")
+    g.add_argument("model", nargs="?", metavar="MODEL",
+                   help="a convify checkpoint, a pickled nn.Module (with --trust-pickle), a Hugging Face model "
+                        "folder (config.json and model.safetensors; needs transformers: pip install -e '.[hf]'), "
+                        "or with --arch the weights file")
+    g.add_argument("--arch", metavar="SPEC",
+                   help="torchvision:NAME, timm:NAME or package.module:factory")
+    g.add_argument("--arch-kwargs", action="append", metavar="KEY=VALUE",
+                   help="a builder argument, the value a Python literal (repeatable): num_classes=10")
+    g.add_argument("--weights", metavar="FILE",
+                   help="a state_dict for --arch: .pt/.pth (read with weights_only=True) or .safetensors")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow a file holding pickled Python objects (a whole nn.Module); loading it runs "
+                        "code from the file")
+    g.add_argument("--trust-code", action="store_true",
+                   help="allow a convify checkpoint whose recipe imports package.module:factory")
+    g.add_argument("--input-shape", metavar="N,C,H,W",
+                   help="example input shape (default: the checkpoint's, else worked out from the model)")
+
+
+def rewrite_arguments(p: argparse.ArgumentParser) -> None:
+    """One group of flags per registered rewrite, made from its options."""
+    from convify.core.options import choices_of, help_of  # noqa: PLC0415
+    from convify.core.registry import in_order  # noqa: PLC0415  (the specs import torch)
+
+    for spec in in_order():
+        g = p.add_argument_group(f"{spec.name} rewrite: {spec.summary} (defaults: those of convify.convify)")
+        for f in dataclasses.fields(spec.Options):
+            key = spec.keyword_of(f.name)
+            flag = "--" + key.replace("_", "-")
+            helptext, choices = help_of(f), choices_of(f)
+            if isinstance(f.default, bool):
+                g.add_argument(flag, dest=key, action="store_true", help=helptext)
+            elif choices:
+                extra = ["none"] if f.name == "mode" else []
+                g.add_argument(flag, dest=key, choices=[*(c for c in choices if c is not None), *extra],
+                               default=f.default if f.default is not None else "none",
+                               help=f"{helptext} (default: {f.default or 'none'}"
+                                    f"{'; none: leave it out' if extra else ''})")
+            else:
+                g.add_argument(flag, dest=key, type=type(f.default), default=f.default, help=helptext)
+    g = p.add_argument_group("sites and calibration")
+    g.add_argument("--only", action="append", metavar="GLOB", help="rewrite only sites matching GLOB (repeatable)")
+    g.add_argument("--skip", action="append", metavar="GLOB", help="leave sites matching GLOB alone (repeatable)")
+    g.add_argument("--calibration", metavar="DIR",
+                   help="with --init fit or --reconstruct: a folder of images (flat, or class subfolders), or "
+                        "the word 'synthetic': images synthesized from the model's BatchNorm statistics "
+                        "(no data needed; write ./synthetic for a folder of that name)")
+    g.add_argument("--calibration-images", type=int, default=1024, metavar="N",
+                   help="use at most N calibration images (default: 1024)")
+    g = p.add_argument_group("reconstruction (convify.reconstruct: train each pooling site's block toward the "
+                             "original's activations on the calibration images, no labels)")
+    g.add_argument("--reconstruct", action="store_true", help="reconstruct after the rewrite (needs --calibration)")
+    g.add_argument("--reconstruct-steps", type=int, metavar="N",
+                   help="Adam steps per block (default: convify.reconstruct's, 500)")
+    g.add_argument("--reconstruct-lr", type=float, metavar="LR",
+                   help="Adam learning rate (default: convify.reconstruct's, 0.001)")
+
+
+def output_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help=what)
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+def verify_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification (export to ONNX, run in onnxruntime, compare)")
+    g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="onnxruntime provider (default: cpu)")
+    g.add_argument("--min-agreement", type=float, metavar="FRACTION",
+                   help="pass a rewrite that is not exact only if top-1 agreement reaches FRACTION")
+    g.add_argument("--atol", type=float, help="absolute tolerance (default: convify.verify's)")
+    g.add_argument("--rtol", type=float, help="relative tolerance (default: convify.verify's)")
+
+
+def onnx_arguments(p: argparse.ArgumentParser, spatial: bool = True) -> None:
+    g = p.add_argument_group("ONNX export")
+    if spatial:
+        g.add_argument("--dynamic-spatial", action=argparse.BooleanOptionalAction, default=None,
+                       help="make height and width dynamic (default: yes for a --dense model, no otherwise)")
+    g.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
+                   help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
+    g.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
+
+def json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def given_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
+    """``--input-shape`` as a tuple (None: not given)."""
+    if not args.input_shape:
+        return None
+    from convify.fx.inputs import parse_input_shape  # noqa: PLC0415
+
+    try:
+        return parse_input_shape(args.input_shape)
+    except UsageError as e:
+        raise UsageError(f"--input-shape: {e}") from e
+
+
+def rewrite_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``convify.convify`` keywords the rewrite flags give (``none``: leave that rewrite out)."""
+    from convify.core.registry import all_keywords  # noqa: PLC0415
+
+    return {k: None if getattr(args, k) == "none" else getattr(args, k) for k in all_keywords()}

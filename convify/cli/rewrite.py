@@ -1,0 +1,109 @@
+"""``convify rewrite``: rewrite a model and write a convify checkpoint (and ONNX)."""
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, output_arguments,
+                                   rewrite_arguments, rewrite_keywords, verify_arguments)
+from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
+from convify.cli.console import Progress, note, print_json
+from convify.cli.models import export_model, load_and_rewrite, verify_rewrite
+from convify.cli.summary import headline, note_if_nothing, report_of, rewrite_summary, verification_dict
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from convify.io import ModelSource
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    rewrite_arguments(p)
+    output_arguments(p, "the convify checkpoint to write (a pickled module for --trust-pickle input)")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="also export the rewritten model to ONNX")
+    p.add_argument("--verify", action="store_true",
+                   help="verify the rewrite through onnxruntime first; write nothing if it fails")
+    verify_arguments(p)
+    onnx_arguments(p)
+    json_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Rewrite MODEL and write OUT (and OUT.onnx); never over an input, never a partial file."""
+    from convify import io as ck  # noqa: PLC0415
+
+    shape = given_shape(args)
+    options = rewrite_keywords(args)
+    inputs = [args.model, args.weights]
+    ck.check_output(args.output, force=args.force, inputs=inputs)
+    if args.onnx:
+        ck.check_output(args.onnx, force=args.force, inputs=inputs + [args.output])
+    written: list[str] = []
+    verification = None
+    with Progress(3 + bool(args.verify)) as progress:
+        src, shape, rewritten = load_and_rewrite(args, progress, shape, options, "rewriting")
+        if args.verify:
+            with progress.step("verifying through onnxruntime"):
+                verification = verify_rewrite(src.model, rewritten, shape, args)
+        if verification is None or verification.passed:
+            with progress.step("writing"):
+                written = _write(args, src, rewritten, options, shape, progress)
+    if not written:
+        _emit(args, src, rewritten, options, shape, verification=verification, written=[])
+        note("verification failed: nothing written")
+        return EXIT_FAILED
+    _emit(args, src, rewritten, options, shape, verification=verification, written=written)
+    for path in written:
+        note(f"wrote {path}")
+    if src.pickled:
+        note(f"{args.output} is a whole pickled module (no recipe can rebuild an unnamed class): loading it "
+             "runs code from the file and needs the same trust as its source (--trust-pickle, "
+             "torch.load(..., weights_only=False))")
+    note_if_nothing(report_of(rewritten, src), src)
+    return EXIT_OK
+
+
+def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],
+           shape: tuple[int, ...], progress: Progress) -> list[str]:
+    """The checkpoint goes to a temp file; the ONNX export (itself atomic)
+    runs before the rename, so a failed export leaves no checkpoint either."""
+    import torch  # noqa: PLC0415
+
+    from convify import io as ck  # noqa: PLC0415
+
+    if src.pickled:
+        payload: Any = rewritten
+    else:  # the recipe: every pass the report records, those of an input checkpoint first
+        recipe = ck.make_recipe(arch=src.arch, arch_kwargs=src.arch_kwargs, passes=ck.passes_of(rewritten))
+        payload = ck.to_checkpoint(rewritten, recipe)
+    written = [args.output]
+
+    def write(tmp: Any) -> None:
+        torch.save(payload, tmp)
+        if args.onnx:
+            progress.set("exporting to ONNX")
+            export_model(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset,
+                         dynamic_spatial=args.dynamic_spatial)
+            written.append(args.onnx)
+
+    ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
+    return written
+
+
+def _emit(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],
+          shape: tuple[int, ...], *, verification: Any, written: list[str]) -> None:
+    rep = report_of(rewritten, src)
+    summary = rewrite_summary(src, rewritten, options, shape)
+    if args.json:
+        print_json({**summary, "report": rep.to_dict(), "verification": verification_dict(verification),
+                    "written": written})
+        return
+    print(headline(summary))
+    print(rep)
+    if verification is not None:
+        print()
+        print(verification)
+
+
+REWRITE = Command("rewrite", "rewrite a model and write a convify checkpoint (and ONNX)", add_arguments, run)

@@ -1,0 +1,115 @@
+"""``convify scan``: score every window of a large image in exact tiles (``convify.dense_map``)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from convify.cli.arguments import given_shape, json_argument, model_arguments, output_arguments
+from convify.cli.command import EXIT_OK, Command
+from convify.cli.console import Progress, note, print_json, shape_text
+from convify.cli.models import load_model, random_input, resolve_shape
+from convify.errors import DataError, UsageError
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model_arguments(p)
+    p.add_argument("image", metavar="IMAGE", help="a PNG, JPEG or TIFF image of any size")
+    output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W')")
+    g = p.add_argument_group("scanning (convify.dense_map)")
+    g.add_argument("--png", metavar="FILE.png",
+                   help="also write a heat map over the image: each position in its top class's colour")
+    g.add_argument("--class", dest="class_index", type=int, metavar="K",
+                   help="with --png: the probability map of class K instead of the top class")
+    g.add_argument("--tile", type=int, metavar="N",
+                   help="tile side in input pixels (default: the largest that fits in memory)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="tiles per forward pass (default: what fits)")
+    g.add_argument("--normalize", choices=["none", "imagenet"], default="none",
+                   help="pixels are scaled to [0, 1]; imagenet: then normalized with ImageNet's mean and std")
+    g.add_argument("--device", help="torch device for the model (default: cpu)")
+    g.add_argument("--onnx", action="store_true",
+                   help="run the tiles through onnxruntime (the model exported with dynamic height and width)")
+    g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="with --onnx: onnxruntime provider (default: cpu)")
+    json_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score every window of IMAGE with MODEL made dense, in exact tiles; write OUT.npy (and a PNG)."""
+    import numpy as np  # noqa: PLC0415
+
+    from convify import io as ck  # noqa: PLC0415
+    from convify.dense import heatmap, is_dense, load_image, scan  # noqa: PLC0415
+
+    inputs = [args.model, args.weights, args.image]
+    ck.check_output(args.output, force=args.force, inputs=inputs)
+    if args.png:
+        ck.check_output(args.png, force=args.force, inputs=inputs + [args.output])
+    if not os.path.isfile(args.image):
+        raise UsageError(f"{args.image}: no such image file")
+    shape = given_shape(args)
+    with Progress(2) as progress:
+        with progress.step("loading the model"):
+            src = load_model(args)
+            shape = resolve_shape(src, shape)
+            try:  # read before any conversion: a bad image fails fast
+                image = load_image(args.image, shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3)
+            except DataError as e:
+                raise UsageError(str(e)) from e
+        model = src.model.eval()
+        converted = not is_dense(model)
+        with progress.step("converting the head (dense=True)"):
+            if converted:
+                from convify import replace_linear_head  # noqa: PLC0415
+
+                model = replace_linear_head(model, random_input(model, shape), dense=True)
+    result = scan(model, image, tile=args.tile, batch_size=args.batch_size, device=args.device,
+                  progress=not args.json, onnx=True if args.onnx else None, provider=args.provider,
+                  normalize=_IMAGENET if args.normalize == "imagenet" else None)
+    scores = result.scores
+    assert scores is not None  # one process: rank 0
+    written = [args.output]
+
+    def write(tmp: Any) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, scores.numpy().astype(np.float32))
+        if args.png:
+            picture = heatmap(result.image, scores, result.plan.geometry, args.class_index)
+            ck.atomic_write(args.png, lambda t: picture.save(t, format="PNG"), force=args.force,
+                            inputs=inputs + [args.output])
+            written.append(args.png)
+
+    if args.class_index is not None and not 0 <= args.class_index < scores.shape[1]:
+        raise UsageError(f"--class {args.class_index}: the map has {scores.shape[1]} classes "
+                         f"(0 .. {scores.shape[1] - 1})")
+    ck.atomic_write(args.output, write, force=args.force, inputs=inputs)
+    summary = _scan_summary(src.label, result)
+    if args.json:
+        print_json({**summary, "written": written})
+    else:
+        print(_scan_headline(summary))
+    if converted:  # said after success, so that an error stays one line
+        note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
+    for path in written:
+        note(f"wrote {path}")
+    return EXIT_OK
+
+
+def _scan_summary(label: str, result: Any) -> dict[str, Any]:
+    plan = result.plan
+    return {"model": label, "image": list(result.image.shape), "map": list(result.scores.shape),
+            "geometry": plan.geometry.to_dict(), "tile": list(plan.tile), "tiles": len(plan.tiles),
+            "batch_size": result.batch_size, "halo_overhead": round(plan.overhead, 4), "runner": result.runner}
+
+
+def _scan_headline(s: dict[str, Any]) -> str:
+    g = s["geometry"]
+    return (f"{s['model']}  image {shape_text(s['image'])} -> map {shape_text(s['map'])}  stride "
+            f"{shape_text(g['stride'])}, receptive field {shape_text(g['size'])}, offset "
+            f"{','.join(map(str, g['offset']))}  {s['tiles']} tiles of {shape_text(s['tile'])} (halo overhead "
+            f"{s['halo_overhead']:.2f}x) on {s['runner']}")
+
+
+SCAN = Command("scan", "score every window of a large image in exact tiles (convify.dense_map)", add_arguments, run)
