@@ -15,8 +15,9 @@ from test_geometry import Residual, dense_zoo, padded_net, unpadded_net
 
 import convify
 from convify import dense as D
+from convify.dense import tiles
 from convify.dense.geometry import NotTilableError, receptive_field
-from convify.errors import UsageError, VerificationError
+from convify.errors import DataError, UsageError, VerificationError
 from convify.fx import tracing
 
 from conftest import assert_input_dependent, reinit, rel_err
@@ -123,14 +124,14 @@ def test_default_tile_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch)
     model = padded_net()
     geometry = receptive_field(model)
     gm = tracing.trace(model)
-    monkeypatch.setattr(D, "memory_budget", lambda device: 2_000_000)
+    monkeypatch.setattr(tiles, "memory_budget", lambda device: 2_000_000)
     small = D.default_tile(gm, geometry, 3, torch.device("cpu"))
-    monkeypatch.setattr(D, "memory_budget", lambda device: 200_000_000)
+    monkeypatch.setattr(tiles, "memory_budget", lambda device: 200_000_000)
     large = D.default_tile(gm, geometry, 3, torch.device("cpu"))
     assert small % 4 == 0 and large % 4 == 0 and D.minimum_tile(geometry.axes[0]) <= small < large
     per_pixel = D.bytes_per_pixel(gm, 3, 64)
     assert per_pixel >= 2 * (3 + 8) * 4  # the first conv's input and output, float32, times the factor
-    monkeypatch.setattr(D, "memory_budget", lambda device: 2_000_000)
+    monkeypatch.setattr(tiles, "memory_budget", lambda device: 2_000_000)
     image = torch.randn(3, 300, 260)
     result = assert_stitched_equals_one_pass(model, image, tile=None)
     assert result.plan.tile == (small, small) and len(result.plan.tiles) > 1
@@ -154,7 +155,7 @@ class GlobalHead(nn.Module):
     (lambda: convify.dense_map(padded_net(), torch.randn(3, 20, 20), tile=0), UsageError, "tile must be a positive number"),
     (lambda: convify.dense_map(padded_net(), torch.randn(2, 3, 20, 20)), UsageError, r"\(C, H, W\)"),
     (lambda: convify.dense_map(padded_net(), [1, 2]), UsageError, "not list"),
-    (lambda: convify.dense_map(padded_net(), "missing.png"), D.DataError, "no such image file"),
+    (lambda: convify.dense_map(padded_net(), "missing.png"), DataError, "no such image file"),
     (lambda: convify.dense_map(padded_net(), torch.randn(3, 20, 20), batch_size=0), UsageError, "at least 1"),
     (lambda: convify.dense_map(padded_net(), torch.randn(3, 20, 20), onnx="missing.onnx"), UsageError,
      "no such ONNX file"),
@@ -167,7 +168,7 @@ def test_errors_say_what_is_wrong(call, error, match) -> None:
 def test_unreadable_image_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(D.DataError, match="bad.png: cannot read it as an image"):
+    with pytest.raises(DataError, match="bad.png: cannot read it as an image"):
         convify.dense_map(padded_net(), bad)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import convify
 from convify.dense.matmul import MatmulConv2d, conv2d_as_matmul
 from convify.errors import UsageError
-from convify.export.onnx import op_census
+from convify.export.census import op_census
 from convify.fx import tracing
 
 from conftest import reinit, rel_err

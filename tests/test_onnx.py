@@ -17,7 +17,8 @@ import convify
 import convify.api
 import convify.export.onnx as conv_onnx
 from convify.errors import ExportError
-from convify.export.onnx import ExportFallbackWarning, export, op_census
+from convify.export.census import op_census
+from convify.export.onnx import ExportFallbackWarning, export
 
 from conftest import assert_input_dependent, reinit, rel_err
 from zoo import build

@@ -14,6 +14,7 @@ import convify
 import convify.api
 import convify.export.verify as V
 from convify.core.report import Pass, Replaced, Report, attach
+from convify.demo.printing import demo_verify
 from convify.errors import VerificationError
 
 from conftest import reinit
@@ -187,8 +188,8 @@ def test_to_dict_is_json_ready():
 def test_demo_verify_exports_and_prints_the_table(tmp_path):
     lines: list[str] = []
     model = tiny()
-    v = V.demo_verify(model, convify.replace_maxpool(model, X), X, path=tmp_path / "demo.onnx", exporter="legacy",
-                      echo=lines.append)
+    v = demo_verify(model, convify.replace_maxpool(model, X), X, path=tmp_path / "demo.onnx", exporter="legacy",
+                    echo=lines.append)
     assert v.passed and (tmp_path / "demo.onnx").exists()
     assert "exported" in lines[0] and "weights embedded" in lines[0] and "ONNX op census" in lines[1]
 

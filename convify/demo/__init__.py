@@ -78,7 +78,7 @@ def _show_dense_head(title: str, model: nn.Module, out) -> bool:
 def _show_verify(title: str, slug: str, model: nn.Module, shape: tuple[int, ...], folder: str, out) -> bool:
     from pathlib import Path  # noqa: PLC0415
 
-    from convify.export.verify import demo_verify  # noqa: PLC0415  (onnx and onnxruntime load here only)
+    from convify.demo.printing import demo_verify  # noqa: PLC0415  (onnx and onnxruntime load here only)
 
     x = torch.randn(1, *shape[1:])
     allconv = api.convify(model, x)

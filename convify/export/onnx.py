@@ -11,18 +11,15 @@ why it happened.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,6 +27,7 @@ import torch.nn as nn
 from convify.core.report import report
 from convify.core.rewrites.head import is_dense
 from convify.errors import ExportError, one_line
+from convify.export.quiet import run_quietly
 from convify.fx import copying
 from convify.fx.inputs import as_args
 
@@ -219,7 +217,7 @@ def _state_bytes(model: nn.Module) -> int:
 def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
                    exporter: str, large: bool, verbose: bool) -> tuple[str, str | None, tuple[str, ...]]:
     def legacy() -> tuple[str, ...]:
-        return _export_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose, verbose=verbose)
+        return run_quietly(_export_legacy, model, args, staged, spec, opset, large, verbose, verbose=verbose)
 
     if exporter == "legacy":
         try:
@@ -230,7 +228,7 @@ def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec,
                 "try exporter='dynamo', or export_onnx(..., verbose=True) for the exporter's own messages") from e
         return "legacy", None, caught
     try:
-        caught = _export_quietly(_export_dynamo, model, args, staged, spec, opset, large, verbose, verbose=verbose)
+        caught = run_quietly(_export_dynamo, model, args, staged, spec, opset, large, verbose, verbose=verbose)
         return "dynamo", None, caught
     except Exception as dynamo_error:  # any exporter failure: fall back, then say so
         reason = one_line(dynamo_error)
@@ -247,59 +245,6 @@ def _run_exporters(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec,
         log.warning(message)
         warnings.warn(message, ExportFallbackWarning, stacklevel=4)
         return "legacy", reason, caught
-
-
-def _export_quietly(fn: Any, *args: Any, verbose: bool) -> tuple[str, ...]:
-    """Run one exporter; unless ``verbose``, swallow its progress prints (Python
-    and C++ alike) and warnings (kept in the result); only exceptions get through."""
-    if verbose:
-        fn(*args)
-        return ()
-    with warnings.catch_warnings(record=True) as caught, _silenced_output(), _quiet_loggers():
-        warnings.simplefilter("always")
-        fn(*args)
-    return tuple(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if str(w.message)))
-
-
-@contextlib.contextmanager
-def _silenced_output() -> Iterator[None]:
-    """Send stdout and stderr to nowhere at the file-descriptor level: the
-    legacy exporter prints its TorchScript graph from C++ when it fails."""
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        try:
-            saved = [os.dup(1), os.dup(2)]
-        except OSError:  # no real descriptors (an embedding host): Python-level only
-            yield
-            return
-        for stream in (sys.__stdout__, sys.__stderr__):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            yield
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in (*saved, devnull):
-                os.close(fd)
-
-
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
-             "onnxscript")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _export_dynamo(model: nn.Module, args: tuple, staged: Path, spec: _AxesSpec, opset: int | None,
@@ -405,32 +350,3 @@ def input_names(path: str | os.PathLike) -> list[str]:
     import onnx  # noqa: PLC0415
 
     return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-
-
-def op_census(path: str | os.PathLike) -> dict[str, int]:
-    """Op-type counts of an ONNX file, subgraphs and local functions included.
-
-    >>> op_census("model.onnx")["Conv"]
-    20
-    """
-    import onnx  # noqa: PLC0415
-
-    proto = onnx.load(str(path), load_external_data=False)
-    counts: dict[str, int] = {}
-    functions = {(f.domain, f.name): f for f in proto.functions}
-
-    def visit(nodes: Sequence[Any]) -> None:
-        for node in nodes:
-            fn = functions.get((node.domain, node.op_type))
-            if fn is not None:  # dynamo may keep modules as local functions: count what they contain
-                visit(fn.node)
-                continue
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                if attr.g is not None and len(attr.g.node):
-                    visit(attr.g.node)
-                for g in attr.graphs:
-                    visit(g.node)
-
-    visit(proto.graph.node)
-    return dict(sorted(counts.items()))

@@ -17,24 +17,25 @@ True
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
-from convify.core.report import Report, format_table, report
+from convify.core.report import format_table, report
 from convify.errors import ConvifyError, ExportError, VerificationError, one_line
-from convify.export.onnx import ExportResult, export, op_census
+from convify.export.census import CensusCheck, census_checks, op_census
+from convify.export.comparison import Equivalence, Fidelity, Tolerance, measure_equivalence, measure_fidelity
+from convify.export.onnx import ExportResult, export
+from convify.export.sessions import execution_provider, open_session
 from convify.fx import copying
 from convify.fx.inputs import as_args
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 DEFAULT_BATCH = 8
 DEFAULT_RTOL = 1e-4          # float32 and float64
 DEFAULT_RTOL_LOW = 1e-2      # float16 / bfloat16
@@ -44,69 +45,6 @@ Shape = tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- result
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Pass when ``max|a - b| <= atol + rtol * max|b|`` (``b`` the reference)."""
-
-    rtol: float
-    atol: float = 0.0
-
-    def admits(self, max_abs: float, ref_max: float) -> bool:
-        return max_abs <= self.atol + self.rtol * ref_max
-
-    def __str__(self) -> str:
-        if self.atol == 0:
-            return f"rel <= {self.rtol:.0e}"
-        return f"abs <= {self.atol:.0e} + {self.rtol:.0e}*max|ref|"
-
-
-@dataclass(frozen=True)
-class Fidelity:
-    """onnxruntime against PyTorch eager, both running ``rewritten``."""
-
-    max_abs: float
-    rel: float
-    tolerance: Tolerance
-    passed: bool
-
-
-@dataclass(frozen=True)
-class Equivalence:
-    """``rewritten`` against ``original``, both in PyTorch eager.
-
-    ``passed`` is ``None`` when the rewrite is not exact and no ``min_agreement``
-    was given: its equivalence was measured but not judged.
-    """
-
-    exact: bool
-    max_abs: float | None
-    rel: float | None
-    top1_agreement: float | None
-    cosine: float | None
-    min_agreement: float | None
-    tolerance: Tolerance
-    passed: bool | None
-
-    @property
-    def judged(self) -> bool:
-        return self.passed is not None
-
-
-@dataclass(frozen=True)
-class CensusCheck:
-    """One expectation on the op counts of the exported graphs."""
-
-    ops: tuple[str, ...]
-    original: int | None
-    rewritten: int
-    at_most: int
-    why: str
-
-    @property
-    def passed(self) -> bool:
-        return self.rewritten <= self.at_most
 
 
 @dataclass(frozen=True)
@@ -247,7 +185,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     """
     import onnxruntime as ort  # noqa: PLC0415  (heavy; loaded on first use)
 
-    ep = _provider(provider, ort)
+    ep = execution_provider(provider)
     for name, m in (("original", original), ("rewritten", rewritten)):
         if not isinstance(m, nn.Module):
             raise VerificationError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
@@ -260,14 +198,14 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         exported = _export(rewritten, "rewritten", target, example, exporter, opset)
         census_after = op_census(exported.path)
         census_before = _original_census(original, example, exporter, opset, Path(tmp), notes)
-        session = _session(exported.path, ep, ort)
+        session = open_session(exported.path, ep)
         ran = _run_session(session, batch)
     eager_new = _eager(rewritten, batch, "rewritten")
     eager_old = _eager(original, batch, "original")
-    fidelity = _fidelity(ran, eager_new, tol, notes)
+    fidelity = measure_fidelity(ran, eager_new, tol, notes)
     rep = report(rewritten)
-    equivalence = _equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
-    checks = _census_checks(rep, census_before, census_after)
+    equivalence = measure_equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
+    checks = census_checks(rep, census_before, census_after)
     if exported.fallback_reason:
         notes.insert(0, f"dynamo exporter failed ({exported.fallback_reason}); the legacy exporter was used")
     if equivalence.passed is None:
@@ -283,57 +221,6 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         onnxruntime_version=ort.__version__,
     )
 
-
-def demo_verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None, *,
-                path: str | os.PathLike | None = None, provider: str = "cpu", exporter: str = "dynamo",
-                min_agreement: float | None = None, echo: Callable[[str], Any] = print) -> Verification:
-    """What ``convify demo`` shows: export ``rewritten`` (to ``path`` when given),
-    verify it in onnxruntime, and print the verification table.
-
-    >>> demo_verify(model, convify.replace_maxpool(model), torch.randn(1, 3, 224, 224), path="allconv.onnx")
-    """
-    result = verify(original, rewritten, example_input, provider=provider, exporter=exporter, onnx_path=path,
-                    min_agreement=min_agreement)
-    if result.onnx_path is not None:
-        size = result.onnx_path.stat().st_size / 2**20
-        echo(f"exported {result.onnx_path} ({size:.1f} MiB, {result.exporter} exporter, weights embedded)")
-    echo(str(result))
-    return result
-
-
-# --------------------------------------------------------------------------- providers
-
-
-def _provider(provider: str, ort: Any) -> str:
-    ep = PROVIDERS.get(provider.lower()) if isinstance(provider, str) else None
-    if ep is None:
-        raise VerificationError(f"provider must be 'cpu' or 'cuda', not {provider!r}")
-    available = ort.get_available_providers()
-    if ep not in available:
-        raise VerificationError(
-            f"provider={provider!r} needs onnxruntime's {ep}, which this onnxruntime {ort.__version__} does not "
-            f"have (it has {', '.join(available)}). For CUDA, replace the CPU package with the GPU one "
-            "(they cannot be installed together): pip uninstall onnxruntime && pip install onnxruntime-gpu")
-    return ep
-
-
-def _session(path: Path, ep: str, ort: Any) -> Any:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the per-node placement warnings are noise here
-    providers = [ep] if ep == "CPUExecutionProvider" else [ep, "CPUExecutionProvider"]
-    try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as e:
-        raise VerificationError(f"onnxruntime could not load {path} on {ep}: {one_line(e)}") from e
-    got = session.get_providers()
-    if not got or got[0] != ep:
-        # onnxruntime drops a provider it cannot initialize (no GPU, missing CUDA or
-        # cuDNN libraries) and runs on the CPU without an error: refuse that.
-        raise VerificationError(
-            f"onnxruntime was asked for {ep} but the session runs on {', '.join(got) or 'nothing'}: {ep} is "
-            "installed but could not start (no GPU visible, or the CUDA/cuDNN libraries onnxruntime-gpu needs "
-            "are missing); fix the CUDA setup or verify with provider='cpu'")
-    return session
 
 
 # --------------------------------------------------------------------------- inputs and runs
@@ -430,119 +317,3 @@ def _leaves(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [x for v in value.values() for x in _leaves(v)]
     return [value]
-
-
-# --------------------------------------------------------------------------- comparisons
-
-
-def _max_abs_and_ref(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> tuple[float, float]:
-    """Worst ``max|a - b|`` over the outputs, with that output's ``max|b|``."""
-    worst, ref, worst_rel = 0.0, 0.0, -1.0
-    for x, y in zip(a, b):
-        x, y = x.double(), y.double()
-        diff = float((x - y).abs().max()) if x.numel() else 0.0
-        scale = float(y.abs().max()) if y.numel() else 0.0
-        rel = diff / max(scale, 1e-30)
-        if rel > worst_rel:
-            worst, ref, worst_rel = diff, scale, rel
-    return worst, ref
-
-
-def _fidelity(ran: list[torch.Tensor], eager: list[torch.Tensor], tol: Tolerance, notes: list[str]) -> Fidelity:
-    if len(ran) != len(eager) or any(a.shape != b.shape for a, b in zip(ran, eager)):
-        notes.append(f"onnxruntime returned shapes {[tuple(t.shape) for t in ran]} where PyTorch returns "
-                     f"{[tuple(t.shape) for t in eager]}")
-        return Fidelity(math.inf, math.inf, tol, False)
-    max_abs, ref = _max_abs_and_ref(ran, eager)
-    rel = max_abs / max(ref, 1e-30)
-    return Fidelity(max_abs, rel, tol, tol.admits(max_abs, ref) and math.isfinite(max_abs))
-
-
-def _comparable(new: list[torch.Tensor], old: list[torch.Tensor], notes: list[str]) -> list[torch.Tensor] | None:
-    """``new`` shaped like ``old``: a dense head's score maps ``(N, K, *S)`` are
-    averaged over ``S`` to compare with ``(N, K)``."""
-    if len(new) != len(old):
-        notes.append(f"rewritten returns {len(new)} outputs, original {len(old)}: equivalence not comparable")
-        return None
-    out = []
-    for a, b in zip(new, old):
-        if a.shape == b.shape:
-            out.append(a)
-        elif a.dim() > b.dim() and a.shape[:b.dim()] == b.shape:
-            extra = tuple(range(b.dim(), a.dim()))
-            notes.append(f"rewritten output {tuple(a.shape)} averaged over its positions to compare with the "
-                         f"original's {tuple(b.shape)}")
-            out.append(a.mean(dim=extra))
-        else:
-            notes.append(f"rewritten output {tuple(a.shape)} vs original {tuple(b.shape)}: not comparable")
-            return None
-    return out
-
-
-def _top1_and_cosine(new: list[torch.Tensor], old: list[torch.Tensor]) -> tuple[float | None, float | None]:
-    agree, cos = [], []
-    for a, b in zip(new, old):
-        if a.dim() >= 1 and a.shape[0] > 0:
-            cos.append(float(torch.nn.functional.cosine_similarity(
-                a.double().flatten(1) if a.dim() > 1 else a.double()[:, None],
-                b.double().flatten(1) if b.dim() > 1 else b.double()[:, None], dim=1).mean()))
-        if a.dim() >= 2 and a.shape[1] > 1:
-            agree.append(float((a.argmax(1) == b.argmax(1)).double().mean()))
-    return (min(agree) if agree else None), (min(cos) if cos else None)
-
-
-def _equivalence(new: list[torch.Tensor], old: list[torch.Tensor], rep: Report, tol: Tolerance,
-                 min_agreement: float | None, notes: list[str]) -> Equivalence:
-    exact = rep.exact
-    if not rep.passes:
-        notes.append("rewritten has no convify report: compared with the original as an exact copy")
-    elif exact:
-        pass
-    else:
-        inexact = sorted({r.rewrite for r in rep.replaced if not r.exact})
-        notes.append(f"not exact by construction: {', '.join(inexact)} rewrite(s) (see convify.report)")
-    same = _comparable(new, old, notes)
-    if same is None:
-        return Equivalence(exact, None, None, None, None, min_agreement, tol,
-                           False if exact or min_agreement is not None else None)
-    max_abs, ref = _max_abs_and_ref(same, old)
-    rel = max_abs / max(ref, 1e-30)
-    top1, cosine = _top1_and_cosine(same, old)
-    if exact:
-        passed: bool | None = tol.admits(max_abs, ref) and math.isfinite(max_abs)
-    elif min_agreement is None:
-        passed = None
-    elif top1 is None:
-        notes.append("min_agreement given but the outputs have no class dimension to take a top-1 over")
-        passed = False
-    else:
-        passed = top1 >= min_agreement
-    return Equivalence(exact, max_abs, rel, top1, cosine, min_agreement, tol, passed)
-
-
-# --------------------------------------------------------------------------- census checks
-
-
-def _census_checks(rep: Report, before: Mapping[str, int] | None, after: Mapping[str, int]) -> list[CensusCheck]:
-    """One check per rewrite that replaced something: the ONNX op types it
-    declares it removes must drop by as many as its sites removed."""
-    from convify.core.registry import in_order  # noqa: PLC0415
-
-    checks = []
-    for spec in in_order():
-        rows = [r for r in rep.replaced if r.rewrite == spec.name]
-        if not rows or not spec.onnx_ops:
-            continue
-        removed = sum(spec.onnx_ops_removed(r) for r in rows)
-        checks.append(_expect_fewer(spec.onnx_ops, before, after, removed,
-                                    f"{len(rows)} {spec.name} site(s) replaced, {removed} op(s) removed"))
-    return checks
-
-
-def _expect_fewer(ops: tuple[str, ...], before: Mapping[str, int] | None, after: Mapping[str, int],
-                  removed: int, why: str) -> CensusCheck:
-    now = sum(after.get(op, 0) for op in ops)
-    if before is None:
-        return CensusCheck(ops, None, now, now, why + "; original census missing, not checked")
-    was = sum(before.get(op, 0) for op in ops)
-    return CensusCheck(ops, was, now, max(0, was - removed), why)
