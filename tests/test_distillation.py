@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import convify
 import convify.recovery.distillation as D
+import convify.recovery.distillation.run as R  # the run reads distillation_loss here: the tests patch it here
 from convify.errors import CompileError, ConvifyError, UsageError
 from convify.recovery.distillation import CHECKPOINT_NAME, History, distillation_loss, load_checkpoint
 
@@ -348,7 +349,7 @@ def test_mixed_precision_trains_the_student_with_a_float32_loss(monkeypatch, pre
         seen["loss"].update({s.dtype, t.dtype})
         return real_loss(s, t, labels, temperature, alpha)
 
-    monkeypatch.setattr(D, "distillation_loss", loss_spy)
+    monkeypatch.setattr(R, "distillation_loss", loss_spy)
     x = _images(64, 8)
     history = convify.distill(teacher, student, TensorDataset(x, _sign_labels(x)), batch_size=16, lr=3e-3,
                               val_data=TensorDataset(x), device="cpu", progress=False, precision=precision)
@@ -493,7 +494,7 @@ def test_the_teacher_runs_in_inference_mode_and_the_loss_may_save_its_logits(mon
     teacher, student = _pair(9)
     teacher.register_forward_hook(lambda m, i, o: modes.append((torch.is_inference_mode_enabled(), o.is_inference())))
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    monkeypatch.setattr(D, "distillation_loss", lambda s, t, labels, temperature, alpha: (s * t).mean())
+    monkeypatch.setattr(R, "distillation_loss", lambda s, t, labels, temperature, alpha: (s * t).mean())
     convify.distill(teacher, student, TensorDataset(_images(32, 1)), batch_size=16, device="cpu", progress=False)
     assert modes == [(True, True)] * 2
     assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import convify
 from convify.core.report import Reconstruction
+from convify.core.rewrites.maxpool import PoolRecord
 from convify.errors import ExampleInputError, UsageError
 
 from conftest import reinit
@@ -150,16 +151,40 @@ def test_training_that_makes_a_block_worse_is_undone() -> None:
     for r in rows:
         assert r.error_after <= r.error_before
     assert "undone, as it made the error larger" in str(convify.report(rewritten))
+    expected = reference.state_dict()  # undone: back to what the run without training left
+    for k, v in rewritten.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+class Foldable(nn.Module):
+    """Every max pooling right after a stride-1 convolution and a ReLU, at sizes where the pool's stride moves
+    onto the convolution (16x16 -> 8x8 -> 4x4 either way; an odd size would not fold): ``mode="fold"`` folds
+    them all, and no site is left to reconstruct."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.p2 = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.p1(torch.relu(self.c1(x)))
+        return self.p2(torch.relu(self.c2(x))).mean((2, 3))
 
 
 def test_reconstruct_refuses_what_it_cannot_do() -> None:
     model, batches = _model(), _batches(0)
     with pytest.raises(UsageError, match="no max-pool rewrite in its convify report"):
         convify.reconstruct(model, _model(), batches)
-    folded = convify.replace_maxpool(model, batches[0][:1], mode="fold")
-    if all(r.detail.mode == "fold" for r in convify.report(folded).replaced):
-        with pytest.raises(UsageError, match="nothing to reconstruct"):
-            convify.reconstruct(model, folded, batches)
+    foldable = reinit(Foldable(), seed=2).eval()
+    even = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    folded = convify.replace_maxpool(foldable, even[0][:1], mode="fold")
+    rows = convify.report(folded).replaced
+    assert [r.name for r in rows] == ["p1", "p2"]
+    assert all(isinstance(r.detail, PoolRecord) and r.detail.mode == "fold" and r.detail.conv is None for r in rows)
+    with pytest.raises(UsageError, match="nothing to reconstruct"):
+        convify.reconstruct(foldable, folded, even)
     rewritten = _rewritten(model, batches)
     with pytest.raises(UsageError, match="steps=-1"):
         convify.reconstruct(model, rewritten, batches, steps=-1)
@@ -177,11 +202,17 @@ def test_reconstruct_refuses_what_it_cannot_do() -> None:
 def test_reconstruct_reads_input_label_pairs_like_bare_batches() -> None:
     model, batches = _model(), _batches(0)
     pairs = [(b, torch.zeros(len(b), dtype=torch.long)) for b in batches]
-    bare, paired = _rewritten(model, batches), _rewritten(model, batches)
+    start, bare, paired = _rewritten(model, batches), _rewritten(model, batches), _rewritten(model, batches)
     torch.manual_seed(0)
-    convify.reconstruct(model, bare, batches, steps=10, progress=False)
+    convify.reconstruct(model, bare, batches, steps=20, lr=3e-3, progress=False)
     torch.manual_seed(0)
-    convify.reconstruct(model, paired, pairs, steps=10, progress=False)
+    convify.reconstruct(model, paired, pairs, steps=20, lr=3e-3, progress=False)
+    for run in (bare, paired):  # both trained: two runs that did nothing would agree too
+        for row in convify.report(run).replaced:
+            rec = row.reconstruction
+            assert not rec.reverted and rec.error_after < rec.error_reestimated, (row.name, rec)
+    initial = dict(start.named_parameters())
+    assert any(not torch.equal(p, initial[n]) for n, p in bare.named_parameters())
     x = batches[0]
     with torch.no_grad():
         torch.testing.assert_close(paired(x), bare(x))

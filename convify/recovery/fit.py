@@ -23,13 +23,14 @@ the site's input), so memory does not grow with the calibration set: a dense
 (512 channels, 3x3: 4609^2 doubles = 170 MB), a depthwise one
 ``C * (k*k + 1)^2``. The solve shrinks toward the average-pooling weights, so a
 small calibration set changes the average init only as far as the data
-supports.
+supports (:mod:`convify.recovery.least_squares`).
+
+:func:`calibrate_pass` fits what one pass made: these pooling sites, and the
+global-average heads (:mod:`convify.recovery.fit_heads`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -37,37 +38,18 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from convify.core import weights as W
-from convify.core.report import Fit, Pass, Replaced
+from convify.core.report import Fit, Pass
 from convify.core.rewrites.head import HeadRecord
-from convify.core.rewrites.maxpool import CONV, POOL_MODES, PoolParams, PoolRecord
-from convify.errors import ExampleInputError, OptionError, RewriteError, one_line
+from convify.core.rewrites.maxpool import CONV, POOL_MODES, PoolRecord
+from convify.errors import OptionError, RewriteError
 from convify.fx import copying, ops
-from convify.fx.inputs import to_model
 from convify.fx.rewrites.maxpool.same import PadSame
+from convify.recovery.calibration import Enough, PoolSite, in_forward_order, pool_sites, run_batch
+from convify.recovery.fit_heads import fit_gap_heads
+from convify.recovery.least_squares import NormalEquations, solve_and_install, with_fit
 
-#: Ridge strength relative to the mean diagonal of ``X^T X`` (scale-free).
-RIDGE = 1e-4
 #: Rows of the patch matrix handled at once (bounds the float64 working set).
 _CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass
-class PoolSite:
-    """One new convolution to fit (or reconstruct): its report row, the pooling it replaced, the module."""
-
-    row: Replaced
-    params: PoolParams
-    conv: nn.modules.conv._ConvNd
-
-
-@dataclass
-class _Normal:
-    """The accumulated normal equations of one site."""
-
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    target_sq: torch.Tensor | None = None
-    samples: int = 0
 
 
 def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any], *,
@@ -109,51 +91,8 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
     for site in in_forward_order(model, sites, batches):
         fitted[site.row.name] = _fit_site(model, site, batches, teacher,
                                           (calls.get(site.row.name) or None) if calls is not None else None)
-    rows = tuple(_with_fit(r, fitted[r.name]) if r.name in fitted else r for r in done.replaced)
+    rows = tuple(with_fit(r, fitted[r.name]) if r.name in fitted else r for r in done.replaced)
     return dataclasses.replace(done, replaced=rows, notes=tuple(dict.fromkeys(notes)))
-
-
-def pool_sites(model: nn.Module, done: Pass) -> list[PoolSite]:
-    """The sites of a pass whose pooling became one new convolution
-    (``PoolRecord.conv``; a fold adds none), read from the rows' typed records."""
-    return [PoolSite(row, row.detail.params, _conv_at(model, row, row.detail.conv)) for row in done.replaced
-            if isinstance(row.detail, PoolRecord) and row.detail.conv is not None]
-
-
-def _with_fit(row: Replaced, result: Fit | str) -> Replaced:
-    """The row with its fit, or with the note that says why it was not fitted."""
-    if isinstance(result, Fit):
-        return dataclasses.replace(row, fit=result)
-    return dataclasses.replace(row, notes=row.notes + (result,))
-
-
-# --------------------------------------------------------------------------- calibration data
-
-
-def batch_input(batch: Any) -> torch.Tensor:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ExampleInputError(f"init='fit': a calibration batch must be a tensor or an (input, label) pair, "
-                            f"not {type(batch).__name__}")
-
-
-class Enough(Exception):
-    """Raised inside a forward once everything needed from it is recorded."""
-
-
-def run_batch(model: nn.Module, batch: Any, who: str = "init='fit'") -> None:
-    """Run ``model`` on a calibration batch (a hook may stop it early with :class:`Enough`); ``who`` names the
-    caller in the error of a batch that does not run."""
-    x = to_model(model, batch_input(batch))
-    try:
-        model(x)
-    except Enough:
-        return
-    except Exception as e:
-        raise ExampleInputError(f"{who}: a calibration batch of shape {tuple(x.shape)} does not run "
-                                f"through the model: {one_line(e)}") from e
 
 
 # --------------------------------------------------------------------------- the original's activations
@@ -232,42 +171,6 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
     return [mode.kept[i] for i in indices]
 
 
-# --------------------------------------------------------------------------- sites
-
-
-def _conv_at(model: nn.Module, row: Replaced, name: str) -> nn.modules.conv._ConvNd:
-    try:
-        conv = model.get_submodule(name)
-    except AttributeError as e:
-        raise RewriteError(f"init='fit': site {row.name!r} names module {name!r}, which the rewritten "
-                           "model does not have; please report this as a convify bug") from e
-    if not isinstance(conv, nn.modules.conv._ConvNd):
-        raise RewriteError(f"init='fit': module {name!r} of site {row.name!r} is a "
-                           f"{type(conv).__name__}, not a convolution")
-    return conv
-
-
-def in_forward_order(model: nn.Module, sites: list[PoolSite], batches: Sequence[Any],
-                     who: str = "init='fit'") -> list[PoolSite]:
-    """Sites sorted by when the forward first calls them (one batch, no grad); ``who`` as in :func:`run_batch`."""
-    if len(sites) < 2:
-        return sites
-    order: dict[int, int] = {}
-
-    def first_call(i: int):  # noqa: ANN202
-        def hook(_m: nn.Module, _args: tuple) -> None:
-            order.setdefault(i, len(order))
-        return hook
-
-    handles = [s.conv.register_forward_pre_hook(first_call(i)) for i, s in enumerate(sites)]
-    try:
-        with torch.no_grad(), copying.eval_mode(model):
-            run_batch(model, next(iter(batches)), who)
-    finally:
-        for h in handles:
-            h.remove()
-    return [sites[i] for i in sorted(range(len(sites)), key=lambda i: order.get(i, len(sites) + i))]
-
 
 def _fit_site(model: nn.Module, site: PoolSite, batches: Sequence[Any], teacher: nn.Module | None = None,
               calls: Sequence[int] | None = None) -> Fit | str:
@@ -276,7 +179,7 @@ def _fit_site(model: nn.Module, site: PoolSite, batches: Sequence[Any], teacher:
     ``calls`` (the original's pooling calls this site replaces), the targets
     are the teacher's outputs of those calls; else the max pooling of the
     site's own input."""
-    normal = _Normal()
+    normal = NormalEquations()
     depthwise = site.conv.groups > 1
     targets: list[torch.Tensor] = []
     seen = [0]
@@ -310,18 +213,7 @@ def _fit_site(model: nn.Module, site: PoolSite, batches: Sequence[Any], teacher:
     if normal.gram is None:
         return "init=fit skipped: the calibration batches never reached this site; kept the average init"
     toward = "the original model's pooling output" if calls else "max pooling of its input"
-    return _solve_and_install(site.conv, normal, depthwise, start="avg init", toward=toward)
-
-
-def _solve_and_install(conv: nn.modules.conv._ConvNd, normal: _Normal, depthwise: bool, *, start: str,
-                       toward: str) -> Fit:
-    """Ridge solve toward the conv's current weights, install the solution, report both errors."""
-    with torch.no_grad():
-        prior = _weights_as_matrix(conv, depthwise, normal.gram.dtype, normal.gram.device)
-        solution = W.ridge_solve(normal.gram, normal.cross, prior, RIDGE)
-        before, after = _relative_error(normal, prior), _relative_error(normal, solution)
-        _install(conv, solution, depthwise)
-    return Fit(before, after, normal.samples, start, toward)
+    return solve_and_install(site.conv, normal, depthwise, start="avg init", toward=toward)
 
 
 def _unpadded(site: PoolSite, x: torch.Tensor, last_pad: list[tuple[torch.Tensor, torch.Tensor]]
@@ -337,7 +229,7 @@ def _unpadded(site: PoolSite, x: torch.Tensor, last_pad: list[tuple[torch.Tensor
     return last_pad[0][1]
 
 
-def _accumulate(normal: _Normal, site: PoolSite, x: torch.Tensor, depthwise: bool,
+def _accumulate(normal: NormalEquations, site: PoolSite, x: torch.Tensor, depthwise: bool,
                 target: torch.Tensor | None = None, unpadded: torch.Tensor | None = None) -> None:
     """Add one batch arriving at the site's convolution to its normal equations
     (``target``: what the convolution should output; default: max pooling of
@@ -376,136 +268,8 @@ def _accumulate(normal: _Normal, site: PoolSite, x: torch.Tensor, depthwise: boo
             gram = feats.T @ feats
             cross = feats.T @ y
             sq = (y * y).sum()
-        _add(normal, gram, cross, sq, samples=0)
+        normal.add(gram, cross, sq, samples=0)
     normal.samples += x.shape[0]
-
-
-def _weights_as_matrix(conv: nn.modules.conv._ConvNd, depthwise: bool, dtype: torch.dtype,
-                       device: torch.device) -> torch.Tensor:
-    """The conv's weight and bias in the layout of the normal equations:
-    dense ``(C*K+1, C)``, depthwise ``(C, K+1, 1)``."""
-    w = conv.weight.detach().to(device=device, dtype=dtype)
-    b = conv.bias.detach().to(device=device, dtype=dtype)
-    out = w.shape[0]
-    if depthwise:
-        return torch.cat([w.reshape(out, -1), b[:, None]], dim=1).unsqueeze(-1)
-    return torch.cat([w.reshape(out, -1).T, b[None, :]], dim=0)
-
-
-def _install(conv: nn.modules.conv._ConvNd, solution: torch.Tensor, depthwise: bool) -> None:
-    out = conv.weight.shape[0]
-    if depthwise:
-        w, b = solution[:, :-1, 0], solution[:, -1, 0]
-    else:
-        w, b = solution[:-1].T, solution[-1]
-    conv.weight.copy_(w.reshape(conv.weight.shape).to(conv.weight))
-    conv.bias.copy_(b.reshape(out).to(conv.bias))
-
-
-def _relative_error(normal: _Normal, w: torch.Tensor) -> float:
-    """``||X w - Y|| / ||Y||`` over every calibration output at the site."""
-    sse = W.squared_residual(normal.gram, normal.cross, normal.target_sq, w).sum()
-    total = normal.target_sq.sum()
-    return float(math.sqrt(float(sse) / max(float(total), 1e-300)))
-
-
-# --------------------------------------------------------------------------- gap heads
-
-
-def fit_gap_heads(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any]) -> Pass:
-    """Least-squares fit of the first 1x1 convolution of every ``gap`` or
-    ``gap_mlp`` head of ``done`` that is not exact, in place; returns the pass
-    with each fitted row's ``fit`` set.
-
-    Global average pooling commutes with the 1x1 convolution, so the head's
-    first layer computes ``W @ mean_hw(x) + b``: a ``(C + 1)``-feature least
-    squares on the pooled features of the map the convolution reads, ridge
-    toward its data-free init. The target comes from ``teacher`` on the same
-    batch (so it also absorbs an earlier pooling rewrite's drift):
-
-    * ``gap``, the paper's head (:attr:`HeadRecord.collapsed`): the original
-      logits, the output of the head's last Linear; the fit's top-1
-      agreement with the original on the calibration data goes in the report;
-    * ``gap_mlp``: the output of the first Linear (the MLP after it is kept).
-
-    On spatially stationary inputs the data-free init is already about
-    optimal; the fit gains where the maps have spatial structure (centred
-    objects, as in real images) and, for ``gap``, where the MLP's activations
-    are far from identities.
-
-    >>> allconv = convify.convify(vgg, x, head="gap", init="fit", calibration=batches)
-    """
-    if teacher is None:
-        return dataclasses.replace(done, notes=done.notes + (
-            "init=fit skipped for the gap heads: no original model to take the targets from",))
-    rows = tuple(_with_fit(row, _fit_gap_row(teacher, model, row.detail, batches))
-                 if not row.exact and isinstance(row.detail, HeadRecord) else row for row in done.replaced)
-    return dataclasses.replace(done, replaced=rows)
-
-
-def _fit_gap_row(original: nn.Module, rewritten: nn.Module, record: HeadRecord, batches: Sequence[Any]) -> Fit | str:
-    try:
-        linear = original.get_submodule(record.logits_from)
-        conv = rewritten.get_submodule(record.linears[0])
-    except AttributeError:
-        return "init=fit skipped: the head's Linear or its new convolution could not be found by name"
-    if not isinstance(linear, nn.Linear) or not isinstance(conv, nn.modules.conv._ConvNd):
-        return "init=fit skipped: expected a Linear replaced by a 1x1 convolution"
-    normal = _Normal()
-    pooled: list[torch.Tensor] = []
-    classes: list[torch.Tensor] = []
-    for batch in batches:
-        targets, inputs = _capture(original, linear, batch, "output"), _capture(rewritten, conv, batch, "input")
-        if len(targets) != len(inputs):
-            return (f"init=fit skipped: the Linear ran {len(targets)} times, its convolution "
-                    f"{len(inputs)} times")
-        for y, x in zip(targets, inputs):
-            feats = x.flatten(2).mean(-1).double()
-            feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)
-            y = y.double().reshape(len(feats), -1)
-            _add(normal, feats.T @ feats, feats.T @ y, (y ** 2).sum(), len(feats))
-            if record.collapsed:
-                pooled.append(feats)
-                classes.append(y.argmax(1))
-    if normal.gram is None:
-        return "init=fit skipped: the calibration batches never reached this head"
-    if not record.collapsed:
-        return _solve_and_install(conv, normal, False, start="summed-weight init", toward="the first Linear's output")
-    prior = _weights_as_matrix(conv, False, normal.gram.dtype, normal.gram.device)
-    fit = _solve_and_install(conv, normal, False, start="product init", toward="the original's logits")
-    solution = _weights_as_matrix(conv, False, normal.gram.dtype, normal.gram.device)
-    feats, want = torch.cat(pooled), torch.cat(classes)
-    return dataclasses.replace(fit, agreement=top1_agreement(feats @ solution, want),
-                               agreement_before=top1_agreement(feats @ prior, want))
-
-
-def top1_agreement(logits: torch.Tensor, classes: torch.Tensor) -> float:
-    """The fraction of rows whose highest logit is at ``classes``."""
-    return float((logits.argmax(1) == classes).double().mean())
-
-
-def _capture(model: nn.Module, module: nn.Module, batch: Any, what: str) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    if what == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()) and None)
-    else:
-        handle = module.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()) and None)
-    try:
-        with torch.no_grad(), copying.eval_mode(model):
-            run_batch(model, batch)
-    finally:
-        handle.remove()
-    return seen
-
-
-def _add(normal: _Normal, gram: torch.Tensor, cross: torch.Tensor, sq: torch.Tensor, samples: int) -> None:
-    if normal.gram is None:
-        normal.gram, normal.cross, normal.target_sq = gram, cross, sq
-    else:
-        normal.gram += gram
-        normal.cross += cross
-        normal.target_sq += sq
-    normal.samples += samples
 
 
 # --------------------------------------------------------------------------- one pass
