@@ -5,6 +5,7 @@ folder; the committed artefacts in examples/ are left alone.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-ARTEFACTS = ("all_cnn_fashion_mnist.png", "all_cnn_fashion_mnist.md", "dense_heatmap.png", "class_activation_map.png")
+ARTEFACTS = ("all_cnn_fashion_mnist.png", "all_cnn_fashion_mnist.md", "dense_heatmap.png", "dense_heatmap_large.png",
+             "class_activation_map.png")
 
 
 def run_example(name: str, out: Path) -> str:
@@ -24,6 +26,25 @@ def run_example(name: str, out: Path) -> str:
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def missing_class_colours(path: Path) -> list[str]:
+    """The classes whose colour (``CLASS_COLOURS`` of examples/dense_heatmap.py) no patch of ``path`` shows.
+
+    A legend patch is a few hundred pixels of its class's exact colour.
+    """
+    from matplotlib.colors import to_rgb
+    from PIL import Image
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        example = importlib.import_module("dense_heatmap")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    counts = {colour: n for n, colour in Image.open(path).convert("RGB").getcolors(1 << 24)}
+    wanted = {name: tuple(round(255 * v) for v in to_rgb(c)) for name, c in zip(example._data.CLASSES,
+                                                                                example.CLASS_COLOURS)}
+    return [name for name, colour in wanted.items() if counts.get(colour, 0) < 100]
 
 
 def assert_small_png(path: Path) -> None:
@@ -81,7 +102,14 @@ def test_dense_heatmap(tmp_path: Path) -> None:
     assert int(hits[1]) > 0.5 * int(hits[2]), stdout  # the stand-in is easy: chance would be 10%
     large = re.search(r"large canvas 256x256: (\d+) tiles .* max dev / max ([0-9.e+-]+)", stdout)
     assert large and int(large[1]) > 1 and float(large[2]) <= 1e-5, stdout  # tiled, and equal to one pass
+    zoom = re.search(r"zoomed region 128x128 px .*: (\d+)/(\d+);", stdout)
+    assert zoom and 0 < int(zoom[2]) < 25 and int(zoom[1]) > 0.5 * int(zoom[2]), stdout  # a part, named
     assert_small_png(tmp_path / "dense_heatmap_large.png")
+    assert missing_class_colours(tmp_path / "dense_heatmap_large.png") == []  # the legend
+
+
+def test_committed_large_canvas_picture_has_a_legend() -> None:
+    assert missing_class_colours(EXAMPLES / "dense_heatmap_large.png") == []
 
 
 def test_class_activation_map(tmp_path: Path) -> None:
