@@ -197,7 +197,7 @@ def test_dynamo_failure_falls_back_to_legacy_and_says_why(tmp_path, monkeypatch,
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_breaks)
     model, x = tiny(), torch.randn(1, 3, 16, 16)
-    with caplog.at_level(logging.WARNING, logger="convify.onnx"), \
+    with caplog.at_level(logging.WARNING, logger="convify.export.onnx"), \
             pytest.warns(ExportFallbackWarning, match="dynamo exporter failed on TinyNet .*data-dependent control"):
         result = export(model, tmp_path / "m.onnx", x)
     assert result.exporter == "legacy"
