@@ -19,7 +19,8 @@ _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model_arguments(p)
     p.add_argument("image", metavar="IMAGE", help="a PNG, JPEG or TIFF image of any size")
-    output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W')")
+    output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W') (a name ending in "
+                        "another format's suffix, such as .png, is refused: --png draws the heat map)")
     g = p.add_argument_group("scanning (convify.dense_map)")
     g.add_argument("--png", metavar="FILE.png",
                    help="also write a heat map over the image: each position in its top class's colour")
