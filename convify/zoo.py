@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from convify.errors import DataError, UsageError
+from convify.wording import counted
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files."""
@@ -176,10 +177,10 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         raise DataError(f"{path}: IDX data type {dtype:#04x}, expected unsigned bytes (0x08)")
     start = 4 + 4 * ndim
     if len(raw) < start:
-        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions declared)")
+        raise DataError(f"{path}: truncated IDX header ({counted(ndim, 'dimension')} declared)")
     shape = struct.unpack(f">{ndim}I", raw[4:start])
     if len(raw) - start != math.prod(shape):
-        raise DataError(f"{path}: {len(raw) - start} bytes of data, but the header declares shape {shape}")
+        raise DataError(f"{path}: {counted(len(raw) - start, 'byte')} of data, but the header declares shape {shape}")
     if not math.prod(shape):
         return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[start:]), dtype=torch.uint8).reshape(shape)

@@ -10,21 +10,21 @@ import torch
 import torch.nn as nn
 
 
-def tiny_net(num_classes: int = 10, width: int = 8) -> nn.Module:
-    """Conv, max pooling twice, then a flatten -> Linear -> Linear head, for 3x16x16 inputs."""
+def tiny_net(num_classes: int = 10, width: int = 8, channels: int = 3) -> nn.Module:
+    """Conv, max pooling twice, then a flatten -> Linear -> Linear head, for 3x16x16 inputs (or ``channels``)."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(width * 4 * 4, 16), nn.ReLU(), nn.Linear(16, num_classes),
     )
 
 
-def all_conv_net(num_classes: int = 10) -> nn.Module:
+def all_conv_net(num_classes: int = 10, channels: int = 3) -> nn.Module:
     """Already all-convolutional (strided convs, 1x1 conv head, global average): nothing to rewrite."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1),
+        nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
     )
 

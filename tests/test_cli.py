@@ -107,6 +107,62 @@ def test_existing_output_is_refused_without_force(tmp_path):
     assert out.read_bytes() == b"precious" and listing(tmp_path) == ["out.pt"]
 
 
+@pytest.mark.parametrize("args, match", [
+    (["rewrite", "missing.pt", "-o", "out.onnx"],
+     r"-o out\.onnx: -o writes a PyTorch checkpoint, not an ONNX model; name it out\.pt \(--onnx out\.onnx exports"),
+    (["rewrite", "missing.pt", "-o", "out.pt", "--onnx", "out.pth"],
+     r"--onnx out\.pth: --onnx writes an ONNX model, not a PyTorch checkpoint; name it out\.onnx"),
+    (["export", "missing.pt", "-o", "x.pt"],
+     r"-o x\.pt: -o writes an ONNX model, not a PyTorch checkpoint; name it x\.onnx \(.*`convify rewrite -o`"),
+    (["export", "missing.pt", "-o", "x.safetensors"], r"-o x\.safetensors: .* not safetensors weights; name it x\.onnx"),
+    (["scan", "missing.pt", "image.png", "-o", "map.png"],
+     r"-o map\.png: -o writes a NumPy array, not a PNG image; name it map\.npy \(--png map\.png draws the heat map"),
+    (["scan", "missing.pt", "image.png", "-o", "map.npy", "--png", "heat.npy"], r"--png heat\.npy: .* name it heat\.png"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_an_output_named_for_another_format_is_refused_before_any_work(tmp_path, monkeypatch, capsys, args, match):
+    """MODEL does not even exist: the name is refused before anything is read, and nothing is written."""
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(args)
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), match)
+    assert listing(tmp_path) == []
+
+
+def test_export_of_a_plain_model_says_nothing_was_rewritten(tmp_path):
+    """export writes the model as it is (its --help says so); for a model no rewrite touched, the first line says
+    that nothing was rewritten, what is left, and how to rewrite first. A checkpoint exports without that note."""
+    from convify.export.census import op_census
+
+    proc = run("export", *TINY, "-o", "plain.onnx", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"convify: exported cli_factories:tiny_net as it is: nothing was rewritten \(plain\.onnx "
+                        r"still has 2 MaxPool nodes, 2 Gemm nodes\); to export the all-convolutional model, run "
+                        r"`convify rewrite` with the same model arguments and --onnx plain\.onnx .*", lines[0]), lines
+    assert lines[1:] == ["convify: wrote plain.onnx", "convify: plain.onnx holds the weights cli_factories:tiny_net "
+                         "builds: no --weights was given (random, unless the factory loads trained ones)"]
+    census = op_census(tmp_path / "plain.onnx")
+    assert census["MaxPool"] == 2 and census["Gemm"] == 2
+    assert run("rewrite", *TINY, "-o", "tiny.pt", cwd=tmp_path).returncode == 0
+    proc = run("export", "tiny.pt", "--trust-code", "-o", "allconv.onnx", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["convify: wrote allconv.onnx"]
+    assert "MaxPool" not in op_census(tmp_path / "allconv.onnx")
+    assert "nothing is rewritten" in " ".join(run("export", "--help", cwd=tmp_path).stdout.split())
+
+
+def test_a_checkpoint_of_an_untrained_architecture_says_so(tmp_path, monkeypatch, capsys):
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["rewrite", *R18, "-o", "r18.pt"]) == 0
+    err = capsys.readouterr().err
+    assert ("convify: r18.pt holds random weights: --arch torchvision:resnet18 was built without --weights "
+            "(give the trained ones with --weights FILE)") in err.splitlines()
+
+
 def test_inspect_safetensors_weights_as_json_writes_nothing(tmp_path):
     from safetensors.torch import save_file
 
@@ -184,7 +240,12 @@ def test_nothing_to_rewrite_is_not_an_error(tmp_path):
     proc = run("rewrite", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "-o", "same.pt",
                "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "nothing to rewrite" in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("convify: nothing to rewrite in cli_factories:all_conv_net: ") and lines[0].endswith(
+        "same.pt holds the model unchanged"), lines  # the first thing said, before "wrote"
+    assert "0 sites skipped" in lines[0] and lines[1] == "convify: wrote same.pt"
+    assert ("convify: same.pt rebuilds its model by calling cli_factories:all_conv_net: every use of it needs "
+            "--trust-code (convify.load(..., trust_code=True)) and that module importable") in lines
     doc = json.loads(proc.stdout)
     assert doc["nothing_to_rewrite"] is True and doc["written"] == ["same.pt"]
     back = convify.load(tmp_path / "same.pt", trust_code=True)
@@ -203,6 +264,18 @@ def _write_bad_inputs(folder: Path) -> None:
     (folder / "corrupt.pt").write_bytes(b"\x80\x02this is not a pickle at all" * 10)
     (folder / "a_folder").mkdir()
     (folder / "a_file").write_bytes(b"x")
+    (folder / "notes.pt").write_text("trained for 7 epochs, accuracy 0.91\n")
+    _onnx_model(folder / "model.onnx")
+
+
+def _onnx_model(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])])
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), path)
 
 
 # The bad inputs the issue names, each in its own process as a user meets them.
@@ -219,6 +292,16 @@ BAD_INPUTS = {
                            r"do not fit cli_factories:tiny_net: 2 of another shape \(10\.weight \[10, 16\] in file"),
     "malformed input shape": (["inspect", *TINY[:2], "--input-shape", "1,3,x16"], r"--input-shape: malformed"),
     "output folder missing": (["rewrite", *TINY, "-o", "no/such/out.pt"], r"folder no/such does not exist"),
+    "an ONNX file as MODEL": (["inspect", "model.onnx"],
+                              r"model\.onnx is an ONNX model, not a PyTorch model file: .*give the model it was "
+                              r"exported from: a convify checkpoint, .* with --arch"),
+    "a text file named .pt": (["inspect", "notes.pt"], r"notes\.pt is a text file, not a PyTorch model file"),
+    # runs as one unbatched 1x3x224 image, so the forward check alone lets it through
+    "input shape of another rank": (["rewrite", "--arch", "cli_factories:all_conv_net", "--arch-kwargs", "channels=1",
+                                     "--input-shape", "1,3,224", "-o", "gray.pt"],
+                                    r"--input-shape 1,3,224 has 3 dimensions, but cli_factories:all_conv_net starts "
+                                    r"with a Conv2d: it takes 4 \(N,C and 2 spatial\), e\.g\. --input-shape "
+                                    r"1,1,224,224"),
 }
 
 # More of the same, run in-process through convify.cli.main to keep the suite fast.
@@ -232,11 +315,13 @@ MORE_BAD_INPUTS = {
     "output folder is a file": (["rewrite", *TINY, "-o", "a_file/out.pt"], r"a_file is not a folder"),
     "output over the input": (["rewrite", *TINY, "--weights", "good.pt", "-o", "./good.pt", "--force"],
                               r"refusing to write over the input good\.pt"),
-    "onnx output over the checkpoint": (["rewrite", *TINY, "-o", "x.pt", "--onnx", "x.pt"],
-                                        r"refusing to write over the input x\.pt"),
+    "onnx output over the checkpoint": (["rewrite", *TINY, "-o", "x.model", "--onnx", "x.model"],
+                                        r"refusing to write over the input x\.model"),
     "weights twice": (["inspect", *TINY, "good.pt", "--weights", "good.pt"], r"either as MODEL or with --weights"),
     "weights without arch": (["inspect", "--weights", "good.pt"], r"--weights needs --arch"),
     "no model": (["inspect"], r"no model given"),
+    "an ONNX file as weights": (["inspect", *TINY, "--weights", "model.onnx"],
+                                r"model\.onnx is an ONNX model, not a PyTorch weights file"),
 }
 
 
@@ -427,6 +512,39 @@ def test_scan_reads_a_dense_checkpoint_as_it_is(tmp_path):
     assert rel_err(torch.from_numpy(np.load(tmp_path / "scores.npy")), want) <= 1e-5
 
 
+@pytest.mark.parametrize("mode, channels, said", [
+    ("L", 3, r"image\.png is grayscale: its one channel is repeated as R, G and B \(cli_factories:tiny_net takes 3 "
+             r"channels\)"),
+    ("RGBA", 3, r"image\.png has transparency: its alpha channel is dropped \(cli_factories:tiny_net takes 3"),
+    ("RGB", 1, r"image\.png is in colour: converted to gray \(0\.299 R \+ 0\.587 G \+ 0\.114 B\) "
+               r"\(cli_factories:tiny_net takes 1 channel\)"),
+    ("LA", 1, r"image\.png has transparency: its alpha channel is dropped \(cli_factories:tiny_net takes 1 channel"),
+    ("RGB", 3, None),
+    ("L", 1, None),
+])
+def test_scan_says_how_it_read_the_image(tmp_path, monkeypatch, capsys, mode, channels, said):
+    """A note each time the image had to change to fit the model's channels; none when it fits. A 20x20 image is
+    one tile (not "1 tiles")."""
+    from PIL import Image
+
+    from convify.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    pixels = torch.randint(0, 256, (20, 20, bands), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.squeeze(-1).numpy() if bands == 1 else pixels.numpy(), mode).save("image.png")
+    code = main(["scan", "--arch", "cli_factories:tiny_net", "--arch-kwargs", f"channels={channels}",
+                 "--input-shape", f"1,{channels},16,16", "image.png", "-o", "s.npy"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("convify: image.png ")]
+    if said is None:
+        assert notes == [], err
+    else:
+        assert len(notes) == 1 and re.fullmatch("convify: " + said + ".*", notes[0]), err
+    assert " 1 tile of " in out, out
+
+
 @pytest.mark.parametrize("argv", [
     ["scan", "m.pt", "--tile", "64", "big.png", "-o", "s.npy"],
     ["scan", "--tile", "64", "m.pt", "big.png", "-o", "s.npy"],
@@ -513,6 +631,31 @@ def test_progress_shows_on_a_terminal(tmp_path):
     assert code is not None, "convify inspect on a terminal ran past 120 s:\n" + out.decode(errors="replace")
     assert code == 0, out.decode(errors="replace")
     assert b"convify: rewriting in memory [1/2]" in out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs a pseudo-terminal")
+@pytest.mark.parametrize("args, step", [
+    (["export", *TINY, "-o", "t.onnx"], b"exporting to ONNX"),
+    (["verify", *TINY, "--pool", "none"], b"verifying through onnxruntime"),
+], ids=["export", "verify"])
+def test_progress_goes_on_through_an_onnx_export(tmp_path, args, step):
+    """The exporter silences descriptor 2 while it runs (seconds to minutes): the bar writes to its own copy of it,
+    and a spinner and the elapsed time keep moving through the long step."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    pid, fd = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(tmp_path)
+        os.execvpe(sys.executable, [sys.executable, "-m", "convify", *args], env)
+    out, code = read_terminal(pid, fd, seconds=300)
+    assert code == 0, out.decode(errors="replace")
+    frames = set(re.findall(rb"convify: " + step + rb" ([|/\\-]) \[\d/\d\] (\d\d:\d\d)", out))
+    assert len(frames) >= 3, out.decode(errors="replace")
 
 
 # --------------------------------------------------------------------------- init=fit from a folder of images

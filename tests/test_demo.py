@@ -13,3 +13,8 @@ def test_demo_runs_every_check():
     assert "a 320x320 image gives a 1000x4x4 map" in out
     assert out.count("convify verify: PASSED") == 2
     assert out.rstrip().endswith("demo: every check held")
+    # the ONNX files live in a folder the demo removes: their names only, said to be temporary
+    exported = [line for line in out.splitlines() if line.startswith("exported ")]
+    assert len(exported) == 2 and all("in a temporary folder removed when the demo ends" in line for line in exported)
+    assert "convify-demo-" not in out
+    assert " max poolings computed" in out and "its 1 max poolings" not in out

@@ -112,11 +112,38 @@ def test_read_file_refuses_unreadable_files(tmp_path):
     torch.save(tiny_net().state_dict(), tmp_path / "good.pt")
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "good.pt").read_bytes()[:500])
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    cases = {"missing.pt": "no such model file", "empty.pt": "is empty", "garbage.pt": "truncated or corrupt",
+    cases = {"missing.pt": "no such model file", "empty.pt": "is empty", "garbage.pt": "is a text file",
              "trunc.pt": "truncated or corrupt", "bad.safetensors": "not a readable safetensors", ".": "is a folder"}
     for name, match in cases.items():
         with pytest.raises(CheckpointError, match=match):
             ck.read_file(tmp_path / name)
+
+
+def _onnx_model(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), path)
+    return path
+
+
+def test_read_file_names_an_onnx_model_or_a_text_file_for_what_it_is(tmp_path):
+    """Not "Unsupported operand 8" or "KeyError: 101" from unpickling them: what the file is, and what convify takes."""
+    _onnx_model(tmp_path / "model.onnx")
+    (tmp_path / "model.bin").write_bytes((tmp_path / "model.onnx").read_bytes())  # the name does not decide
+    (tmp_path / "notes.pt").write_text("epoch 7: accuracy 0.91\n")
+    (tmp_path / "config.pt").write_text('{"num_classes": 10}')
+    for name, what in [("model.onnx", "an ONNX model"), ("model.bin", "an ONNX model"), ("notes.pt", "a text file"),
+                       ("config.pt", "a JSON text file")]:
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is {what}, not a PyTorch model file: .*"
+                                                  r"convify checkpoint, a state_dict .* with arch="):
+            ck.read_file(tmp_path / name)
+    with pytest.raises(CheckpointError, match=r"model\.onnx is an ONNX model, not a PyTorch weights file: .*"
+                                              r"state_dict saved with torch.save"):
+        ck.read_file(tmp_path / "model.onnx", what="weights file")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, and still what people have

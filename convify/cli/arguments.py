@@ -31,7 +31,8 @@ def model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trust-code", action="store_true",
                    help="allow a convify checkpoint whose recipe imports package.module:factory")
     g.add_argument("--input-shape", metavar="N,C,H,W",
-                   help="example input shape (default: the checkpoint's, else worked out from the model)")
+                   help="example input shape, of the rank the model's first convolution takes (N,C,H,W for a "
+                        "Conv2d; default: the checkpoint's, else worked out from the model)")
 
 
 def rewrite_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,13 +24,13 @@ def run(args: argparse.Namespace) -> int:
         src, shape, rewritten = load_and_rewrite(args, progress, shape, options, "rewriting in memory")
     rep = report_of(rewritten, src)
     summary = rewrite_summary(src, rewritten, options, shape)
+    note_if_nothing(rep, src)
     if args.json:
         print_json({**summary, "report": rep.to_dict()})
     else:
         print(headline(summary))
         print(rep)
     note("dry run: nothing written")
-    note_if_nothing(rep, src)
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from convify.cli.console import Progress, shape_text
 from convify.errors import ConvifyError, ExampleInputError, RewriteError, UsageError, one_line
 from convify.recovery import SYNTHETIC
+from convify.wording import counted
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +43,7 @@ def resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[in
         except ExampleInputError as e:
             raise ExampleInputError(f"could not work out an input shape for {src.label}: {e}; "
                                     "pass --input-shape N,C,H,W") from e
+    _check_rank(src, given)
     try:
         with torch.no_grad():
             src.model(zeros_like_model(src.model, given))
@@ -49,6 +51,22 @@ def resolve_shape(src: "ModelSource", given: tuple[int, ...] | None) -> tuple[in
         raise ExampleInputError(f"{src.label} does not run on an input of shape {shape_text(given)}: "
                                 f"{one_line(e)}; pass the --input-shape it expects") from e
     return given
+
+
+def _check_rank(src: "ModelSource", given: tuple[int, ...]) -> None:
+    """Refuse an ``--input-shape`` of another rank than the model's first convolution takes: torch would read
+    1,3,224 as one unbatched image and fail later, or not at all."""
+    from convify.fx.inputs import first_conv  # noqa: PLC0415
+
+    conv = first_conv(src.model)
+    if conv is None:
+        return
+    dims = len(conv.kernel_size)
+    if len(given) != dims + 2:
+        example = ",".join(map(str, (1, conv.in_channels, *given[2:2 + dims], *(224,) * (dims - len(given[2:])))))
+        raise UsageError(f"--input-shape {','.join(map(str, given))} has {counted(len(given), 'dimension')}, but "
+                         f"{src.label} starts with a {type(conv).__name__}: it takes {dims + 2} (N,C and "
+                         f"{dims} spatial), e.g. --input-shape {example}")
 
 
 def load_and_rewrite(args: argparse.Namespace, progress: Progress, shape: tuple[int, ...] | None,

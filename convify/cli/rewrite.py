@@ -9,6 +9,7 @@ from convify.cli.arguments import (given_shape, json_argument, model_arguments, 
 from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json
 from convify.cli.models import export_model, load_and_rewrite, verify_rewrite
+from convify.cli.outputs import CHECKPOINT, ONNX, check_suffix, note_random_weights, note_trust_code
 from convify.cli.summary import headline, note_if_nothing, report_of, rewrite_summary, verification_dict
 
 if TYPE_CHECKING:
@@ -20,8 +21,11 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model_arguments(p)
     rewrite_arguments(p)
-    output_arguments(p, "the convify checkpoint to write (a pickled module for --trust-pickle input)")
-    p.add_argument("--onnx", metavar="OUT.onnx", help="also export the rewritten model to ONNX")
+    output_arguments(p, "the convify checkpoint to write, a PyTorch file (a pickled module for --trust-pickle "
+                        "input); a name ending in another format's suffix (.onnx, .safetensors, .npy...) is "
+                        "refused before any work: --onnx writes the ONNX file")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="also export the rewritten model to ONNX (a name ending in "
+                                                      "another format's suffix, such as .pt, is refused)")
     p.add_argument("--verify", action="store_true",
                    help="verify the rewrite through onnxruntime first; write nothing if it fails")
     verify_arguments(p)
@@ -36,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     shape = given_shape(args)
     options = rewrite_keywords(args)
     inputs = [args.model, args.weights]
+    check_suffix(args.output, "-o", CHECKPOINT, f"--onnx {args.output} exports the rewritten model too")
+    check_suffix(args.onnx, "--onnx", ONNX, "-o names the checkpoint")
     ck.check_output(args.output, force=args.force, inputs=inputs)
     if args.onnx:
         ck.check_output(args.onnx, force=args.force, inputs=inputs + [args.output])
@@ -53,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
         _emit(args, src, rewritten, options, shape, verification=verification, written=[])
         note("verification failed: nothing written")
         return EXIT_FAILED
+    note_if_nothing(report_of(rewritten, src), src, written=args.output)  # first: the copy is the news
     _emit(args, src, rewritten, options, shape, verification=verification, written=written)
     for path in written:
         note(f"wrote {path}")
+    note_random_weights(src, args, " and ".join(written))
     if src.pickled:
         note(f"{args.output} is a whole pickled module (no recipe can rebuild an unnamed class): loading it "
              "runs code from the file and needs the same trust as its source (--trust-pickle, "
              "torch.load(..., weights_only=False))")
-    note_if_nothing(report_of(rewritten, src), src)
+    note_trust_code(src, args.output)
     return EXIT_OK
 
 

@@ -9,7 +9,9 @@ from convify.cli.arguments import given_shape, json_argument, model_arguments, o
 from convify.cli.command import EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json, shape_text
 from convify.cli.models import load_model, random_input, resolve_shape
+from convify.cli.outputs import NUMPY, PNG, check_suffix, note_random_weights
 from convify.errors import DataError, UsageError
+from convify.wording import counted
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -17,7 +19,8 @@ _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model_arguments(p)
     p.add_argument("image", metavar="IMAGE", help="a PNG, JPEG or TIFF image of any size")
-    output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W')")
+    output_arguments(p, "the score map to write: a .npy file, float32, shape (1, K, H', W') (a name ending in "
+                        "another format's suffix, such as .png, is refused: --png draws the heat map)")
     g = p.add_argument_group("scanning (convify.dense_map)")
     g.add_argument("--png", metavar="FILE.png",
                    help="also write a heat map over the image: each position in its top class's colour")
@@ -42,7 +45,10 @@ def run(args: argparse.Namespace) -> int:
 
     from convify import io as ck  # noqa: PLC0415
     from convify.dense import heatmap, is_dense, load_image, scan  # noqa: PLC0415
+    from convify.dense.images import conversion_of  # noqa: PLC0415
 
+    check_suffix(args.output, "-o", NUMPY, f"--png {args.output} draws the heat map")
+    check_suffix(args.png, "--png", PNG, "-o names the score map")
     inputs = [args.model, args.weights, args.image]
     ck.check_output(args.output, force=args.force, inputs=inputs)
     if args.png:
@@ -54,10 +60,12 @@ def run(args: argparse.Namespace) -> int:
         with progress.step("loading the model"):
             src = load_model(args)
             shape = resolve_shape(src, shape)
+            channels = _image_channels(src.label, shape)
             try:  # read before any conversion: a bad image fails fast
-                image = load_image(args.image, shape[1] if len(shape) == 4 and shape[1] in (1, 3) else 3)
+                image = load_image(args.image, channels)
             except DataError as e:
                 raise UsageError(str(e)) from e
+            conversion = conversion_of(args.image, channels)
         model = src.model.eval()
         converted = not is_dense(model)
         with progress.step("converting the head (dense=True)"):
@@ -82,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             written.append(args.png)
 
     if args.class_index is not None and not 0 <= args.class_index < scores.shape[1]:
-        raise UsageError(f"--class {args.class_index}: the map has {scores.shape[1]} classes "
+        raise UsageError(f"--class {args.class_index}: the map has {counted(scores.shape[1], 'class', 'classes')} "
                          f"(0 .. {scores.shape[1] - 1})")
     ck.atomic_write(args.output, write, force=args.force, inputs=inputs)
     summary = _scan_summary(src.label, result)
@@ -90,11 +98,24 @@ def run(args: argparse.Namespace) -> int:
         print_json({**summary, "written": written})
     else:
         print(_scan_headline(summary))
-    if converted:  # said after success, so that an error stays one line
+    if conversion is not None:  # notes after success, so that an error stays one line
+        note(f"{conversion} ({src.label} takes {counted(channels, 'channel')})")
+    if converted:
         note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
     for path in written:
         note(f"wrote {path}")
+    note_random_weights(src, args, args.output)
     return EXIT_OK
+
+
+def _image_channels(label: str, shape: tuple[int, ...]) -> int:
+    """The channels to read the image with: the model's 1 (grayscale) or 3 (RGB)."""
+    if len(shape) != 4:
+        return 3  # the model's own check names the rank it needs
+    if shape[1] not in (1, 3):
+        raise UsageError(f"{label} takes {shape[1]} input channels; scan reads an image as 1 (grayscale) or "
+                         "3 (RGB) channels")
+    return shape[1]
 
 
 def _scan_summary(label: str, result: Any) -> dict[str, Any]:
@@ -108,7 +129,8 @@ def _scan_headline(s: dict[str, Any]) -> str:
     g = s["geometry"]
     return (f"{s['model']}  image {shape_text(s['image'])} -> map {shape_text(s['map'])}  stride "
             f"{shape_text(g['stride'])}, receptive field {shape_text(g['size'])}, offset "
-            f"{','.join(map(str, g['offset']))}  {s['tiles']} tiles of {shape_text(s['tile'])} (halo overhead "
+            f"{','.join(map(str, g['offset']))}  {counted(s['tiles'], 'tile')} of {shape_text(s['tile'])} "
+            f"(halo overhead "
             f"{s['halo_overhead']:.2f}x) on {s['runner']}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from convify.cli.console import note, shape_text
+from convify.wording import counted
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -47,10 +48,13 @@ def _count(model: "nn.Module") -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def note_if_nothing(rep: "Report", src: "ModelSource") -> None:
+def note_if_nothing(rep: "Report", src: "ModelSource", written: str | None = None) -> None:
+    """Say so when nothing was replaced (and that ``written`` then holds the model unchanged); callers say it
+    before anything else, so that it is the first line a user reads."""
     if not rep.replaced:
+        copy = f"; {written} holds the model unchanged" if written else ""
         note(f"nothing to rewrite in {src.label}: no max pooling or Linear head was replaced "
-             f"({len(rep.skipped)} sites skipped, see the report)")
+             f"({counted(len(rep.skipped), 'site')} skipped, see the report){copy}")
 
 
 def verification_dict(verification: Any) -> dict[str, Any] | None:

@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Iterable, Sequence, TypeVar
 
+from convify.wording import counted
+
 if TYPE_CHECKING:  # `import convify` (and `convify --help`) must not pay for importing torch
     import torch.nn as nn
 
@@ -46,7 +48,7 @@ class Fit:
 
     def describe(self) -> str:
         text = (f"init=fit, reconstruction error {self.error_after:.3g} ({self.start} {self.error_before:.3g}) "
-                f"on {self.samples} calibration samples, toward {self.toward}")
+                f"on {counted(self.samples, 'calibration sample')}, toward {self.toward}")
         if self.agreement is not None:
             before = f" ({self.start} {self.agreement_before:.1%})" if self.agreement_before is not None else ""
             text += f"; top-1 agreement with the original {self.agreement:.1%}{before}"
@@ -75,10 +77,9 @@ class Reconstruction:
 
     def describe(self) -> str:
         text = (f"reconstructed: error {self.error_before:.3g} -> {self.error_after:.3g} toward {self.toward} "
-                f"({len(self.batchnorms)} BatchNorm{'s' if len(self.batchnorms) != 1 else ''} re-estimated: "
-                f"{self.error_reestimated:.3g}; {self.steps} Adam steps at lr {self.lr:g} on "
-                f"{len(self.trained)} module{'s' if len(self.trained) != 1 else ''}; {self.samples} calibration "
-                "samples)")
+                f"({counted(len(self.batchnorms), 'BatchNorm')} re-estimated: {self.error_reestimated:.3g}; "
+                f"{counted(self.steps, 'Adam step')} at lr {self.lr:g} on {counted(len(self.trained), 'module')}; "
+                f"{counted(self.samples, 'calibration sample')})")
         if self.reverted:
             text += f"; {self.reverted} undone, as it made the error larger"
         return text

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from convify.wording import counted
+
 Ints = tuple[int, ...]
 
 
@@ -20,7 +22,7 @@ def ntuple(value: int | Sequence[int], n: int) -> Ints:
     if len(value) == 1:
         return value * n
     if len(value) != n:
-        raise ValueError(f"expected {n} values, got {value}")
+        raise ValueError(f"expected {counted(n, 'value')}, got {value}")
     return value
 
 

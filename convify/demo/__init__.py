@@ -19,6 +19,7 @@ import torch.nn as nn
 from convify import api
 from convify.core.report import report
 from convify.demo.reference import avg_reference
+from convify.wording import counted
 from convify.zoo import model_c
 
 
@@ -51,7 +52,7 @@ def _show_maxpool(title: str, model: nn.Module, shape: tuple[int, ...], out) -> 
     ok = shapes_kept and err <= 1e-5
     print(f"output shape kept: {tuple(before.shape)} -> {tuple(after.shape)}: {'yes' if shapes_kept else 'NO'}",
           file=out)
-    print(f"avg init equals the model with its {pools} max poolings computed as average pooling: "
+    print(f"avg init equals the model with its {counted(pools, 'max pooling')} computed as average pooling: "
           f"max relative error {err:.1e} ({'ok' if err <= 1e-5 else 'FAILED'})", file=out)
     print(file=out)
     return ok
@@ -84,7 +85,7 @@ def _show_verify(title: str, slug: str, model: nn.Module, shape: tuple[int, ...]
     allconv = api.convify(model, x)
     path = Path(folder) / f"{slug}-allconv.onnx"
     print(f"== {title}: convify.convify, exported and verified in onnxruntime", file=out)
-    result = demo_verify(model, allconv, x, path=path, echo=lambda line: print(line, file=out))
+    result = demo_verify(model, allconv, x, path=path, echo=lambda line: print(line, file=out), temporary=True)
     print(file=out)
     return result.passed
 

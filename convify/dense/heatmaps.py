@@ -7,6 +7,7 @@ import torch
 
 from convify.dense.geometry import Geometry
 from convify.errors import UsageError
+from convify.wording import counted
 
 #: A perceptually ordered colormap (viridis' ends and midpoints), interpolated linearly.
 _STOPS = ((0.267, 0.005, 0.329), (0.231, 0.322, 0.546), (0.128, 0.567, 0.551), (0.369, 0.789, 0.383),
@@ -41,7 +42,8 @@ def heatmap(image: torch.Tensor, scores: torch.Tensor, geometry: Geometry, class
 
     k = scores.shape[1]
     if class_index is not None and not 0 <= class_index < k:
-        raise UsageError(f"class {class_index} does not exist: the map has {k} classes (0 .. {k - 1})")
+        raise UsageError(f"class {class_index} does not exist: the map has {counted(k, 'class', 'classes')} "
+                         f"(0 .. {k - 1})")
     logits = scores[0].float()
     probs = logits.sigmoid() if k == 1 else logits.softmax(0)
     if class_index is not None:

@@ -34,6 +34,40 @@ def load_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1)
 
 
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_DEEP_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+def conversion_of(path: str | os.PathLike, channels: int = 3) -> str | None:
+    """What :func:`load_image` changes when it reads ``path`` with ``channels`` channels, in words (None: nothing
+    but decoding); reads only the file's header.
+
+    >>> conversion_of("scan.png", 3)
+    'scan.png is grayscale: its one channel is repeated as R, G and B'
+    """
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(path) as im:
+            mode, transparent = im.mode, "transparency" in im.info
+    except Exception:
+        return None  # load_image says why it cannot read the file
+    gray = mode in _GRAY_MODES
+    changes = []
+    if channels == 3 and gray:
+        changes.append("is grayscale: its one channel is repeated as R, G and B")
+    if channels == 1 and not gray:
+        changes.append("is in colour: converted to gray (0.299 R + 0.587 G + 0.114 B)")
+    if mode in _ALPHA_MODES or (mode == "P" and transparent):
+        changes.append("has transparency: its alpha channel is dropped")
+    if mode in _DEEP_MODES:
+        changes.append(f"has {mode} pixels: values above 255 are clipped to 255 (8 bits)")
+    if mode == "CMYK":
+        changes.append("is CMYK: converted to RGB")
+    return f"{path} " + ", and ".join(changes) if changes else None
+
+
 def as_image(image: Any, channels: int) -> torch.Tensor:
     """``image`` as a (C, H, W) tensor: a path is loaded with ``channels`` channels, a (1, C, H, W) tensor unbatched."""
     if isinstance(image, (str, os.PathLike)):

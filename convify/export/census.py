@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from convify.core.report import Report
+from convify.wording import counted
 
 
 def op_census(path: str | os.PathLike) -> dict[str, int]:
@@ -72,7 +73,8 @@ def census_checks(rep: Report, before: Mapping[str, int] | None, after: Mapping[
             continue
         removed = sum(spec.onnx_ops_removed(r) for r in rows)
         checks.append(_expect_fewer(spec.onnx_ops, before, after, removed,
-                                    f"{len(rows)} {spec.name} site(s) replaced, {removed} op(s) removed"))
+                                    f"{counted(len(rows), f'{spec.name} site')} replaced, "
+                                    f"{counted(removed, 'op')} removed"))
     return checks
 
 

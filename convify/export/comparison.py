@@ -15,6 +15,7 @@ import torch
 
 from convify.core.metrics import top1_agreement
 from convify.core.report import Report
+from convify.wording import counted, noun
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def _comparable(new: list[torch.Tensor], old: list[torch.Tensor], notes: list[st
     """``new`` shaped like ``old``: a dense head's score maps ``(N, K, *S)`` are
     averaged over ``S`` to compare with ``(N, K)``."""
     if len(new) != len(old):
-        notes.append(f"rewritten returns {len(new)} outputs, original {len(old)}: equivalence not comparable")
+        notes.append(f"rewritten returns {counted(len(new), 'output')}, original {len(old)}: equivalence not "
+                     "comparable")
         return None
     out = []
     for a, b in zip(new, old):
@@ -134,7 +136,8 @@ def measure_equivalence(new: list[torch.Tensor], old: list[torch.Tensor], rep: R
         pass
     else:
         inexact = sorted({r.rewrite for r in rep.replaced if not r.exact})
-        notes.append(f"not exact by construction: {', '.join(inexact)} rewrite(s) (see convify.report)")
+        notes.append(f"not exact by construction: {', '.join(inexact)} {noun(len(inexact), 'rewrite')} "
+                     "(see convify.report)")
     same = _comparable(new, old, notes)
     if same is None:
         return Equivalence(exact, None, None, None, None, min_agreement, tol,

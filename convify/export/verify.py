@@ -35,6 +35,7 @@ from convify.export.onnx import ExportResult, export
 from convify.export.sessions import execution_provider, open_session
 from convify.fx import copying
 from convify.fx.inputs import as_args
+from convify.wording import counted
 
 DEFAULT_BATCH = 8
 DEFAULT_RTOL = 1e-4          # float32 and float64
@@ -291,8 +292,8 @@ def _original_census(original: nn.Module, example: tuple, exporter: str, opset: 
 def _run_session(session: Any, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(batch):
-        raise VerificationError(f"the exported graph takes {len(names)} inputs ({', '.join(names)}) but "
-                                f"{len(batch)} were given")
+        raise VerificationError(f"the exported graph takes {counted(len(names), 'input')} ({', '.join(names)}) "
+                                f"but got {len(batch)}")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, batch)}
     try:
         return [torch.from_numpy(o) for o in session.run(None, feed)]

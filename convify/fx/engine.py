@@ -26,6 +26,7 @@ from convify.fx import copying, nodes, shapes, tracing
 from convify.fx.inputs import as_args
 from convify.fx.rewrites import leaf_modules
 from convify.fx.rewrites.base import NamesModules, Rewrite, Site
+from convify.wording import counted
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _variant_reason(site: Site, variants: Sequence[dict[fx.Node, shapes.TensorIn
         return None
     channels = {v[arg].shape[1] for v in variants if v.get(arg) is not None and len(v[arg].shape) > 1}
     if len(channels) > 1:
-        return (f"its module is called {len(variants)} times with {sorted(channels)} channels from code "
+        return (f"its module is called {counted(len(variants), 'time')} with {sorted(channels)} channels from code "
                 "torch.fx cannot trace; one new module cannot serve them all")
     return None
 

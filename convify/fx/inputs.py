@@ -16,6 +16,7 @@ import torch.nn as nn
 from convify.errors import ExampleInputError, UsageError, one_line
 from convify.fx.copying import eval_mode
 from convify.fx.shapes import meta_weights
+from convify.wording import counted
 
 
 def as_args(model: nn.Module, example_input: Any) -> tuple:
@@ -248,7 +249,7 @@ def probe_input(model: nn.Module) -> torch.Tensor:
     if solved is not None:
         return solved
     raise ExampleInputError(
-        f"could not find an input {type(model).__name__} accepts (tried {channels} channels at sizes "
+        f"could not find an input {type(model).__name__} accepts (tried {counted(channels, 'channel')} at sizes "
         f"{', '.join(tried)} and solving for its first Linear); pass example_input="
         f"torch.randn(1, {channels}, ...) of the size the model was built for"
     )

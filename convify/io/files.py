@@ -63,6 +63,42 @@ def _refuse_torchscript_or_export(path: Path, names: list[str]) -> None:
             "state_dict with {arch} instead")
 
 
+#: What MODEL and --weights may be, for the message that refuses another kind of file.
+_TAKES = {"model file": "a convify checkpoint, a state_dict (.pt/.pth/.safetensors) with {arch}, a Hugging Face "
+                        "model folder, or a pickled nn.Module with {trust_pickle}",
+          "weights file": "a state_dict saved with torch.save (.pt/.pth) or a .safetensors file"}
+
+#: Field tags a serialized onnx.ModelProto has after ``ir_version`` (field 1, written first): producer name and
+#: version, domain, model version, doc string, graph, opset imports.
+_ONNX_SECOND_TAGS = frozenset(b"\x12\x1a\x22\x28\x32\x3a\x42")
+
+
+def _refuse_foreign_format(path: Path, what: str) -> None:
+    """Refuse an ONNX model or a text file before torch reads it as a pickle (which says "Unsupported operand 8"
+    or "KeyError: 101"). torch's own formats start with a zip header or a pickle protocol byte."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        return
+    takes = _TAKES.get(what, _TAKES["model file"])
+    if len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _ONNX_SECOND_TAGS:
+        raise CheckpointError(f"{path} is an ONNX model, not a PyTorch {what}: convify rewrites PyTorch models "
+                              f"before export, so give the model it was exported from: {takes}")
+    if _is_text(head):
+        kind = "a JSON text file" if head.lstrip()[:1] in (b"{", b"[") else "a text file"
+        raise CheckpointError(f"{path} is {kind}, not a PyTorch {what}: convify takes {takes}")
+
+
+def _is_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # a character cut at the end of the sample
+    return True
+
+
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors`` file (never runs code)."""
     path = Path(path)
@@ -89,6 +125,7 @@ def read_file(path: str | os.PathLike[str], *, trust_pickle: bool = False, what:
     _check_input_file(path, what)
     if _is_safetensors(path):
         return read_safetensors(path)
+    _refuse_foreign_format(path, what)
     names = _zip_names(path)
     if names is not None:
         _refuse_torchscript_or_export(path, names)

@@ -17,6 +17,7 @@ from convify.io.arch import ArchSpec, build_arch, hf_config_dict, parse_arch, tr
 from convify.io.files import read_file
 from convify.io.recipe import is_checkpoint, load_checkpoint, recipe_passes
 from convify.io.state import load_weights, unwrap
+from convify.wording import counted
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _open_file(path: Path, *, trust_pickle: bool, trust_code: bool) -> ModelSour
     content = unwrap(content, path)
     if isinstance(content, nn.Module):
         return ModelSource(content.eval(), str(path), files=(path,))
-    raise UsageError(f"{path} holds a state_dict ({len(content)} tensors) but no architecture: say which "
+    raise UsageError(f"{path} holds a state_dict ({counted(len(content), 'tensor')}) but no architecture: say which "
                      "with {arch} torchvision:NAME, timm:NAME or package.module:factory; a Hugging Face "
                      "model is given as its folder (config.json next to the weights)")
 

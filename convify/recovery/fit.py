@@ -47,6 +47,7 @@ from convify.fx.rewrites.maxpool.same import PadSame
 from convify.recovery.calibration import Enough, PoolSite, in_forward_order, pool_sites, run_batch
 from convify.recovery.fit_heads import fit_gap_heads
 from convify.recovery.least_squares import NormalEquations, solve_and_install, with_fit
+from convify.wording import counted
 
 #: Rows of the patch matrix handled at once (bounds the float64 working set).
 _CHUNK_ELEMENTS = 1 << 24
@@ -145,8 +146,8 @@ def _match_calls(teacher: nn.Module, model: nn.Module, sites: list[PoolSite],
         for h in handles:
             h.remove()
     if len(original.shapes) != len(rewritten.shapes):
-        return None, (f"the original ran {len(original.shapes)} max poolings, the rewritten model "
-                      f"{len(rewritten.shapes)} max poolings and fitted convolutions together "
+        return None, (f"the original ran {counted(len(original.shapes), 'max pooling')}, the rewritten model "
+                      f"{counted(len(rewritten.shapes), 'max pooling')} and fitted convolutions together "
                       "(a folded pool runs none)")
     calls: dict[str, list[int]] = {s.row.name: [] for s in sites}
     for index, ((_, want), (name, got)) in enumerate(zip(original.shapes, rewritten.shapes)):
@@ -164,7 +165,8 @@ def _pool_outputs(teacher: nn.Module, batch: Any, indices: Sequence[int], site: 
     with torch.no_grad(), copying.eval_mode(teacher), mode:
         run_batch(teacher, batch)
     if len(mode.kept) != len(indices):
-        raise RewriteError(f"init='fit' at {site!r}: the original ran only {len(mode.shapes)} max poolings on a "
+        raise RewriteError(f"init='fit' at {site!r}: the original ran only "
+                           f"{counted(len(mode.shapes), 'max pooling')} on a "
                            f"calibration batch, where the first batch needed call {max(indices) + 1}; "
                            "for models whose pooling calls depend on the input, fit toward max pooling of "
                            "the rewritten activations: replace_maxpool(..., init='fit', fit_target='pool')")
@@ -250,8 +252,8 @@ def _accumulate(normal: NormalEquations, site: PoolSite, x: torch.Tensor, depthw
     target = target.movedim(1, -1).reshape(-1, channels)
     rows = W.patches(x, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     if rows.shape[0] != target.shape[0]:
-        raise RewriteError(f"init='fit' at {site.row.name!r}: the convolution reads {rows.shape[0]} windows "
-                           f"where the pooling gives {target.shape[0]} outputs")
+        raise RewriteError(f"init='fit' at {site.row.name!r}: the convolution reads {counted(rows.shape[0], 'window')} "
+                           f"where the pooling gives {counted(target.shape[0], 'output')}")
     device = torch.device("cpu") if x.device.type == "mps" else x.device  # no float64 on MPS
     chunk = max(1, _CHUNK_ELEMENTS // (rows.shape[1] * (rows.shape[2] + 1)))
     for start in range(0, rows.shape[0], chunk):

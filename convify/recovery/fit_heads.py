@@ -14,6 +14,7 @@ from convify.core.rewrites.head import HeadRecord
 from convify.fx import copying
 from convify.recovery.calibration import run_batch
 from convify.recovery.least_squares import NormalEquations, solve_and_install, weights_as_matrix, with_fit
+from convify.wording import counted
 
 
 def fit_gap_heads(teacher: nn.Module | None, model: nn.Module, done: Pass, batches: Sequence[Any]) -> Pass:
@@ -61,8 +62,8 @@ def _fit_gap_row(original: nn.Module, rewritten: nn.Module, record: HeadRecord, 
     for batch in batches:
         targets, inputs = _capture(original, linear, batch, "output"), _capture(rewritten, conv, batch, "input")
         if len(targets) != len(inputs):
-            return (f"init=fit skipped: the Linear ran {len(targets)} times, its convolution "
-                    f"{len(inputs)} times")
+            return (f"init=fit skipped: the Linear ran {counted(len(targets), 'time')}, its convolution "
+                    f"{counted(len(inputs), 'time')}")
         for y, x in zip(targets, inputs):
             feats = x.flatten(2).mean(-1).double()
             feats = torch.cat([feats, torch.ones(len(feats), 1, dtype=feats.dtype, device=feats.device)], 1)

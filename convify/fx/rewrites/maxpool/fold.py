@@ -16,6 +16,7 @@ from convify.fx import ops, shapes
 from convify.fx.rewrites.base import Site
 from convify.fx.rewrites.maxpool.modes import FxPoolMode, pool_mode, site_input
 from convify.fx.rewrites.maxpool.strided import strided_conv
+from convify.wording import counted
 
 CAVEAT = ("fold keeps the pool's output shape at the example input size and at sizes congruent to it "
           "modulo the network's stride; at other sizes folded shapes may differ (the paper's Strided-CNN "
@@ -71,7 +72,7 @@ def _fold_blocker(gm: fx.GraphModule, site: Site[PoolParams]) -> str | None:
         return f"{producer.target} uses padding={conv.padding!r}"
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is conv]
     if len(calls) > 1:
-        return f"{producer.target} is called at {len(calls)} places; a stride would change them all"
+        return f"{producer.target} is called at {counted(len(calls), 'place')}; a stride would change them all"
     conv_in, pool_out = shapes.input_info(producer), shapes.info(site.node)
     if conv_in is None or pool_out is None:
         return "no shapes were recorded"
