@@ -135,11 +135,11 @@ def test_toy_mode_runs_through_the_cli_a_checkpoint_and_verify(toy, tmp_path, ca
 
 
 def test_an_unknown_or_forgotten_mode_is_refused_with_the_known_ones(toy):
-    with pytest.raises(OptionError, match="maxpool: mode must be one of 'conv', 'depthwise', 'fold', 'average', "
-                                          "not 'avg'"):
+    with pytest.raises(OptionError, match="maxpool: mode must be one of 'conv', 'depthwise', 'fold', 'exact', "
+                                          "'average', not 'avg'"):
         convify.replace_maxpool(net(), torch.zeros(1, 3, 16, 16), mode="avg")
     forget_pool_mode("average")
-    with pytest.raises(OptionError, match="mode must be one of 'conv', 'depthwise', 'fold', not 'average'"):
+    with pytest.raises(OptionError, match="mode must be one of 'conv', 'depthwise', 'fold', 'exact', not 'average'"):
         convify.convify(net(), torch.zeros(1, 3, 16, 16), pool="average")
     pool_mode(AVERAGE)(Average)  # the fixture forgets it again
 

@@ -2,7 +2,8 @@
 
 Which modules, functions and methods act on each element alone (and which of
 those are affine in eval mode), which act per channel, which compute max or
-average pooling (and which max poolings pad "same" at run time). Tracing, shape propagation and every rewrite read these
+average pooling (and which max poolings pad "same" at run time), which give
+non-negative outputs and which keep their input's sign. Tracing, shape propagation and every rewrite read these
 tables; none keeps its own copy.
 """
 from __future__ import annotations
@@ -176,3 +177,38 @@ AVG_POOL_FUNCTIONS: dict[int, Callable] = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: 
 MAX_POOL_BY_DIMS = maxpool_spec.MAX_POOL_BY_DIMS  # declared once, with the pooling's parameters
 
 CONV_MODULES: dict[int, type[nn.modules.conv._ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+# --------------------------------------------------------------------------- sign
+
+
+#: Ops whose output is >= 0 whatever their input. Hardtanh (and so ReLU6,
+#: its subclass) and Softplus only with some arguments: :mod:`convify.fx.nonnegative`
+#: reads them (``NONNEGATIVE_IF``).
+NONNEGATIVE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+NONNEGATIVE_FUNCTIONS: frozenset[Callable] = frozenset({
+    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh, F.hardtanh_, torch.sigmoid, F.sigmoid,
+    F.hardsigmoid, F.softplus})
+NONNEGATIVE_METHODS = frozenset({"relu", "relu_", "sigmoid", "sigmoid_"})
+#: The argument conditions of the conditional ones: name, position in a
+#: functional call, default, and the test its value must pass.
+NONNEGATIVE_IF: dict[type[nn.Module] | Callable, tuple[tuple[str, int, float, Callable[[float], bool]], ...]] = {
+    nn.Hardtanh: (("min_val", 1, -1.0, lambda v: v >= 0),),
+    F.hardtanh: (("min_val", 1, -1.0, lambda v: v >= 0),),
+    F.hardtanh_: (("min_val", 1, -1.0, lambda v: v >= 0),),
+    # softplus(x) = log(1 + exp(beta x)) / beta, and x itself where beta x > threshold
+    nn.Softplus: (("beta", 1, 1.0, lambda v: v > 0), ("threshold", 2, 20.0, lambda v: v >= 0)),
+    F.softplus: (("beta", 1, 1.0, lambda v: v > 0), ("threshold", 2, 20.0, lambda v: v >= 0)),
+}
+
+#: Ops whose output is >= 0 where their (first) input is: identities in eval
+#: mode, dropout (a mask times a positive scale), pooling (a max or an
+#: average of the input's values), shape and copy methods.
+SIGN_KEEPING_MODULES: tuple[type[nn.Module], ...] = PASS_THROUGH_MODULES + MAX_POOLING_MODULES + (
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd, nn.Flatten, nn.Unflatten)
+SIGN_KEEPING_FUNCTIONS: frozenset[Callable] = PASS_THROUGH_FUNCTIONS | MAX_POOLING_CALLS | frozenset({
+    *AVG_POOL_FUNCTIONS.values(), *ADAPTIVE_AVG_POOL_FUNCTIONS.values(), torch.flatten, torch.reshape})
+SIGN_KEEPING_METHODS = PASS_THROUGH_METHODS | frozenset({"view", "reshape", "flatten", "contiguous", "clone"})
+#: Concatenations: >= 0 where every tensor concatenated is.
+CONCAT_FUNCTIONS: frozenset[Callable] = frozenset({torch.cat, torch.concat, torch.concatenate})

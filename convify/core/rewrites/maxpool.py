@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from convify.core import weights as W
+from convify.core.maxtree import TreeForm
 from convify.core.options import RewriteOptions, option
 from convify.core.report import qualified
 from convify.core.spec import RewriteSpec
@@ -142,6 +143,11 @@ CONV = register_pool_mode(PoolMode("conv", "a dense strided convolution ConvNd(C
 DEPTHWISE = register_pool_mode(PoolMode("depthwise", "the strided convolution grouped per channel (groups=C)"))
 FOLD = register_pool_mode(PoolMode("fold", "dropped; its stride moves onto the stride-1 convolution before it "
                                            "(the Strided-CNN variant)", learned=False))
+# learned=False: its weights are fixed by construction, spread over several layers; no single
+# convolution stands for the pool, so ``init`` ("avg", "kaiming", "fit") does not apply to it
+EXACT = register_pool_mode(PoolMode("exact", "convolutions and ReLUs that compute the max pooling exactly "
+                                             "(max(a, b) = b + relu(a - b), a tree of ceil(log2(taps)) ReLU "
+                                             "levels); init does not apply", learned=False))
 
 
 # --------------------------------------------------------------------------- records
@@ -158,6 +164,35 @@ class PoolOutcome(enum.Enum):
 
 
 @dataclass(frozen=True)
+class ExactTree:
+    """How an exact site (``mode="exact"``) computes its max pooling.
+
+    ``form``: the tree's shape; ``signed``: two channels per carried value
+    (``relu(b) - relu(-b)``), or one where the input is provably
+    non-negative (``sign_proof`` says why); ``padding``: how borders are
+    made exact; ``channels``: each convolution's output channels per input
+    channel; ``parameters``: weights added; ``macs``: multiply-accumulates
+    per image at the traced size (:func:`convify.zoo.count_macs`).
+    """
+
+    form: TreeForm
+    signed: bool
+    padding: str
+    channels: tuple[int, ...]
+    relu_levels: int
+    parameters: int
+    macs: int
+    sign_proof: str | None = None
+
+    def describe(self) -> str:
+        sign = ("signed input: two channels per carried value" if self.signed
+                else f"input >= 0 ({self.sign_proof}): one channel per carried value")
+        return (f"exact: {len(self.channels)} grouped convolutions, {self.relu_levels} ReLU levels, channels per "
+                f"input channel {', '.join(map(str, self.channels))} ({self.form.value} tree); {sign}; "
+                f"{self.padding}; +{self.parameters:,} parameters, +{self.macs:,} MACs per image")
+
+
+@dataclass(frozen=True)
 class PoolRecord:
     """The typed record of one replaced max pooling (``Replaced.detail``).
 
@@ -165,7 +200,8 @@ class PoolRecord:
     name of the one new convolution that stands for the pool, whose weights
     recovery may fit (None when the mode adds none: ``fold``); ``depthwise``:
     whether that convolution is grouped per channel. ``fold_blocker``: why
-    a requested fold fell back to ``conv``.
+    a requested fold fell back to ``conv``. ``tree``: the layers of an
+    exact site (``mode="exact"``), else None.
     """
 
     params: PoolParams
@@ -173,6 +209,7 @@ class PoolRecord:
     conv: str | None = None
     depthwise: bool = False
     fold_blocker: str | None = None
+    tree: ExactTree | None = None
 
     def with_prefix(self, prefix: str) -> "PoolRecord":
         """The record with its module name qualified by ``prefix`` (the

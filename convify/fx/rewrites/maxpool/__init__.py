@@ -12,7 +12,9 @@ registered with :func:`~.modes.pool_mode`:
   paper's learnable pooling;
 * :mod:`.depthwise`: the same with ``groups=C``;
 * :mod:`.fold`: the Strided-CNN variant: the pool is dropped and its stride
-  moves onto the stride-1 convolution that produces its input.
+  moves onto the stride-1 convolution that produces its input;
+* :mod:`.exact`: convolutions and ReLUs that compute the max pooling exactly
+  (``max(a, b) = b + relu(a - b)``), its borders in :mod:`.padding`.
 
 Adding a mode means adding a file here.
 
@@ -177,7 +179,7 @@ class ReplaceMaxPool(Rewrite[PoolParams]):
         return self.mode.apply(gm, site, self.options)
 
     def finish(self, gm: fx.GraphModule, rows: Sequence[Replaced]) -> list[str]:
-        return self.mode.finish(rows)
+        return self.mode.finish(rows, self.options)
 
 
 for _info in pkgutil.iter_modules(__path__):  # every mode file registers itself

@@ -32,7 +32,7 @@ class Fold(FxPoolMode):
         return strided_conv(gm, site, options, mode=CONV.name, depthwise=False, fold_blocker=blocker,
                             notes=(f"fold not possible: {blocker}; used mode='conv'",))
 
-    def finish(self, rows: Sequence[Replaced]) -> list[str]:
+    def finish(self, rows: Sequence[Replaced], options: MaxPoolOptions | None = None) -> list[str]:
         return [CAVEAT] if any(r.detail.mode == FOLD.name for r in rows) else []
 
 

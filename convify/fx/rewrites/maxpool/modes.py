@@ -41,7 +41,7 @@ class FxPoolMode(abc.ABC):
         """Rewrite one site in place (its ``params`` are set and it is not
         skipped); names in the returned row are local to ``gm``."""
 
-    def finish(self, rows: Sequence[Replaced]) -> list[str]:
+    def finish(self, rows: Sequence[Replaced], options: MaxPoolOptions | None = None) -> list[str]:
         """Notes for the pass once every site of a graph is applied."""
         return []
 

@@ -1,0 +1,158 @@
+"""Max pooling as convolutions and ReLUs, exactly: the weights of the tree.
+
+``max(a, b) = b + relu(a - b)``. Pairing the values of a window and repeating
+the identity computes their max in ``ceil(log2(n))`` ReLU levels: each level
+is a linear map of the previous level's ReLU outputs (a grouped convolution,
+one group per channel), the last one linear. A value carried to the next
+level (the ``b`` of each pair, the odd one out) takes two channels,
+``relu(b) - relu(-b)``, unless the input is non-negative, where ``relu(b) = b``.
+
+Two shapes of tree, both exact (see :class:`TreeForm`):
+
+* **direct**: the first convolution has the whole window and pairs its
+  ``prod(kernel)`` taps; then 1x1 convolutions;
+* **separable**: one axis at a time (a window's max is the max over rows of
+  the maxes over columns): a 1-D tree along the last axis at the pooling's
+  stride there, then along the axis before it, ...; each 1-D tree's last
+  (linear) layer is merged into the next tree's first convolution.
+
+Everything here is one channel's weights, in float64; :func:`grouped_weight`
+repeats them for ``C`` channels (``groups=C``). Nothing here knows a graph.
+
+>>> layers = max_tree((3, 3), (2, 2), (1, 1), signed=True, form=TreeForm.SEPARABLE)
+>>> [tuple(layer.weight.shape) for layer in layers]
+[(5, 1, 1, 3), (3, 5, 1, 1), (5, 3, 3, 1), (3, 5, 1, 1), (1, 3, 1, 1)]
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+Ints = tuple[int, ...]
+
+
+class TreeForm(enum.Enum):
+    """The shape of the max tree (``benchmarks/exact_pool.py`` measures both)."""
+
+    DIRECT = "direct"          # one convolution over the whole window, then 1x1s
+    SEPARABLE = "separable"    # one axis at a time, last axis first
+
+
+@dataclass(frozen=True)
+class TreeLayer:
+    """One convolution of the tree for one channel: ``weight`` is
+    ``(out, in, *kernel)`` in float64, no bias; ``relu``: a ReLU follows."""
+
+    weight: torch.Tensor
+    stride: Ints
+    dilation: Ints
+    padding: Ints
+    relu: bool
+
+    @property
+    def channels(self) -> int:
+        return self.weight.shape[0]
+
+
+def pairwise_max_levels(n: int, signed: bool) -> list[torch.Tensor]:
+    """Matrices ``A_0, ..., A_L`` with ``max(v) = A_L relu(A_{L-1} ... relu(A_0 v))``
+    for every vector ``v`` of ``n`` values (every ``v >= 0`` when not ``signed``).
+
+    ``L = ceil(log2(n))`` ReLU levels; ``A_L`` is one row. Values are paired in
+    order, ``(v0, v1), (v2, v3), ...``; the odd one is carried.
+
+    >>> [tuple(a.shape) for a in pairwise_max_levels(3, signed=True)]
+    [(5, 3), (3, 5), (1, 3)]
+    """
+    if n < 1:
+        raise ValueError(f"a max over {n} values")
+    carry = (1.0, -1.0) if signed else (1.0,)  # b = relu(b) - relu(-b), or relu(b) when b >= 0
+    values = torch.eye(n, dtype=torch.float64)  # each value, as a row over the current inputs
+    levels: list[torch.Tensor] = []
+    while values.shape[0] > 1:
+        rows: list[torch.Tensor] = []
+        sums: list[tuple[int, tuple[float, ...]]] = []  # each next value: where its channels start, their signs
+        for i in range(0, values.shape[0] - 1, 2):
+            a, b = values[i], values[i + 1]
+            sums.append((len(rows), (1.0, *carry)))  # max(a, b) = relu(a - b) + b
+            rows += [a - b, *(c * b for c in carry)]
+        if values.shape[0] % 2:
+            sums.append((len(rows), carry))
+            rows += [c * values[-1] for c in carry]
+        levels.append(torch.stack(rows))
+        values = torch.zeros(len(sums), len(rows), dtype=torch.float64)
+        for j, (start, signs) in enumerate(sums):
+            values[j, start:start + len(signs)] = torch.tensor(signs, dtype=torch.float64)
+    levels.append(values)
+    return levels
+
+
+def relu_levels(n: int) -> int:
+    """ReLU levels of the tree over ``n`` values: ``ceil(log2(n))``."""
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def max_tree(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], *, signed: bool,
+             form: TreeForm, padding: Sequence[int] | None = None) -> list[TreeLayer]:
+    """One channel's layers of a tree that computes the max pooling with this
+    window over an input padded so that every window holds valid taps only
+    (replicated borders), or, with ``padding`` (zeros, inside the
+    convolutions), over a non-negative input (``signed=False``).
+
+    Output length per axis: ``(n + 2 p - d (k - 1) - 1) // s + 1``, the
+    convolution's, which is the pooling's.
+    """
+    dims = len(kernel)
+    padding = tuple(padding) if padding is not None else (0,) * dims
+    if padding != (0,) * dims and signed:
+        raise ValueError("zero padding is exact on a non-negative input only (signed=False)")
+    if form is TreeForm.DIRECT or dims == 1:
+        return _direct(tuple(kernel), tuple(stride), tuple(dilation), padding, signed)
+    return _separable(tuple(kernel), tuple(stride), tuple(dilation), padding, signed)
+
+
+def _direct(kernel: Ints, stride: Ints, dilation: Ints, padding: Ints, signed: bool) -> list[TreeLayer]:
+    levels = pairwise_max_levels(math.prod(kernel), signed)
+    ones = (1,) * len(kernel)
+    first = levels[0].reshape(levels[0].shape[0], 1, *kernel)  # taps in the kernel's row-major order
+    layers = [TreeLayer(first, stride, dilation, padding, relu=len(levels) > 1)]
+    layers += [_pointwise(a, ones, relu=i < len(levels) - 1) for i, a in enumerate(levels[1:], start=1)]
+    return layers
+
+
+def _separable(kernel: Ints, stride: Ints, dilation: Ints, padding: Ints, signed: bool) -> list[TreeLayer]:
+    """1-D trees along each axis with a window, last axis first; an axis
+    with a one-tap window only strides, in the first convolution."""
+    dims = len(kernel)
+    ones = (1,) * dims
+    axes = [a for a in reversed(range(dims)) if kernel[a] > 1] or [dims - 1]
+    layers: list[TreeLayer] = []
+    pending = torch.ones(1, 1, dtype=torch.float64)  # the last linear row, merged into the next first layer
+    for n, axis in enumerate(axes):
+        levels = pairwise_max_levels(kernel[axis], signed)
+        along = lambda value, rest=1: tuple(value if a == axis else rest for a in range(dims))
+        first_stride = tuple(s if a == axis or (n == 0 and kernel[a] == 1) else 1 for a, s in enumerate(stride))
+        first = levels[0][:, None, :] * pending[0][None, :, None]  # (out, in, taps): a linear map of a linear map
+        layers.append(TreeLayer(first.reshape(*first.shape[:2], *along(kernel[axis])), first_stride,
+                                along(dilation[axis]), along(padding[axis], 0), relu=len(levels) > 1))
+        if len(levels) == 1:  # a one-tap window on every axis: that layer was the whole tree
+            return layers
+        layers += [_pointwise(a, ones, relu=True) for a in levels[1:-1]]
+        pending = levels[-1]
+    layers.append(_pointwise(pending, ones, relu=False))
+    return layers
+
+
+def _pointwise(matrix: torch.Tensor, ones: Ints, *, relu: bool) -> TreeLayer:
+    return TreeLayer(matrix.reshape(*matrix.shape, *ones), ones, ones, (0,) * len(ones), relu)
+
+
+def grouped_weight(weight: torch.Tensor, channels: int, dtype: torch.dtype | None = None,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """One channel's ``(out, in, *kernel)`` weight repeated for ``channels``
+    groups: ``(channels * out, in, *kernel)``, for ``groups=channels``."""
+    return weight.to(dtype=dtype, device=device).repeat(channels, *([1] * (weight.dim() - 1)))
