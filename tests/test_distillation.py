@@ -67,6 +67,21 @@ def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     return teacher, student
 
 
+def test_an_exact_rewrite_starts_at_full_agreement_and_its_tree_trains() -> None:
+    """mode="exact" is an ordinary model: distillation trains its layers (here toward labels, so they move)."""
+    teacher = reinit(Small(), 0).eval()
+    student = convify.replace_maxpool(teacher, _images(1, 0), mode="exact")
+    held_out = _images(128, 2)
+    assert _agreement(teacher, student, held_out) == 1.0
+    tree = [p for n, p in student.named_parameters() if n.startswith(("p1", "p2"))]
+    start = [p.detach().clone() for p in tree]
+    assert tree and all(p.requires_grad for p in tree)
+    train = _images(64, 1)
+    convify.distill(teacher, student, TensorDataset(train, _sign_labels(train)), epochs=1, batch_size=16, lr=1e-2,
+                    alpha=0.0, device="cpu", progress=False)
+    assert any(not torch.equal(p.detach(), p0) for p, p0 in zip(tree, start))
+
+
 def test_distillation_raises_agreement_on_unlabelled_images() -> None:
     teacher, student = _pair()
     train, held_out = _images(256, 1), _images(256, 2)

@@ -275,6 +275,15 @@ def test_fold_notes_that_folded_sites_have_nothing_to_fit() -> None:
     assert folded and all(r.fit is None for r in folded)
 
 
+def test_fit_on_an_exact_rewrite_says_there_is_nothing_to_fit() -> None:
+    model = reinit(TwoPools()).eval()
+    exact = convify.replace_maxpool(model, mode="exact", init="fit", calibration=_batches(0, 2, (8, 3, 15, 15)))
+    rep = convify.report(exact)
+    assert any("the exact sites compute the max pooling exactly; nothing to fit there" in n for n in rep.notes)
+    assert rep.replaced and all(r.detail.exact and r.fit is None and r.exact for r in rep.replaced)
+    assert not any("add no weights" in n for n in rep.notes)
+
+
 # --------------------------------------------------------------------------- the pure math
 
 

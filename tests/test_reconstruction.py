@@ -242,3 +242,18 @@ def test_a_batch_that_never_reaches_the_blocks_end_is_named() -> None:
                        r"calibration batch, where the first batch reached call 1; pass batches that run"):
         convify.reconstruct(model, rewritten, [positive, negative], steps=2, progress=False)
     convify.reconstruct(model, rewritten, [positive, positive], steps=2, progress=False)  # one branch: runs
+
+
+def test_an_exact_model_has_nothing_to_reconstruct_and_says_so() -> None:
+    model, batches = _model(), _batches(0)
+    exact = convify.replace_maxpool(model, batches[0][:1], mode="exact")
+    before = {k: v.clone() for k, v in exact.state_dict().items()}
+    out = convify.reconstruct(model, exact, batches, steps=5, progress=False)
+    assert out is exact and all(torch.equal(v, exact.state_dict()[k]) for k, v in before.items())
+    rows = convify.report(exact).replaced
+    assert len(rows) == 2 and all(r.detail.exact and r.reconstruction is None for r in rows)
+    assert all("nothing to reconstruct" in " ".join(r.notes) for r in rows)
+    assert "exact (mode='exact')" in str(convify.report(exact))
+    with torch.no_grad():
+        assert torch.allclose(exact(batches[1]), model(batches[1]), rtol=1e-5, atol=1e-5)
+

@@ -77,7 +77,10 @@ def fit_pool_sites(teacher: nn.Module | None, model: nn.Module, done: Pass, batc
     sites = pool_sites(model, done)
     notes = list(done.notes)
     records = [r.detail for r in done.replaced if isinstance(r.detail, PoolRecord)]
-    unlearned = sorted({d.mode for d in records if d.conv is None and not POOL_MODES.get(d.mode, CONV).learned})
+    if any(d.exact for d in records):
+        notes.append("init='fit': the exact sites compute the max pooling exactly; nothing to fit there")
+    unlearned = sorted({d.mode for d in records if d.conv is None and not d.exact
+                        and not POOL_MODES.get(d.mode, CONV).learned})
     for mode in unlearned:
         notes.append(f"init='fit' with mode={mode!r}: its sites add no weights to fit ({POOL_MODES[mode].help}), so "
                      "only sites that became a convolution are fitted")

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from convify.core.report import Pass, Reconstruction, Report, attach, report
+from convify.core.report import Pass, Reconstruction, Replaced, Report, attach, report
 from convify.core.rewrites.maxpool import PoolRecord
 from convify.errors import UsageError
 from convify.fx import copying
@@ -95,9 +95,12 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
     rep = report(rewritten)
     index, done = _maxpool_pass(rep, rewritten)
     sites = pool_sites(rewritten, done)
-    if not sites:
+    exact = {r.name for r in done.replaced if isinstance(r.detail, PoolRecord) and r.detail.exact}
+    if not sites and not exact:
         raise UsageError("reconstruct: no max pooling of this model became a convolution (a fold adds no "
                          "weights to train); nothing to reconstruct")
+    if not sites:  # every site is exact: the model already computes the original's function there
+        return _attach(rewritten, rep, index, _with_exact_notes(done.replaced, exact))
     batches = _batches(original, done, calibration)
     sites = in_forward_order(rewritten, sites, batches, "reconstruct")
     blocks = find_blocks(original, rewritten, sites, batches[0])
@@ -112,10 +115,22 @@ def reconstruct(original: nn.Module, rewritten: nn.Module, calibration: Iterable
             p.requires_grad_(flag)
     rows = tuple(dataclasses.replace(r, reconstruction=results[r.name]) if r.name in results else r
                  for r in done.replaced)
+    return _attach(rewritten, rep, index, _with_exact_notes(rows, exact))
+
+
+EXACT_NOTE = "exact (mode='exact'): it computes the original's max pooling; nothing to reconstruct"
+
+
+def _with_exact_notes(rows: Sequence[Replaced], exact: set[str]) -> tuple[Replaced, ...]:
+    return tuple(dataclasses.replace(r, notes=r.notes + (EXACT_NOTE,)) if r.name in exact and EXACT_NOTE not in
+                 r.notes else r for r in rows)
+
+
+def _attach(model: nn.Module, rep: Report, index: int, rows: tuple[Replaced, ...]) -> nn.Module:
     passes = list(rep.passes)
-    passes[index] = dataclasses.replace(done, replaced=rows)
-    attach(rewritten, dataclasses.replace(rep, passes=tuple(passes)))
-    return rewritten
+    passes[index] = dataclasses.replace(passes[index], replaced=rows)
+    attach(model, dataclasses.replace(rep, passes=tuple(passes)))
+    return model
 
 
 # --------------------------------------------------------------------------- what to reconstruct

@@ -211,6 +211,11 @@ class PoolRecord:
     fold_blocker: str | None = None
     tree: ExactTree | None = None
 
+    @property
+    def exact(self) -> bool:
+        """Whether the site computes the max pooling exactly (nothing to fit or reconstruct there)."""
+        return self.tree is not None
+
     def with_prefix(self, prefix: str) -> "PoolRecord":
         """The record with its module name qualified by ``prefix`` (the
         engine calls it for a site found in a submodule's graph)."""
