@@ -30,6 +30,7 @@ from convify.errors import ExportError, one_line
 from convify.export.quiet import run_quietly
 from convify.fx import copying
 from convify.fx.inputs import as_args
+from convify.fx.rewrites.head.sizing import pinned_heads
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None,
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the .onnx file to write")
+    if dynamic_spatial:
+        _refuse_pinned_heads(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = as_args(model, example_input)
     spec = _AxesSpec.build(model, args, dynamic_batch, dynamic_spatial)
@@ -121,6 +124,18 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None,
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(path, used, fallback, time.perf_counter() - start, final_data, caught)
+
+
+def _refuse_pinned_heads(model: nn.Module) -> None:
+    """A head guarded to its traced map size (not dense) cannot run at other
+    heights and widths: the dynamo exporter would fail on the guard, and the
+    legacy one would drop it and write a file that gives a longer vector."""
+    pinned = pinned_heads(model)
+    if pinned:
+        raise ExportError(
+            f"{', '.join(pinned)}: a classifier head rewritten without {{dense}} computes the original's output "
+            "only at the map size it was traced at, so its ONNX file cannot take other heights and widths: "
+            "export with {fixed_spatial}, or rewrite with {dense} for a score map at any size")
 
 
 # --------------------------------------------------------------------------- axes
