@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if src.pickled:
         note(f"{args.output} is a whole pickled module (no recipe can rebuild an unnamed class): loading it "
              "runs code from the file and needs the same trust as its source (--trust-pickle, "
-             "torch.load(..., weights_only=False))")
+             "torch.load(..., weights_only=False)); " + _what_loading_needs(rewritten))
     note_if_nothing(report_of(rewritten, src), src)
     return EXIT_OK
 
@@ -72,8 +72,10 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
 
     from convify import io as ck  # noqa: PLC0415
 
-    if src.pickled:
-        payload: Any = rewritten
+    if src.pickled:  # its report as plain data, its guards as torch._assert: loading it needs no convify
+        from convify.fx.portable import portable  # noqa: PLC0415
+
+        payload: Any = portable(rewritten)
     else:  # the recipe: every pass the report records, those of an input checkpoint first
         recipe = ck.make_recipe(arch=src.arch, arch_kwargs=src.arch_kwargs, passes=ck.passes_of(rewritten))
         payload = ck.to_checkpoint(rewritten, recipe)
@@ -89,6 +91,17 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
 
     ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
     return written
+
+
+def _what_loading_needs(rewritten: "nn.Module") -> str:
+    from convify.fx.portable import convify_names  # noqa: PLC0415
+    from convify.io.files import listing  # noqa: PLC0415
+
+    names = convify_names(rewritten)
+    if not names:
+        return "it names no convify class or function: torch and the model's own code load it"
+    return (f"it names convify ({listing(names)}), which no plain torch module replaces: loading it needs "
+            "convify installed")
 
 
 def _emit(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],
