@@ -163,6 +163,22 @@ def test_pickled_module_needs_trust_pickle_and_gives_a_pickled_module(tmp_path):
     assert loaded["results"][1].startswith("AssertionError: 8: this classifier head was rewritten for a 4x4")
 
 
+def test_export_and_rewrite_name_the_onnx_inputs_and_outputs(tmp_path):
+    import onnx
+
+    proc = run("export", *TINY, "--input-names", "image", "--output-names", "scores", "-o", "m.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["scores"]
+    proc = run("rewrite", *TINY, "--output-names", "scores", "-o", "r.pt", "--onnx", "r.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "r.onnx")).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["scores"]
+    bad = run("export", *TINY, "--input-names", "a,b", "-o", "bad.onnx", cwd=tmp_path)
+    assert_one_line_error(bad, r"--input-names gives 2 names \(a, b\) for the model's 1 inputs", code=1)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_a_pickled_output_that_needs_convify_says_so(tmp_path):
     pytest.importorskip("timm")
     from timm.layers.pool2d_same import MaxPool2dSame

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, output_arguments,
-                                   rewrite_arguments, rewrite_keywords, verify_arguments)
+from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, onnx_names,
+                                   output_arguments, rewrite_arguments, rewrite_keywords, verify_arguments)
 from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json
 from convify.cli.models import export_model, load_and_rewrite, verify_rewrite
@@ -86,7 +86,7 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
         if args.onnx:
             progress.set("exporting to ONNX")
             export_model(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset,
-                         dynamic_spatial=args.dynamic_spatial)
+                         dynamic_spatial=args.dynamic_spatial, **onnx_names(args))
             written.append(args.onnx)
 
     ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
