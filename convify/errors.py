@@ -33,6 +33,10 @@ PARAMETERS: dict[str, str] = {
     "calibration": "calibration=",
     "precision": "precision=",
     "device": "device=",
+    "dense": "dense=True",
+    "fixed_spatial": "dynamic_spatial=False",
+    "input_names": "input_names=",
+    "output_names": "output_names=",
     # a whole phrase: the library turns an option off, the command line leaves a flag out
     "no_compile": "pass compile=False",
 }

@@ -205,11 +205,45 @@ def test_pickled_module_needs_trust_pickle_and_gives_a_pickled_module(tmp_path):
     proc = run("rewrite", "whole.pt", "--trust-pickle", "--input-shape", "1,3,16,16", "-o", "out.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "needs the same trust" in proc.stderr
+    assert "it names no convify class or function: torch and the model's own code load it" in proc.stderr
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     want = convify.convify(model, torch.zeros(1, 3, 16, 16))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert rel_err(out(x), want(x)) <= 1e-6
+    assert convify.report(out) == convify.report(want)
+    from test_portable import load_without_convify
+
+    loaded = load_without_convify(tmp_path / "out.pt", "2,3,16,16", "1,3,32,32")  # the README's promise
+    assert loaded["results"][0] == [2, 10] and loaded["report"] == "dict"
+    assert loaded["results"][1].startswith("AssertionError: 8: this classifier head was rewritten for a 4x4")
+
+
+def test_export_and_rewrite_name_the_onnx_inputs_and_outputs(tmp_path):
+    import onnx
+
+    proc = run("export", *TINY, "--input-names", "image", "--output-names", "scores", "-o", "m.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert [i.name for i in graph.input] == ["image"] and [o.name for o in graph.output] == ["scores"]
+    proc = run("rewrite", *TINY, "--output-names", "scores", "-o", "r.pt", "--onnx", "r.onnx", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "r.onnx")).graph
+    assert [i.name for i in graph.input] == ["input"] and [o.name for o in graph.output] == ["scores"]
+    bad = run("export", *TINY, "--input-names", "a,b", "-o", "bad.onnx", cwd=tmp_path)
+    assert_one_line_error(bad, r"--input-names gives 2 names \(a, b\) for the model's 1 inputs", code=1)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_pickled_output_that_needs_convify_says_so(tmp_path):
+    pytest.importorskip("timm")
+    from timm.layers.pool2d_same import MaxPool2dSame
+
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2)).eval(), tmp_path / "same.pt")
+    proc = run("rewrite", "same.pt", "--trust-pickle", "--input-shape", "1,3,15,15", "-o", "out.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"it names convify \(convify\.fx\.rewrites\.maxpool\.same\.PadSame \(at 1_pad\)\), which no "
+                     r"plain torch module replaces: loading it needs convify installed", proc.stderr), proc.stderr
 
 
 def test_malicious_pickle_does_not_run(tmp_path):

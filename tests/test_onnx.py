@@ -4,6 +4,7 @@ fallback, and a quiet exporter."""
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -313,3 +314,59 @@ def test_dense_convify_runs_at_odd_sizes_in_onnxruntime(tmp_path, exporter):
         assert got.shape == want.shape and rel_err(got, want) <= 1e-5, (h, w)
         shapes.add(tuple(got.shape[2:]))
     assert len(shapes) == 3, "the score map should follow the input size"
+
+
+# --------------------------------------------------------------------------- names a user can read
+
+
+def dims_of(value) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_dynamic_axes_are_named_height_and_width_everywhere(tmp_path, exporter):
+    rewritten = convify.replace_maxpool(tiny(TinyFCN), torch.randn(1, 3, 24, 24))
+    path = convify.export_onnx(rewritten, tmp_path / "fcn.onnx", torch.randn(1, 3, 24, 24), exporter=exporter,
+                               dynamic_spatial=True)
+    graph = onnx.load(str(path)).graph
+    assert dims_of(graph.input[0]) == ["batch", 3, "height", "width"]
+    assert dims_of(graph.output[0])[0] == "batch" and dims_of(graph.output[0])[2:] == ["out_height", "out_width"]
+    symbols = [d.dim_param for v in (*graph.input, *graph.output, *graph.value_info)
+               for d in v.type.tensor_type.shape.dim if d.dim_param]
+    assert symbols and not [s for s in symbols if re.search(r"\bs\d+\b", s)]  # no torch.export symbol (s53) left
+    x = torch.randn(2, 3, 31, 27)
+    (got,) = run_ort(path, x)
+    assert rel_err(got, rewritten(x).detach()) <= 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_hugging_face_models_keep_their_input_and_output_names(tmp_path, exporter):
+    pytest.importorskip("transformers")
+    from test_hf import X, hf_resnet
+
+    model = hf_resnet()
+    dense = convify.replace_linear_head(model, torch.randn(X), dense=True)
+    path = convify.export_onnx(dense, tmp_path / "hf.onnx", torch.randn(X), exporter=exporter)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    assert session.get_inputs()[0].shape == ["batch", 3, "height", "width"]
+    x = torch.randn(2, 3, 96, 80)  # another size than the export's
+    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        assert rel_err(torch.from_numpy(got), dense(x).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_input_and_output_names_can_be_given(tmp_path, exporter):
+    path = convify.export_onnx(tiny(), tmp_path / "m.onnx", torch.randn(1, 3, 16, 16), exporter=exporter,
+                               input_names=["image"], output_names=["scores"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"] and [o.name for o in session.get_outputs()] == ["scores"]
+    assert session.get_inputs()[0].shape[0] == "batch"
+    with pytest.raises(ExportError, match=r"input_names= gives 2 names \(a, b\) for the model's 1 inputs"):
+        convify.export_onnx(tiny(), tmp_path / "bad.onnx", torch.randn(1, 3, 16, 16), input_names=["a", "b"])
+    with pytest.raises(ExportError, match="input and output cannot share a name"):
+        convify.export_onnx(tiny(), tmp_path / "bad.onnx", torch.randn(1, 3, 16, 16), input_names=["x"],
+                            output_names=["x"])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -52,3 +52,26 @@ def test_report_travels_with_deepcopy_and_pickle_of_a_graph_module():
     assert isinstance(rewritten, torch.fx.GraphModule)
     for twin in (copy.deepcopy(rewritten), pickle.loads(pickle.dumps(rewritten))):
         assert [r.name for r in convify.report(twin).replaced] == ["1"]
+
+
+def test_a_pickled_report_is_plain_data_that_reads_back_typed():
+    import pickle
+    import pickletools
+
+    from convify.core.report import attach
+    from convify.core.rewrites.head import HeadRecord
+    from convify.core.rewrites.maxpool import PoolRecord
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 5)).eval()
+    rep = convify.report(convify.convify(model, torch.randn(1, 3, 8, 8)))
+    holder = nn.Module()  # a model that carries the report as convify.attach sets it
+    attach(holder, rep)
+    dumped = pickle.dumps(holder)
+    named = {arg for op, arg, _ in pickletools.genops(dumped) if isinstance(arg, str)}
+    assert not any(n.startswith("convify") for n in named)  # no convify module, class or enum
+    loaded = pickle.loads(dumped)
+    assert isinstance(loaded._convify_report, dict)
+    back = convify.report(loaded)
+    assert back == rep
+    assert isinstance(back.replaced[0].detail, PoolRecord) and isinstance(back.replaced[1].detail, HeadRecord)
+    assert Report.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep

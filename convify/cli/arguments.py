@@ -89,13 +89,35 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def onnx_arguments(p: argparse.ArgumentParser, spatial: bool = True) -> None:
+    """The ONNX options; ``spatial``: also those of a file the command keeps
+    (dynamic height and width, input and output names)."""
     g = p.add_argument_group("ONNX export")
     if spatial:
         g.add_argument("--dynamic-spatial", action=argparse.BooleanOptionalAction, default=None,
                        help="make height and width dynamic (default: yes for a --dense model, no otherwise)")
+        g.add_argument("--input-names", metavar="NAME[,NAME...]",
+                       help="names of the file's inputs, one per input (default: the model's own for a Hugging "
+                            "Face model, pixel_values; else input)")
+        g.add_argument("--output-names", metavar="NAME[,NAME...]",
+                       help="names of the file's outputs, one per output tensor (default: the model's own for a "
+                            "Hugging Face model, logits; else output)")
     g.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo",
                    help="torch's current exporter (default; falls back to legacy on failure) or the legacy one")
     g.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
+
+def onnx_names(args: argparse.Namespace) -> dict[str, Any]:
+    """``--input-names``/``--output-names`` as ``export_onnx`` keywords (None: the default names)."""
+    def split(text: str | None, flag: str) -> list[str] | None:
+        if text is None:
+            return None
+        names = [n.strip() for n in text.split(",")]
+        if not all(names):
+            raise UsageError(f"{flag}: give names separated by commas, got {text!r}")
+        return names
+
+    return {"input_names": split(args.input_names, "--input-names"),
+            "output_names": split(args.output_names, "--output-names")}
 
 
 def json_argument(p: argparse.ArgumentParser) -> None:

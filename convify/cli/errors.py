@@ -12,7 +12,8 @@ from convify.errors import CheckpointError, ConvifyError, ExampleInputError, Usa
 FLAGS = {
     "force": "--force", "trust_pickle": "--trust-pickle", "trust_code": "--trust-code", "path": "MODEL",
     "weights": "--weights", "arch": "--arch", "arch_kwargs": "--arch-kwargs", "input_shape": "--input-shape",
-    "calibration": "--calibration DIR", "precision": "--precision", "device": "--device",
+    "calibration": "--calibration DIR", "precision": "--precision", "device": "--device", "dense": "--dense",
+    "fixed_spatial": "--no-dynamic-spatial", "input_names": "--input-names", "output_names": "--output-names",
     "no_compile": "leave out --compile",
 }
 

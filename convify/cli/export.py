@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from convify.cli.arguments import given_shape, model_arguments, onnx_arguments, output_arguments
+from convify.cli.arguments import given_shape, model_arguments, onnx_arguments, onnx_names, output_arguments
 from convify.cli.command import EXIT_OK, Command
 from convify.cli.console import Progress, note
 from convify.cli.models import export_model, load_model, resolve_shape
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             shape = resolve_shape(src, shape)
         with progress.step("exporting to ONNX"):
             path = export_model(src.model, args.output, shape, dynamic_spatial=args.dynamic_spatial,
-                                opset=args.opset, exporter=args.exporter)
+                                opset=args.opset, exporter=args.exporter, **onnx_names(args))
     _note_if_not_rewritten(src, str(path))
     note(f"wrote {path}")
     note_random_weights(src, args, str(path))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, output_arguments,
-                                   rewrite_arguments, rewrite_keywords, verify_arguments)
+from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, onnx_names,
+                                   output_arguments, rewrite_arguments, rewrite_keywords, verify_arguments)
 from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json
 from convify.cli.models import export_model, load_and_rewrite, verify_rewrite
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if src.pickled:
         note(f"{args.output} is a whole pickled module (no recipe can rebuild an unnamed class): loading it "
              "runs code from the file and needs the same trust as its source (--trust-pickle, "
-             "torch.load(..., weights_only=False))")
+             "torch.load(..., weights_only=False)); " + _what_loading_needs(rewritten))
     note_trust_code(src, args.output)
     return EXIT_OK
 
@@ -80,8 +80,10 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
 
     from convify import io as ck  # noqa: PLC0415
 
-    if src.pickled:
-        payload: Any = rewritten
+    if src.pickled:  # its report as plain data, its guards as torch._assert: loading it needs no convify
+        from convify.fx.portable import portable  # noqa: PLC0415
+
+        payload: Any = portable(rewritten)
     else:  # the recipe: every pass the report records, those of an input checkpoint first
         recipe = ck.make_recipe(arch=src.arch, arch_kwargs=src.arch_kwargs, passes=ck.passes_of(rewritten))
         payload = ck.to_checkpoint(rewritten, recipe)
@@ -92,11 +94,22 @@ def _write(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module",
         if args.onnx:
             progress.set("exporting to ONNX")
             export_model(rewritten, args.onnx, shape, exporter=args.exporter, opset=args.opset,
-                         dynamic_spatial=args.dynamic_spatial)
+                         dynamic_spatial=args.dynamic_spatial, **onnx_names(args))
             written.append(args.onnx)
 
     ck.atomic_write(args.output, write, force=args.force, inputs=[args.model, args.weights])
     return written
+
+
+def _what_loading_needs(rewritten: "nn.Module") -> str:
+    from convify.fx.portable import convify_names  # noqa: PLC0415
+    from convify.io.files import listing  # noqa: PLC0415
+
+    names = convify_names(rewritten)
+    if not names:
+        return "it names no convify class or function: torch and the model's own code load it"
+    return (f"it names convify ({listing(names)}), which no plain torch module replaces: loading it needs "
+            "convify installed")
 
 
 def _emit(args: argparse.Namespace, src: "ModelSource", rewritten: "nn.Module", options: dict[str, Any],

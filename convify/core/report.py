@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Iterable, Sequence, TypeVar
 
@@ -191,6 +194,13 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"passes": [_pass_to_dict(p) for p in self.passes], "exact": self.exact}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """The report :meth:`to_dict` gave (as a pickled model carries it). A
+        site's record comes back as its type when the module declaring it is
+        loaded (it is whenever something reads it), else as its plain dict."""
+        return cls(tuple(_from_plain(Pass, p) for p in data.get("passes", ())))
+
     def __str__(self) -> str:
         if not self.passes:
             return "convify report: no rewrite applied"
@@ -225,6 +235,43 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return repr(value)
+
+
+def _from_plain(hint: Any, value: Any) -> Any:
+    """``value`` as :func:`_jsonable` wrote it, read back as ``hint``."""
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _from_plain(options[0], value) if len(options) == 1 else value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        items = typing.get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return tuple(_from_plain(items[0], v) for v in value)
+        return tuple(_from_plain(h, v) for h, v in zip(items, value))
+    if isinstance(hint, TypeVar):  # a rewrite's own record, tagged with its type's name
+        return _record(value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = typing.get_type_hints(hint)
+        return hint(**{f.name: _from_plain(hints[f.name], value[f.name]) for f in dataclasses.fields(hint)
+                       if f.name in value})
+    return value
+
+
+def _record(value: Any) -> Any:
+    """A tagged record (``{"type": "HeadRecord", ...}``) as its dataclass,
+    looked up among the loaded modules of the core, which declares them (no
+    import here: the core's rewrites import this module)."""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        return value
+    for name, module in list(sys.modules.items()):
+        found = getattr(module, value["type"], None) if name.startswith("convify.core.") else None
+        if isinstance(found, type) and dataclasses.is_dataclass(found) and found.__module__ == name:
+            return _from_plain(found, value)
+    return value
 
 
 def _shape(shape: Shape | None) -> str:
@@ -269,24 +316,56 @@ def format_pass(p: Pass) -> str:
     return "\n".join(parts)
 
 
+class _Carried:
+    """How a model carries its report: the :class:`Report` in memory; plain
+    data (:meth:`Report.to_dict`) when the model is pickled, so that loading
+    the pickle needs no convify (``torch.load`` of a model that names
+    convify's classes fails where convify is not installed)."""
+
+    __slots__ = ("report",)
+
+    def __init__(self, rep: Report) -> None:
+        self.report = rep
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (self.report.to_dict(),))
+
+    def __copy__(self) -> "_Carried":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Carried":
+        return self  # a report is immutable
+
+
+def _carried(found: Any) -> Report | None:
+    if isinstance(found, _Carried):
+        return found.report
+    if isinstance(found, Report):  # pickled by 0.2.0, which kept the Report itself
+        return found
+    if isinstance(found, dict) and isinstance(found.get("passes"), list):  # read back from a pickle
+        return Report.from_dict(found)
+    return None
+
+
 def report(model: "nn.Module") -> Report:
     """The report of every convify rewrite applied to ``model`` (empty if none).
 
     >>> rewritten = convify.replace_maxpool(torchvision.models.resnet18())
     >>> print(convify.report(rewritten))
     """
-    found = getattr(model, REPORT_ATTR, None)
-    if not isinstance(found, Report):  # a GraphModule's deepcopy keeps only its ``meta`` of such extras
-        found = (getattr(model, "meta", None) or {}).get(REPORT_ATTR) if isinstance(getattr(model, "meta", None),
-                                                                                      dict) else None
-    return found if isinstance(found, Report) else Report()
+    found = _carried(getattr(model, REPORT_ATTR, None))
+    if found is None:  # a GraphModule's deepcopy keeps only its ``meta`` of such extras
+        meta = getattr(model, "meta", None)
+        found = _carried(meta.get(REPORT_ATTR)) if isinstance(meta, dict) else None
+    return found if found is not None else Report()
 
 
 def attach(model: "nn.Module", rep: Report) -> None:
     # A plain attribute (not a buffer): it travels with deepcopy and pickle but
     # never into the state_dict. A torch.fx GraphModule rebuilds itself on
     # deepcopy and keeps only its ``meta`` dict: the report goes there too.
-    object.__setattr__(model, REPORT_ATTR, rep)
+    carried = _Carried(rep)
+    object.__setattr__(model, REPORT_ATTR, carried)
     meta = getattr(model, "meta", None)
     if isinstance(meta, dict):
-        meta[REPORT_ATTR] = rep
+        meta[REPORT_ATTR] = carried

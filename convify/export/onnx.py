@@ -11,15 +11,17 @@ why it happened.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,6 +32,7 @@ from convify.errors import ExportError, one_line
 from convify.export.quiet import run_quietly
 from convify.fx import copying
 from convify.fx.inputs import as_args
+from convify.fx.rewrites.head.sizing import pinned_heads
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,8 @@ class ExportResult:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *,
                 dynamic_batch: bool = True, dynamic_spatial: bool | None = None, opset: int | None = None,
-                exporter: str = "dynamo", verbose: bool = False) -> Path:
+                exporter: str = "dynamo", verbose: bool = False, input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None) -> Path:
     """Export ``model`` (an ``nn.Module`` or a convify ``GraphModule``) to one ONNX file.
 
     Args:
@@ -75,6 +79,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
         exporter: ``"dynamo"`` (torch's current exporter; on failure the legacy one
             is used with an ``ExportFallbackWarning`` stating the reason) or ``"legacy"``.
         verbose: let the exporter print its progress and warnings.
+        input_names, output_names: the names of the file's inputs and outputs, one per
+            tensor. By default a model that returns a dict (a Hugging Face ``ModelOutput``)
+            names them as it does (``pixel_values``, ``logits``); others get ``input`` and
+            ``output`` (``input_0``, ``input_1``... for several). Dynamic axes are named
+            ``batch``, ``height``, ``width`` (``out_height``, ``out_width`` on outputs).
 
     Returns:
         ``path`` as a ``pathlib.Path``. Weights are embedded; a model over 2 GB keeps
@@ -87,12 +96,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Any = 
     if dynamic_spatial is None and isinstance(model, nn.Module):
         dynamic_spatial = is_dense(report(model))
     return export(model, path, example_input, dynamic_batch=dynamic_batch, dynamic_spatial=bool(dynamic_spatial),
-                  opset=opset, exporter=exporter, verbose=verbose).path
+                  opset=opset, exporter=exporter, verbose=verbose, input_names=input_names,
+                  output_names=output_names).path
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None, *, dynamic_batch: bool = True,
            dynamic_spatial: bool = False, opset: int | None = None, exporter: str = "dynamo",
-           verbose: bool = False) -> ExportResult:
+           verbose: bool = False, input_names: Sequence[str] | None = None,
+           output_names: Sequence[str] | None = None) -> ExportResult:
     """``export_onnx`` returning an :class:`ExportResult` (which exporter ran, and why). Spatial axes
     are fixed unless asked for: ``verify`` exports at its example size (and wraps dense models in an
     average over positions, which the legacy exporter cannot make dynamic)."""
@@ -103,9 +114,11 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None,
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"{path} is a directory; give the .onnx file to write")
+    if dynamic_spatial:
+        _refuse_pinned_heads(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     args = as_args(model, example_input)
-    spec = _AxesSpec.build(model, args, dynamic_batch, dynamic_spatial)
+    spec = _AxesSpec.build(model, args, dynamic_batch, dynamic_spatial, input_names, output_names)
     large = _state_bytes(model) > PROTOBUF_LIMIT
     start = time.perf_counter()
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -123,6 +136,18 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any = None,
     return ExportResult(path, used, fallback, time.perf_counter() - start, final_data, caught)
 
 
+def _refuse_pinned_heads(model: nn.Module) -> None:
+    """A head guarded to its traced map size (not dense) cannot run at other
+    heights and widths: the dynamo exporter would fail on the guard, and the
+    legacy one would drop it and write a file that gives a longer vector."""
+    pinned = pinned_heads(model)
+    if pinned:
+        raise ExportError(
+            f"{', '.join(pinned)}: a classifier head rewritten without {{dense}} computes the original's output "
+            "only at the map size it was traced at, so its ONNX file cannot take other heights and widths: "
+            "export with {fixed_spatial}, or rewrite with {dense} for a score map at any size")
+
+
 # --------------------------------------------------------------------------- axes
 
 
@@ -136,15 +161,24 @@ class _AxesSpec:
     output_axes: tuple[dict[int, str], ...]
 
     @classmethod
-    def build(cls, model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_spatial: bool) -> "_AxesSpec":
-        outputs = _flat_outputs(model, args)
+    def build(cls, model: nn.Module, args: tuple, dynamic_batch: bool, dynamic_spatial: bool,
+              input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None) -> "_AxesSpec":
+        keys, outputs = _flat_outputs(model, args)
         n_in, n_out = len(args), len(outputs)
-        input_names = ("input",) if n_in == 1 else tuple(f"input_{i}" for i in range(n_in))
-        output_names = ("output",) if n_out == 1 else tuple(f"output_{i}" for i in range(n_out))
+        if keys is not None:  # a ModelOutput: the model's own names
+            default_in, default_out = _parameter_names(model, n_in), tuple(keys)
+        else:
+            default_in = ("input",) if n_in == 1 else tuple(f"input_{i}" for i in range(n_in))
+            default_out = ("output",) if n_out == 1 else tuple(f"output_{i}" for i in range(n_out))
+        input_names = _given_names("input_names", input_names, n_in, "inputs") or default_in
+        output_names = _given_names("output_names", output_names, n_out, "outputs") or default_out
+        shared = sorted(set(input_names) & set(output_names))
+        if shared:
+            raise ExportError(f"an ONNX input and output cannot share a name: {shared}")
         input_axes = tuple(_axes(t.dim(), dynamic_batch, dynamic_spatial, "", i, n_in) for i, t in enumerate(args))
         output_axes = tuple(_axes(t.dim(), dynamic_batch, dynamic_spatial, "out_", i, n_out)
                             for i, t in enumerate(outputs))
-        return cls(input_names, output_names, input_axes, output_axes)
+        return cls(tuple(input_names), tuple(output_names), input_axes, output_axes)
 
     @property
     def dynamic(self) -> bool:
@@ -176,7 +210,9 @@ def _axes(ndim: int, batch: bool, spatial: bool, prefix: str, index: int, count:
     return axes
 
 
-def _flat_outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
+def _flat_outputs(model: nn.Module, args: tuple) -> tuple[list[str] | None, list[torch.Tensor]]:
+    """The model's output tensors in the exporters' order, and their names
+    when it returns a dict (a ``ModelOutput``: ``logits``), else None."""
     try:
         with torch.no_grad(), copying.eval_mode(model):
             out = model(*args)
@@ -184,22 +220,47 @@ def _flat_outputs(model: nn.Module, args: tuple) -> list[torch.Tensor]:
         raise ExportError(f"{type(model).__name__} does not run on the example input "
                           f"({', '.join(_describe(a) for a in args)}): {one_line(e)}; pass an "
                           "example_input the model accepts") from e
-    flat = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
-    if not flat:
+    named = [(k, t) for k, t in _leaves(out, "") if isinstance(t, torch.Tensor)]
+    if not named:
         raise ExportError(f"{type(model).__name__} returned no tensor ({type(out).__name__}); ONNX "
                           "export needs tensor outputs")
-    return flat
+    keys = [k for k, _ in named] if isinstance(out, dict) and len({k for k, _ in named}) == len(named) else None
+    return keys, [t for _, t in named]
 
 
-def _leaves(value: Any) -> Iterator[Any]:
+def _leaves(value: Any, key: str) -> Iterator[tuple[str, Any]]:
     if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _leaves(v)
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{key}_{i}" if key else str(i))
     elif isinstance(value, dict):
-        for v in value.values():
-            yield from _leaves(v)
+        for k, v in value.items():
+            yield from _leaves(v, f"{key}_{k}" if key else str(k))
     else:
-        yield value
+        yield key, value
+
+
+def _parameter_names(model: nn.Module, count: int) -> tuple[str, ...]:
+    """The names of the forward's first ``count`` parameters (``pixel_values``)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:count]
+    if len(names) < count:
+        return ("input",) if count == 1 else tuple(f"input_{i}" for i in range(count))
+    return tuple(names)
+
+
+def _given_names(option: str, names: Sequence[str] | None, count: int, what: str) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    names = tuple(names) if not isinstance(names, str) else (names,)
+    if len(names) != count:
+        raise ExportError(f"{{{option}}} gives {len(names)} name{'s' if len(names) != 1 else ''} "
+                          f"({', '.join(names) or 'none'}) for the model's {count} {what}: give one per tensor")
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise ExportError(f"{{{option}}} must be distinct, non-empty names, got {list(names)}")
+    return names
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -324,7 +385,10 @@ def _check_dynamic(proto: Any, spec: _AxesSpec) -> None:
 
 def _name_dynamic_axes(proto: Any, spec: _AxesSpec) -> None:
     """Give the dynamo exporter's symbols (``s77``) the names the legacy exporter
-    uses (``batch``, ``height``, ``width``), wherever one symbol means one axis."""
+    uses (``batch``, ``height``, ``width``), wherever one symbol means one axis,
+    also inside the expressions of inner shapes (``((height - 1)//32) + 1``); an
+    output's dynamic axis that is such an expression gets its own name
+    (``out_height``), as the legacy exporter gives it."""
     wanted: dict[str, set[str]] = {}
     by_name = {i.name: i for i in proto.graph.input}
     for name, axes in zip(spec.input_names, spec.input_axes):
@@ -337,12 +401,19 @@ def _name_dynamic_axes(proto: Any, spec: _AxesSpec) -> None:
                 wanted.setdefault(dims[axis].dim_param, set()).add(label)
     rename = {sym: labels.pop() for sym, labels in wanted.items() if len(labels) == 1 and sym not in
               {label for ls in wanted.values() for label in ls}}
-    if not rename:
-        return
-    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in rename:
-                dim.dim_param = rename[dim.dim_param]
+    if rename:
+        symbol = re.compile(r"\b(" + "|".join(map(re.escape, sorted(rename, key=len, reverse=True))) + r")\b")
+        for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = symbol.sub(lambda m: rename[m.group(1)], dim.dim_param)
+    by_name = {o.name: o for o in proto.graph.output}
+    for name, axes in zip(spec.output_names, spec.output_axes):
+        value = by_name.get(name)
+        dims = value.type.tensor_type.shape.dim if value is not None else ()
+        for axis, label in axes.items():
+            if axis < len(dims) and dims[axis].dim_param and not dims[axis].dim_param.isidentifier():
+                dims[axis].dim_param = label
 
 
 def input_names(path: str | os.PathLike) -> list[str]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import operator
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -209,49 +210,94 @@ class _ExampleAttribute(fx.proxy.Attribute):
     __int__ = _ExampleProxy.__int__
 
 
-def _guard(check: Callable[..., None]) -> Callable[..., Any]:
-    """A guard of the traced graphs: kept by dead-code elimination, and
-    recorded again (not run) when a rewritten model is traced again."""
-
-    @functools.wraps(check)
-    def guard(value: Any, *rest: Any) -> Any:
-        if isinstance(value, fx.Proxy):
-            return value.tracer.create_proxy("call_function", guard, (value, *rest), {})
-        return check(value, *rest)
-
-    fx.node._side_effectful_functions.add(guard)
-    return guard
+#: Every guard of the traced graphs, with its plain form: a function that
+#: inserts, before the guard's node, the same check made of torch and Python
+#: calls only (``torch._assert`` of a condition). A whole pickled model gets the
+#: plain forms (:mod:`convify.fx.portable`), so that loading it needs no convify.
+GUARDS: dict[Callable[..., Any], Callable[[fx.Graph, fx.Node], None]] = {}
 
 
-@_guard
+def guard(plain: Callable[[fx.Graph, fx.Node], None]) -> Callable[[Callable[..., None]], Callable[..., Any]]:
+    """Make ``check`` a guard of the traced graphs: kept by dead-code
+    elimination, recorded again (not run) when a rewritten model is traced
+    again, and written as ``plain`` into a whole pickled model."""
+
+    def make(check: Callable[..., None]) -> Callable[..., Any]:
+        @functools.wraps(check)
+        def guarded(value: Any, *rest: Any) -> Any:
+            if isinstance(value, fx.Proxy):
+                return value.tracer.create_proxy("call_function", guarded, (value, *rest), {})
+            return check(value, *rest)
+
+        fx.node._side_effectful_functions.add(guarded)
+        GUARDS[guarded] = plain
+        return guarded
+
+    return make
+
+
+def plain_assert(graph: fx.Graph, condition: Any, message: str) -> fx.Node:
+    """``torch._assert(condition, message)``: a guard's plain form (an
+    ``AssertionError`` with the guard's message)."""
+    return graph.call_function(torch._assert, (condition, message))
+
+
+def _argument_message(name: str, traced: Any, value: str) -> str:
+    return (f"this model was rewritten with {name}={traced!r} and computes only that; it was called "
+            f"with {name}={value}: give {name}={traced!r}, or rewrite the original model for the call you need")
+
+
+def _plain_argument(graph: fx.Graph, node: fx.Node) -> None:
+    # ``==``, not ``is``: unpickling re-traces the code, and torch.fx records ``==`` but evaluates ``is``
+    value, traced, name = node.args
+    same = graph.call_function(operator.eq, (value, traced))
+    plain_assert(graph, same, _argument_message(name, traced, "another value"))
+
+
+@guard(_plain_argument)
 def check_traced_argument(value: Any, traced: Any, name: str) -> None:
     """The guard of a keyword fixed at tracing: the graph holds the branches
     its traced value took, and no other value can run through it."""
     if value is traced or (not isinstance(value, torch.Tensor) and type(value) is type(traced) and value == traced):
         return
-    raise UsageError(f"this model was rewritten with {name}={traced!r} and computes only that; it was called "
-                     f"with {name}={_brief(value)}: give {name}={traced!r}, or rewrite the original model for the "
-                     "call you need")
+    raise UsageError(_argument_message(name, traced, _brief(value)))
 
 
-@_guard
+def _branch_message(where: str) -> str:
+    return (f"{where or 'the model'}: this input's shapes take another branch of its forward than the example "
+            "input it was rewritten with; rewrite it with an example input of this shape")
+
+
+def _plain_branch(graph: fx.Graph, node: fx.Node) -> None:
+    condition, taken, where = node.args
+    held = graph.call_function(operator.eq, (condition, taken))  # ``not`` would need a bool while re-tracing
+    plain_assert(graph, held, _branch_message(where))
+
+
+@guard(_plain_branch)
 def check_traced_branch(condition: Any, taken: bool, where: str) -> None:
     """The guard of a branch on shapes: the graph holds the branch the
     example input took; an input whose shapes take the other one is refused."""
     if bool(condition) != taken:
-        raise ExampleInputError(
-            f"{where or 'the model'}: this input's shapes take another branch of its forward than the example "
-            "input it was rewritten with; rewrite it with an example input of this shape")
+        raise ExampleInputError(_branch_message(where))
 
 
-@_guard
+def _value_message(where: str, traced: int, value: str) -> str:
+    return (f"{where or 'the model'}: its forward turns a shape into a number, {traced} on the example input it "
+            f"was rewritten with and {value} on this one; rewrite it with an example input of this shape")
+
+
+def _plain_value(graph: fx.Graph, node: fx.Node) -> None:
+    value, traced, where = node.args
+    plain_assert(graph, graph.call_function(operator.eq, (value, traced)), _value_message(where, traced, "another"))
+
+
+@guard(_plain_value)
 def check_traced_value(value: Any, traced: int, where: str) -> None:
     """The guard of a shape turned into a Python number: the graph holds
     the example's number; an input that gives another is refused."""
     if int(value) != traced:
-        raise ExampleInputError(
-            f"{where or 'the model'}: its forward turns a shape into a number, {traced} on the example input it "
-            f"was rewritten with and {int(value)} on this one; rewrite it with an example input of this shape")
+        raise ExampleInputError(_value_message(where, traced, str(int(value))))
 
 
 def _brief(value: Any) -> str:
@@ -348,9 +394,19 @@ def trace(module: nn.Module, leaf_modules: tuple[type[nn.Module], ...] = (), arg
     finally:
         restore_module_state(module, state)
         tracer._values = None
+    if not rebuilds_dict_outputs(graph):
+        graph._tracer_cls = None  # a pickle of the GraphModule then names torch.fx's own tracer, not convify's
     name = module.__class__.__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.training = module.training
     return gm
 
 
+
+
+def rebuilds_dict_outputs(graph: fx.Graph) -> bool:
+    """Whether ``graph`` rebuilds a dict that is a dataclass (a ``ModelOutput``):
+    unpickling re-traces the code, and only :class:`ConvifyTracer` keeps such
+    a dict what it is, so its GraphModule keeps naming that tracer."""
+    return any(n.op == "call_function" and isinstance(n.target, type) and issubclass(n.target, dict)
+               for n in graph.nodes)

@@ -7,7 +7,7 @@
 * ``recipe``: convify checkpoints (a recipe of rewrite passes plus weights):
   ``save``, ``load``, rebuilding;
 * ``digest``: the SHA-256 of a checkpoint's weights that ``load`` checks;
-* ``writing``: atomic writes that never clobber an input or a file;
+* ``writing``: atomic writes that never clobber an input or a file, whole pickled models;
 * ``source``: a model from what a user names (``open_model``).
 """
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from convify.errors import CheckpointError
+from convify.fx.portable import portable
 
 
 def check_output(path: str | os.PathLike[str], *, force: bool = False,
@@ -84,7 +85,10 @@ def _file_mode(out: Path) -> int:
 def save_pickled(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
                  inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
     """Write a whole pickled module (``torch.save(model)``), for models no
-    recipe can rebuild; loading it back needs the same trust as its source."""
-    return atomic_write(path, lambda tmp: torch.save(model, tmp), force=force, inputs=inputs)
+    recipe can rebuild; loading it back needs the same trust as its source,
+    and convify only where :func:`convify.fx.portable.convify_names` names
+    something (its guards are written as plain torch: :func:`~convify.fx.portable.portable`)."""
+    payload = portable(model)
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), force=force, inputs=inputs)
 
 

@@ -59,7 +59,8 @@ finding sites, the order of the steps); each step is a module of its own:
 * :mod:`.plan`: the :class:`~.plan.HeadPlan` of one head: the map its first
   convolution reads, the kernel, the :class:`~.plan.PoolRemoval`;
 * :mod:`.exactness`: what the planned head computes (:class:`~.exactness.Exactness`);
-* :mod:`.building`: the new convolutions and the graph surgery.
+* :mod:`.building`: the new convolutions and the graph surgery;
+* :mod:`.sizing`: the guard of a head that gives the original's output at one map size only.
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from convify.fx import copying, nodes, ops
 from convify.fx.rewrites.head.matching import (Head, is_feature_layer_norm, is_output_like, reaches_linear, reduce_dims,
                                                shape)
 from convify.fx.rewrites.head.plan import HeadMode, HeadPlan, PoolRemoval
+from convify.fx.rewrites.head.sizing import add_size_guard, needs_size_guard
 
 
 def rebuild(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[str, ...]:
@@ -25,10 +26,17 @@ def rebuild(gm: fx.GraphModule, head: Head, plan: HeadPlan) -> tuple[str, ...]:
     root = head.linears[0]
     with graph.inserting_before(root):
         cur = _base_map(graph, head, plan)
+        guarded = needs_size_guard(head, plan)
+        if guarded:
+            add_size_guard(graph, head, cur)
         for op in head.pre_ops:
             cur = _replay_on_map(gm, op, cur, head.dims)
         env = (_rebuild_collapsed if plan.collapsed else _rebuild_tree)(gm, head, plan, cur)
         notes = _hand_over_users(gm, head, plan, env)
+    if guarded:
+        size = "x".join(map(str, head.spatial))
+        notes += (f"computes the original's output only on a {size} map, the traced size the Linear layer was "
+                  "made for: inputs of other sizes are refused (dense=True gives a score map at any size)",)
     for node in reversed(head.tree):
         graph.erase_node(node)
     return notes
