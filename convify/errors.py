@@ -35,6 +35,7 @@ PARAMETERS: dict[str, str] = {
     "device": "device=",
     # a whole phrase: the library turns an option off, the command line leaves a flag out
     "no_compile": "pass compile=False",
+    "make_dense": "replace_linear_head(..., dense=True)",
 }
 
 

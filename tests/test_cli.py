@@ -427,6 +427,23 @@ def test_scan_reads_a_dense_checkpoint_as_it_is(tmp_path):
     assert rel_err(torch.from_numpy(np.load(tmp_path / "scores.npy")), want) <= 1e-5
 
 
+def test_scan_makes_a_checkpoint_without_dense_dense_keeping_its_weights(tmp_path, r18_weights):
+    """A recipe without --dense (resnet18: an average pooling in front of its converted head) is rebuilt with its
+    head dense and the checkpoint's weights: the map of convify(..., dense=True) on the same weights."""
+    import numpy as np
+
+    pixels = _png(tmp_path / "image.png", 96, 80)
+    assert run("rewrite", *R18, str(r18_weights), "-o", "allconv.pt", cwd=tmp_path).returncode == 0
+    proc = run("scan", "allconv.pt", "image.png", "-o", "scores.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "allconv.pt is not dense: converted its head dense" in proc.stderr
+    assert "replace_linear_head" not in proc.stderr + proc.stdout
+    with torch.no_grad():
+        want = r18_rewritten_in_process(r18_weights, dense=True)(pixels[None].float() / 255)
+    scores = torch.from_numpy(np.load(tmp_path / "scores.npy"))
+    assert scores.shape == want.shape == (1, 10, 3, 3) and rel_err(scores, want) <= 1e-5
+
+
 @pytest.mark.parametrize("argv", [
     ["scan", "m.pt", "--tile", "64", "big.png", "-o", "s.npy"],
     ["scan", "--tile", "64", "m.pt", "big.png", "-o", "s.npy"],
@@ -462,7 +479,7 @@ def test_scan_of_a_model_that_cannot_be_dense_names_the_node(tmp_path):
     _png(tmp_path / "image.png", 30, 30)
     proc = run("scan", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "image.png", "-o",
                "s.npy", cwd=tmp_path)
-    assert_one_line_error(proc, r"node '_3' .*AdaptiveAvgPool2d.*not dense", 1)
+    assert_one_line_error(proc, r"node '_3' .*AdaptiveAvgPool2d.*not dense.* with convify rewrite --dense, or", 1)
     assert listing(tmp_path) == ["image.png"]
 
 

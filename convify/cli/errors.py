@@ -13,7 +13,7 @@ FLAGS = {
     "force": "--force", "trust_pickle": "--trust-pickle", "trust_code": "--trust-code", "path": "MODEL",
     "weights": "--weights", "arch": "--arch", "arch_kwargs": "--arch-kwargs", "input_shape": "--input-shape",
     "calibration": "--calibration DIR", "precision": "--precision", "device": "--device",
-    "no_compile": "leave out --compile",
+    "no_compile": "leave out --compile", "make_dense": "convify rewrite --dense",
 }
 
 
