@@ -39,6 +39,7 @@ PARAMETERS: dict[str, str] = {
     "output_names": "output_names=",
     # a whole phrase: the library turns an option off, the command line leaves a flag out
     "no_compile": "pass compile=False",
+    "make_dense": "replace_linear_head(..., dense=True)",
 }
 
 

@@ -462,6 +462,106 @@ def test_verify_json_passes_an_exact_head_rewrite(tmp_path):
     assert listing(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """A folder: trained-looking tiny_net weights (w.pt), rewritten to both.pt (pooling and head) and head.pt
+    (head only). Tests run in it and write nothing there."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    weights = folder / "w.pt"
+    torch.save(reinit(tiny_net(), seed=1).state_dict(), weights)
+    for name, extra in (("both.pt", []), ("head.pt", ["--pool", "none"])):
+        proc = run("rewrite", *TINY, str(weights), *extra, "-o", name, cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def _agreement_in_process(folder: Path, checkpoint: str, images: Path, count: int) -> float:
+    """Top-1 agreement of the checkpoint with tiny_net and w.pt on the first ``count`` images, read in-process."""
+    from convify.core.metrics import top1_agreement
+    from convify.recovery.distillation import image_folder
+
+    original = tiny_net().eval()
+    original.load_state_dict(torch.load(folder / "w.pt", weights_only=True))
+    data = image_folder(images, (1, 3, 16, 16))
+    x = torch.stack([data[i] for i in range(count)])
+    with torch.no_grad():
+        return top1_agreement(convify.load(folder / checkpoint, trust_code=True)(x), original(x))
+
+
+def test_verify_a_checkpoint_against_its_original(tmp_path, tiny_checkpoints):
+    """A checkpoint is compared with its recipe's architecture holding the original weights, not with itself:
+    the pooling rewrite is not exact (and misses top-1 decisions on real images), the head-only rewrite is."""
+    folder, before = tiny_checkpoints, listing(tiny_checkpoints)
+    weights = folder / "w.pt"
+    images = write_images(tmp_path / "images", 40, seed=2)
+    proc = run("verify", "both.pt", "--trust-code", "--against", str(weights), "--json", "--exporter", "legacy",
+               cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    eq = doc["verification"]["equivalence"]
+    assert doc["model"] == "both.pt" and doc["against"] == f"cli_factories:tiny_net + {weights}"
+    assert eq["exact"] is False and eq["max_abs"] > 1e-3 and eq["passed"] is None
+    assert doc["verification"]["census"]["original"]["MaxPool"] == 2  # the original's graph, not the rewrite's
+    assert doc["verification"]["census"]["rewritten"].get("MaxPool", 0) == 0
+    # judged on 40 real images, the pooling rewrite keeps fewer than all top-1 decisions: exit 1
+    proc = run("verify", "both.pt", "--trust-code", "--against", str(weights), "--inputs", str(images),
+               "--min-agreement", "0.999", "--json", "--exporter", "legacy", cwd=folder)
+    assert proc.returncode == 1, proc.stderr
+    verification = json.loads(proc.stdout)["verification"]
+    agreement = verification["equivalence"]["top1_agreement"]
+    assert agreement == pytest.approx(_agreement_in_process(folder, "both.pt", images, 40)) and agreement < 1
+    assert verification["inputs"] == {"source": f"40 images from {images}", "count": 40}
+    # the head-only rewrite is exact against the original (--weights says the same as --against)
+    proc = run("verify", "head.pt", "--trust-code", "--weights", str(weights), "--exporter", "legacy", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert "convify verify: PASSED" in proc.stdout and "nothing to rewrite" not in proc.stderr
+    assert re.search(r"equivalence \(exact rewrite\) +max abs", proc.stdout)
+    assert listing(folder) == before  # wrote nothing
+
+
+@pytest.mark.parametrize("args, match", [
+    (["both.pt"], r"both\.pt is already rewritten: verifying it needs the original .*cli_factories:tiny_net.* "
+                  r"pass --against FILE"),
+    (["both.pt", "--against", "w.pt", "--pool", "depthwise"], r"verified as it was written: leave out --pool"),
+    (["both.pt", "--against", "both.pt"], r"both\.pt is a rewritten model too, not the original"),
+    (["both.pt", "--against", "w.pt", "--weights", "w.pt"], r"--weights and --against both name the original"),
+    (["--against", "w.pt", *TINY], r"--against w\.pt: cli_factories:tiny_net is not rewritten yet"),
+])
+def test_verify_of_a_checkpoint_without_its_original_is_refused(tiny_checkpoints, args, match):
+    proc = run("verify", *args, "--trust-code", cwd=tiny_checkpoints)
+    assert_one_line_error(proc, match)
+
+
+def test_verify_on_images_and_on_a_count_of_inputs(tmp_path):
+    """--inputs DIR: the equivalence is measured on the folder's images (at most --inputs-count of them), and the
+    table and JSON say so; --inputs-count alone: that many seeded random inputs instead of 8. rewrite --verify
+    takes the same flags."""
+    write_images(tmp_path / "images", 40, seed=3)
+    proc = run("verify", *TINY, "--inputs", "images", "--inputs-count", "30", "--json", "--exporter", "legacy",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    verification = json.loads(proc.stdout)["verification"]
+    assert verification["inputs"] == {"source": "30 images from images", "count": 30}
+    assert verification["input_shapes"] == [[30, 3, 16, 16]]
+    proc = run("verify", *TINY, "--inputs-count", "100", "--exporter", "legacy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "inputs 100x3x16x16, seeded random]" in proc.stdout
+    proc = run("rewrite", *TINY, "--verify", "--inputs", "images", "--exporter", "legacy", "-o", "out.pt",
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "inputs 40x3x16x16, 40 images from images]" in proc.stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--inputs", "nowhere"], r"--inputs nowhere: no such folder"),
+    (["--inputs", "empty"], r"--inputs empty holds no images"),
+    (["--inputs-count", "0"], r"--inputs-count 0: give a positive number"),
+])
+def test_verify_inputs_errors_are_one_line(tmp_path, args, match):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("verify", *TINY, *args, cwd=tmp_path), match)
+
+
 def test_readme_dense_rewrite_then_dynamic_spatial_export_runs_at_two_sizes(tmp_path):
     """The README's command (rewrite --dense --onnx --verify): a dense model's ONNX file takes any height and
     width without being asked; export --dynamic-spatial does the same, --no-dynamic-spatial pins the size."""
@@ -579,6 +679,23 @@ def test_scan_says_how_it_read_the_image(tmp_path, monkeypatch, capsys, mode, ch
     assert " 1 tile of " in out, out
 
 
+def test_scan_makes_a_checkpoint_without_dense_dense_keeping_its_weights(tmp_path, r18_weights):
+    """A recipe without --dense (resnet18: an average pooling in front of its converted head) is rebuilt with its
+    head dense and the checkpoint's weights: the map of convify(..., dense=True) on the same weights."""
+    import numpy as np
+
+    pixels = _png(tmp_path / "image.png", 96, 80)
+    assert run("rewrite", *R18, str(r18_weights), "-o", "allconv.pt", cwd=tmp_path).returncode == 0
+    proc = run("scan", "allconv.pt", "image.png", "-o", "scores.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "allconv.pt is not dense: converted its head dense" in proc.stderr
+    assert "replace_linear_head" not in proc.stderr + proc.stdout
+    with torch.no_grad():
+        want = r18_rewritten_in_process(r18_weights, dense=True)(pixels[None].float() / 255)
+    scores = torch.from_numpy(np.load(tmp_path / "scores.npy"))
+    assert scores.shape == want.shape == (1, 10, 3, 3) and rel_err(scores, want) <= 1e-5
+
+
 @pytest.mark.parametrize("argv", [
     ["scan", "m.pt", "--tile", "64", "big.png", "-o", "s.npy"],
     ["scan", "--tile", "64", "m.pt", "big.png", "-o", "s.npy"],
@@ -614,7 +731,7 @@ def test_scan_of_a_model_that_cannot_be_dense_names_the_node(tmp_path):
     _png(tmp_path / "image.png", 30, 30)
     proc = run("scan", "--arch", "cli_factories:all_conv_net", "--input-shape", "1,3,16,16", "image.png", "-o",
                "s.npy", cwd=tmp_path)
-    assert_one_line_error(proc, r"node '_3' .*AdaptiveAvgPool2d.*not dense", 1)
+    assert_one_line_error(proc, r"node '_3' .*AdaptiveAvgPool2d.*not dense.* with convify rewrite --dense, or", 1)
     assert listing(tmp_path) == ["image.png"]
 
 

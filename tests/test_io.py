@@ -374,6 +374,22 @@ def test_chained_rewrites_round_trip(tmp_path):
     assert not any(isinstance(m, (nn.MaxPool2d, nn.Linear)) for m in back.modules())
 
 
+@pytest.mark.parametrize("mode", ["conv", "gap"])
+def test_rebuild_dense_gives_the_dense_rewrite_with_the_same_weights(mode):
+    """A head converted without dense, rebuilt dense: what convify(..., dense=True) makes of the same weights."""
+    model = reinit(tiny_net(), seed=4).eval()
+    flat = convify.convify(model, torch.zeros(SHAPE), head=mode)
+    dense = ck.rebuild_dense(flat, TINY)
+    want = convify.convify(model, torch.zeros(SHAPE), head=mode, dense=True)
+    assert convify.report(dense).last.options["dense"] is True
+    x = torch.randn(2, 3, 40, 28)
+    with torch.no_grad():
+        got, map_ = dense(x), want(x)
+    assert got.dim() == 4 and got.shape[2:] != (1, 1)  # a map of scores, one per position
+    assert got.shape == map_.shape and rel_err(got, map_) <= 1e-6
+    assert ck.rebuild_dense(convify.convify(model, torch.zeros(SHAPE), head=None), TINY) is None
+
+
 def test_load_refuses_a_plain_state_dict(tmp_path):
     torch.save(tiny_net().state_dict(), tmp_path / "w.pt")
     with pytest.raises(CheckpointError, match="not a convify checkpoint"):

@@ -149,6 +149,40 @@ def test_user_inputs_are_used_as_given():
     assert v.input_shapes == ((3, 3, 16, 16),) and v.passed
 
 
+def test_a_list_of_batches_is_measured_together():
+    """inputs= as several batches: run one by one, judged on the agreement over all their samples (not on
+    8 random inputs), exported with the example input; the result says how many inputs and where from."""
+    from convify.core.metrics import top1_agreement
+
+    model = tiny()
+    rewritten = convify.replace_maxpool(model, X)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 3, 16, 16, generator=g) for n in (16, 16, 5)]
+    with torch.no_grad():
+        want = top1_agreement(rewritten(torch.cat(batches)), model(torch.cat(batches)))
+    assert 0.5 <= want < 1.0, f"top-1 agreement {want}: both thresholds below must be reachable"
+    v = convify.verify(model, rewritten, X, inputs=batches, exporter="legacy", min_agreement=want)
+    assert v.passed and v.equivalence.top1_agreement == pytest.approx(want), str(v)
+    assert v.input_shapes == ((37, 3, 16, 16),) and v.input_count == 37 and v.inputs_source == "given"
+    assert v.to_dict()["inputs"] == {"source": "given", "count": 37}
+    assert "inputs 37x3x16x16, given" in str(v)
+    missed = convify.verify(model, rewritten, X, inputs=batches, exporter="legacy", min_agreement=want + 1 / 37)
+    assert not missed.passed and missed.equivalence.passed is False
+    default = convify.verify(model, rewritten, X, exporter="legacy")
+    assert default.input_count == 8 and default.inputs_source == "seeded random"
+
+
+@pytest.mark.parametrize("inputs, match", [
+    ([], "inputs holds no batch"),
+    ([torch.randn(2, 3, 16, 16), "image.png"], "each batch of inputs must be a tensor"),
+    (3, "inputs must be a tensor, a tuple of tensors or a list"),
+])
+def test_inputs_that_are_not_batches_are_refused(inputs, match):
+    model = tiny()
+    with pytest.raises(VerificationError, match=match):
+        convify.verify(model, convify.replace_maxpool(model, X), X, inputs=inputs, exporter="legacy")
+
+
 def test_onnx_path_keeps_the_exported_model(tmp_path):
     model = tiny()
     v = convify.verify(model, convify.replace_maxpool(model, X), X, exporter="legacy",

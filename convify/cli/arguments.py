@@ -86,6 +86,13 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
                    help="pass a rewrite that is not exact only if top-1 agreement reaches FRACTION")
     g.add_argument("--atol", type=float, help="absolute tolerance (default: convify.verify's)")
     g.add_argument("--rtol", type=float, help="relative tolerance (default: convify.verify's)")
+    g.add_argument("--inputs", metavar="DIR",
+                   help="compare on these images: a folder (flat, or class subfolders) read as --calibration reads "
+                        "it (resized to the input shape; normalized with ImageNet's mean and std for 3 channels, "
+                        "0.5 and 0.5 otherwise) (default: seeded random inputs)")
+    g.add_argument("--inputs-count", type=int, metavar="N",
+                   help="compare on at most N images of --inputs (default: 1000), or without --inputs on N seeded "
+                        "random inputs (default: 8)")
 
 
 def onnx_arguments(p: argparse.ArgumentParser, spatial: bool = True) -> None:
@@ -134,6 +141,19 @@ def given_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
         return parse_input_shape(args.input_shape)
     except UsageError as e:
         raise UsageError(f"--input-shape: {e}") from e
+
+
+def rewrite_flags_given(args: argparse.Namespace) -> list[str]:
+    """The rewrite, site and calibration flags given a value other than their default, as written."""
+    from convify.core.registry import in_order  # noqa: PLC0415
+
+    given = []
+    for spec in in_order():
+        for f in dataclasses.fields(spec.Options):
+            key = spec.keyword_of(f.name)
+            if getattr(args, key) != ("none" if f.default is None else f.default):
+                given.append("--" + key.replace("_", "-"))
+    return given + [f"--{k}" for k in ("only", "skip", "calibration", "reconstruct") if getattr(args, k, None)]
 
 
 def rewrite_keywords(args: argparse.Namespace) -> dict[str, Any]:

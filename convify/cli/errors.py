@@ -14,7 +14,7 @@ FLAGS = {
     "weights": "--weights", "arch": "--arch", "arch_kwargs": "--arch-kwargs", "input_shape": "--input-shape",
     "calibration": "--calibration DIR", "precision": "--precision", "device": "--device", "dense": "--dense",
     "fixed_spatial": "--no-dynamic-spatial", "input_names": "--input-names", "output_names": "--output-names",
-    "no_compile": "leave out --compile",
+    "no_compile": "leave out --compile", "make_dense": "convify rewrite --dense",
 }
 
 

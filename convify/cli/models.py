@@ -4,10 +4,11 @@ and verify a rewrite of it."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 from convify.cli.console import Progress, shape_text
-from convify.errors import ConvifyError, ExampleInputError, RewriteError, UsageError, one_line
+from convify.errors import ConvifyError, DataError, ExampleInputError, RewriteError, UsageError, one_line
 from convify.recovery import SYNTHETIC
 from convify.wording import counted
 
@@ -123,12 +124,19 @@ def _calibration(args: argparse.Namespace, passes: Sequence["RecipePass"], shape
                          "the new weights on (or --calibration synthetic)")
     if args.calibration == SYNTHETIC:
         return SYNTHETIC
+    return folder_batches(args.calibration, shape, args.calibration_images)
+
+
+def folder_batches(folder: str, shape: tuple[int, ...], at_most: int) -> list[Any]:
+    """The first ``at_most`` images of ``folder`` (``convify.recovery``'s
+    ``image_folder``: flat, or class subfolders), resized to ``shape``, in
+    batches of 32."""
     import torch  # noqa: PLC0415
 
     from convify.recovery.distillation import image_folder  # noqa: PLC0415
 
-    data = image_folder(args.calibration, shape)
-    count = min(len(data), max(1, args.calibration_images))
+    data = image_folder(folder, shape)
+    count = min(len(data), max(1, at_most))
     images = [data[i][0] if isinstance(data[i], tuple) else data[i] for i in range(count)]
     return list(torch.stack(images).split(32))
 
@@ -152,9 +160,46 @@ def export_model(model: "nn.Module", path: str, shape: tuple[int, ...], **option
 
 def verify_rewrite(original: "nn.Module", rewritten: "nn.Module", shape: tuple[int, ...],
                    args: argparse.Namespace) -> Any:
-    """``convify.verify`` with the verification and ONNX flags."""
+    """``convify.verify`` with the verification and ONNX flags, on the
+    inputs ``--inputs`` and ``--inputs-count`` ask for."""
+    import dataclasses  # noqa: PLC0415
+
     from convify.export.verify import verify  # noqa: PLC0415  (onnx, onnxruntime)
 
-    return verify(original, rewritten, random_input(original, shape), provider=args.provider,
-                  atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement, exporter=args.exporter,
-                  opset=args.opset)
+    inputs, source = _verification_inputs(original, shape, args)
+    verification = verify(original, rewritten, random_input(original, shape), inputs=inputs,
+                          provider=args.provider, atol=args.atol, rtol=args.rtol, min_agreement=args.min_agreement,
+                          exporter=args.exporter, opset=args.opset)
+    return verification if source is None else dataclasses.replace(verification, inputs_source=source)
+
+
+def check_inputs_flags(args: argparse.Namespace) -> None:
+    """``--inputs`` and ``--inputs-count`` refused before any work when they cannot be honoured."""
+    if args.inputs_count is not None and args.inputs_count < 1:
+        raise UsageError(f"--inputs-count {args.inputs_count}: give a positive number of inputs")
+    if args.inputs and not os.path.isdir(args.inputs):
+        raise UsageError(f"--inputs {args.inputs}: no such folder (give a folder of images)")
+
+
+def _verification_inputs(model: "nn.Module", shape: tuple[int, ...], args: argparse.Namespace
+                         ) -> tuple[list[Any] | None, str | None]:
+    """The batches to verify on and where they came from (None, None: ``verify``'s own random ones)."""
+    check_inputs_flags(args)
+    count = args.inputs_count
+    from convify.fx.inputs import zeros_like_model  # noqa: PLC0415
+
+    like = zeros_like_model(model, shape)
+    if args.inputs:
+        try:
+            batches = folder_batches(args.inputs, shape, 1000 if count is None else count)
+        except DataError as e:
+            raise UsageError(f"--inputs {e}") from e
+        batches = [b.to(like.dtype).to(like.device) for b in batches]
+        return batches, f"{sum(len(b) for b in batches)} images from {args.inputs}"
+    if count is None:
+        return None, None
+    import torch  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((count, *like.shape[1:]), generator=g).to(like.dtype).to(like.device)
+    return list(noise.split(32)), "seeded random"

@@ -70,9 +70,7 @@ def run(args: argparse.Namespace) -> int:
         converted = not is_dense(model)
         with progress.step("converting the head (dense=True)"):
             if converted:
-                from convify import replace_linear_head  # noqa: PLC0415
-
-                model = replace_linear_head(model, random_input(model, shape), dense=True)
+                model = _made_dense(src, shape)
     result = scan(model, image, tile=args.tile, batch_size=args.batch_size, device=args.device,
                   progress=not args.json, onnx=True if args.onnx else None, provider=args.provider,
                   normalize=_IMAGENET if args.normalize == "imagenet" else None)
@@ -101,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if conversion is not None:  # notes after success, so that an error stays one line
         note(f"{conversion} ({src.label} takes {counted(channels, 'channel')})")
     if converted:
-        note(f"{src.label} is not dense: converted its head with replace_linear_head(dense=True)")
+        note(f"{src.label} is not dense: converted its head dense, as rewrite --dense does (weights kept)")
     for path in written:
         note(f"wrote {path}")
     note_random_weights(src, args, args.output)
@@ -116,6 +114,19 @@ def _image_channels(label: str, shape: tuple[int, ...]) -> int:
         raise UsageError(f"{label} takes {shape[1]} input channels; scan reads an image as 1 (grayscale) or "
                          "3 (RGB) channels")
     return shape[1]
+
+
+def _made_dense(src: Any, shape: tuple[int, ...]) -> Any:
+    """MODEL with its head dense: a Linear head converted with
+    ``replace_linear_head(dense=True)``; a head a recipe already converted
+    without ``dense`` rebuilt dense from the recipe, with the same weights."""
+    from convify import replace_linear_head  # noqa: PLC0415
+    from convify.io import rebuild_dense  # noqa: PLC0415
+
+    rebuilt = rebuild_dense(src.model, src.arch, src.arch_kwargs) if src.arch is not None else None
+    if rebuilt is not None:
+        return rebuilt
+    return replace_linear_head(src.model.eval(), random_input(src.model, shape), dense=True)
 
 
 def _scan_summary(label: str, result: Any) -> dict[str, Any]:

@@ -203,8 +203,8 @@ def _cat_dim(node: fx.Node) -> Any:
 
 def _not_tilable(node: fx.Node, why: str) -> NotTilableError:
     return NotTilableError(f"node {node.name!r} ({_describe(node)}): {why}, so the model is not dense and cannot "
-                           "be scanned in tiles; make it fully convolutional with "
-                           "replace_linear_head(..., dense=True), or cut the model before that node")
+                           "be scanned in tiles; make it fully convolutional with {make_dense}, "
+                           "or cut the model before that node")
 
 
 def _describe(node: fx.Node) -> str:

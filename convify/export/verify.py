@@ -66,12 +66,19 @@ class Verification:
     notes: tuple[str, ...] = ()
     onnx_path: Path | None = None
     onnxruntime_version: str = ""
+    inputs_source: str = "seeded random"   # where the compared inputs came from: "seeded random", "given"
+
+    @property
+    def input_count(self) -> int:
+        """How many inputs (samples along the batch dimension) were compared."""
+        return self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed, "provider": self.provider, "session_providers": list(self.session_providers),
             "exporter": self.exporter, "exporter_fallback": self.exporter_fallback,
             "input_shapes": [list(s) for s in self.input_shapes],
+            "inputs": {"source": self.inputs_source, "count": self.input_count},
             "fidelity": {"max_abs": self.fidelity.max_abs, "rel": self.fidelity.rel,
                          "limit": str(self.fidelity.tolerance), "passed": self.fidelity.passed},
             "equivalence": {"exact": self.equivalence.exact, "max_abs": self.equivalence.max_abs,
@@ -91,7 +98,7 @@ class Verification:
         exporter = self.exporter + (" (dynamo failed; fell back)" if self.exporter_fallback else "")
         title = (f"convify verify: {'PASSED' if self.passed else 'FAILED'}  "
                  f"[onnxruntime {self.onnxruntime_version} on {self.provider}, {exporter} exporter, "
-                 f"inputs {shapes}]")
+                 f"inputs {shapes}, {self.inputs_source}]")
         rows = [self._fidelity_row(), self._equivalence_row()]
         rows += [self._check_row(c) for c in self.checks]
         parts = [title, format_table(["check", "measured", "limit", "result"], rows)]
@@ -161,8 +168,12 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         provider: ``"cpu"`` (CPUExecutionProvider) or ``"cuda"`` (CUDAExecutionProvider,
             which needs the ``onnxruntime-gpu`` package in place of ``onnxruntime``).
             A provider that cannot run is a ``VerificationError``, never a quiet CPU run.
-        inputs: the batch to compare on (a tensor or tuple of tensors); by default
-            8 seeded random inputs of ``example_input``'s shape.
+        inputs: what to compare on: one batch (a tensor, or a tuple of tensors for a
+            model of several inputs), or a list (any iterable) of such batches, run
+            one at a time and measured together (top-1 agreement over all their
+            samples); by default one batch of 8 seeded random inputs of
+            ``example_input``'s shape. ``example_input`` (else the first batch) is
+            still what the models are exported with.
         atol, rtol: pass when ``max|a - b| <= atol + rtol * max|b|``; defaults
             ``atol=0``, ``rtol=1e-4`` (1e-2 for half-precision outputs). Used for export
             fidelity and for the equivalence of exact rewrites.
@@ -190,9 +201,9 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     for name, m in (("original", original), ("rewritten", rewritten)):
         if not isinstance(m, nn.Module):
             raise VerificationError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
-    batch = _inputs(original, example_input, inputs)
-    example = as_args(original, example_input) if example_input is not None else batch
-    tol = _tolerance(rewritten, batch, atol, rtol)
+    batches = _batches(original, example_input, inputs)
+    example = as_args(original, example_input) if example_input is not None else batches[0]
+    tol = _tolerance(rewritten, batches[0], atol, rtol)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="convify-verify-") as tmp:
         target = Path(onnx_path) if onnx_path is not None else Path(tmp) / "rewritten.onnx"
@@ -200,9 +211,9 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         census_after = op_census(exported.path)
         census_before = _original_census(original, example, exporter, opset, Path(tmp), notes)
         session = open_session(exported.path, ep)
-        ran = _run_session(session, batch)
-    eager_new = _eager(rewritten, batch, "rewritten")
-    eager_old = _eager(original, batch, "original")
+        ran = _joined([_run_session(session, b) for b in batches], "onnxruntime")
+    eager_new = _joined([_eager(rewritten, b, "rewritten") for b in batches], "rewritten")
+    eager_old = _joined([_eager(original, b, "original") for b in batches], "original")
     fidelity = measure_fidelity(ran, eager_new, tol, notes)
     rep = report(rewritten)
     equivalence = measure_equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
@@ -216,10 +227,10 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     return Verification(
         passed=passed, provider=ep, session_providers=tuple(session.get_providers()),
         exporter=exported.exporter, exporter_fallback=exported.fallback_reason,
-        input_shapes=tuple(tuple(t.shape) for t in batch), fidelity=fidelity, equivalence=equivalence,
+        input_shapes=_total_shapes(batches), fidelity=fidelity, equivalence=equivalence,
         census_original=census_before, census_rewritten=census_after, checks=tuple(checks),
         notes=tuple(dict.fromkeys(notes)), onnx_path=exported.path if onnx_path is not None else None,
-        onnxruntime_version=ort.__version__,
+        onnxruntime_version=ort.__version__, inputs_source="seeded random" if inputs is None else "given",
     )
 
 
@@ -227,12 +238,30 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
 # --------------------------------------------------------------------------- inputs and runs
 
 
-def _inputs(original: nn.Module, example_input: Any, inputs: Any) -> tuple[torch.Tensor, ...]:
-    if inputs is not None:
-        try:
-            return as_args(original, inputs)
-        except ConvifyError as e:
-            raise VerificationError(f"inputs must be a tensor or a tuple of tensors: {e}") from e
+def _batches(original: nn.Module, example_input: Any, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    """The batches to compare on: ``inputs`` as one batch or several, else one random batch."""
+    if inputs is None:
+        return [_random_batch(original, example_input)]
+    if isinstance(inputs, (torch.Tensor, tuple)):
+        return [_batch(original, inputs)]
+    try:
+        batches = [_batch(original, b) for b in inputs]
+    except TypeError as e:
+        raise VerificationError(f"inputs must be a tensor, a tuple of tensors or a list of such batches, not "
+                                f"{type(inputs).__name__}") from e
+    if not batches:
+        raise VerificationError("inputs holds no batch: give at least one, or leave inputs out for random ones")
+    return batches
+
+
+def _batch(original: nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
+    try:
+        return as_args(original, batch)
+    except ConvifyError as e:
+        raise VerificationError(f"each batch of inputs must be a tensor or a tuple of tensors: {e}") from e
+
+
+def _random_batch(original: nn.Module, example_input: Any) -> tuple[torch.Tensor, ...]:
     example = as_args(original, example_input)
     gen = torch.Generator().manual_seed(INPUT_SEED)
     batch = []
@@ -243,6 +272,26 @@ def _inputs(original: nn.Module, example_input: Any, inputs: Any) -> tuple[torch
         else:  # token ids and masks: repeat the example rather than invent values
             batch.append(t[:1].expand(shape).clone() if t.dim() else t.clone())
     return tuple(batch)
+
+
+def _total_shapes(batches: list[tuple[torch.Tensor, ...]]) -> tuple[Shape, ...]:
+    """The shapes of the batches put end to end (the first batch's where they do not line up)."""
+    first = batches[0]
+    if any(len(b) != len(first) or any(t.dim() == 0 or t.shape[1:] != f.shape[1:] for t, f in zip(b, first))
+           for b in batches):
+        return tuple(tuple(t.shape) for t in first)
+    return tuple((sum(b[i].shape[0] for b in batches), *t.shape[1:]) for i, t in enumerate(first))
+
+
+def _joined(outputs: list[list[torch.Tensor]], which: str) -> list[torch.Tensor]:
+    """Each output of the batches concatenated along the batch dimension."""
+    if len(outputs) == 1:
+        return outputs[0]
+    try:
+        return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
+    except (RuntimeError, ValueError) as e:
+        raise VerificationError(f"the {which} outputs of the batches of inputs do not line up ({one_line(e)}); "
+                                "give batches of one shape") from e
 
 
 def _tolerance(rewritten: nn.Module, batch: tuple[torch.Tensor, ...], atol: float | None,

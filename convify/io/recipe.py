@@ -28,6 +28,7 @@ path is refused unless the caller trusts the code it would run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch.nn as nn
 
 from convify.core import registry
 from convify.core.report import report
+from convify.core.rewrites.head import HeadOptions
 from convify.errors import CheckpointError, ConvifyError, UsageError, one_line
 from convify.fx.inputs import parse_input_shape, zeros_like_model
 from convify.io.arch import ArchSpec, build_arch, parse_arch
@@ -152,6 +154,32 @@ def apply_passes(model: nn.Module, passes: Sequence[RecipePass], *,
         steps.append(Step(implementation(p.rewrite)(options), (zeros_like_model(model, p.input_shape),), p.only, p.skip,
                           rebuilt_from))
     return apply_steps(model, steps, calibration)
+
+
+def rebuild_dense(model: nn.Module, arch: str | ArchSpec, arch_kwargs: Mapping[str, Any] | None = None
+                  ) -> nn.Module | None:
+    """``model``, a rewrite of ``arch`` whose Linear head was converted without
+    ``dense``, rebuilt with its head passes dense and its weights loaded: what
+    ``replace_linear_head(..., dense=True)`` would have made of the original
+    (a converted head keeps the convolutions it has; only what pins the input
+    size goes). A model whose head was never converted comes back as None:
+    ``replace_linear_head`` converts it as it is.
+
+    >>> dense = rebuild_dense(convify.load("allconv.pt"), "torchvision:resnet18", {"num_classes": 10})
+    """
+    passes = passes_of(model)
+    if not any(isinstance(p.options, HeadOptions) for p in passes):
+        return None
+    dense = [dataclasses.replace(p, options=dataclasses.replace(p.options, dense=True))
+             if isinstance(p.options, HeadOptions) else p for p in passes]
+    rebuilt = apply_passes(build_arch(arch, arch_kwargs), dense).eval()
+    state_dict = model.state_dict()
+    mismatch = compare_keys(rebuilt, state_dict)
+    if mismatch:
+        raise CheckpointError(f"the head of this {arch} model does not rebuild dense with the same weights "
+                              f"({mismatch.describe()}); rewrite the original with dense")
+    rebuilt.load_state_dict(state_dict, strict=True)
+    return rebuilt
 
 
 def _legacy_passes(recipe: Mapping[str, Any]) -> list[RecipePass]:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 
+from convify.core.report import report
 from convify.errors import CheckpointError, UsageError, one_line
 from convify.io.arch import ArchSpec, build_arch, hf_config_dict, parse_arch, transformers_module
 from convify.io.files import read_file
@@ -63,6 +64,39 @@ def open_model(path: str | os.PathLike[str] | None = None, *, arch: str | None =
     if Path(path).is_dir():
         return _open_hf_folder(Path(path))
     return _open_file(Path(path), trust_pickle=trust_pickle, trust_code=trust_code)
+
+
+def open_original(rewritten: ModelSource, path: str | os.PathLike[str], *, trust_pickle: bool = False,
+                  trust_code: bool = False) -> ModelSource:
+    """The original that ``rewritten`` (a convify checkpoint, or a rewritten
+    module) was made from, to verify it against: ``path`` holds the original's
+    weights, a state_dict for the architecture the checkpoint's recipe names
+    (built with its arguments, the weights loaded strictly), or the whole
+    original (a convify checkpoint without rewrites, or a pickled module with
+    ``trust_pickle``).
+
+    >>> allconv = open_model("resnet18_allconv.pt")
+    >>> convify.verify(open_original(allconv, "resnet18_cifar.pth").model, allconv.model)
+    """
+    wpath = Path(path)
+    content = read_file(wpath, trust_pickle=trust_pickle, what="file of the original")
+    if is_checkpoint(content):
+        model = load_checkpoint(content, source=str(wpath), trust_code=trust_code)
+        if report(model).replaced:
+            raise UsageError(f"{wpath} is a rewritten model too, not the original {rewritten.label} was made from: "
+                             "give the original's weights")
+        return ModelSource(model, str(wpath), parse_arch(content["arch"]), dict(content.get("arch_kwargs") or {}),
+                           files=(wpath,))
+    content = unwrap(content, wpath)
+    if isinstance(content, nn.Module):
+        return ModelSource(content.eval(), str(wpath), files=(wpath,))
+    if rewritten.arch is None:
+        raise UsageError(f"{wpath} holds a state_dict, but {rewritten.label} names no architecture to load it into "
+                         "(it is not a convify checkpoint): give the whole original model file")
+    model = build_arch(rewritten.arch, rewritten.arch_kwargs)
+    load_weights(model, content, source=str(wpath), target=str(rewritten.arch))
+    return ModelSource(model.eval(), f"{rewritten.arch} + {wpath}", rewritten.arch, dict(rewritten.arch_kwargs),
+                       files=(wpath,))
 
 
 def _open_hf_folder(path: Path) -> ModelSource:
