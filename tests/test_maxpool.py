@@ -652,3 +652,14 @@ def test_timm_models_plain_fx_cannot_trace(name, size):
     ref, _ = avg_reference(model, x)
     with torch.no_grad():
         assert rel_err(out(x), ref) <= 1e-5
+
+
+def test_a_rewrite_that_is_not_exact_says_so_and_names_the_exact_mode_and_recovery():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = torch.zeros(1, 3, 8, 8)
+    for mode in ("conv", "depthwise", "fold"):
+        notes = convify.report(convify.replace_maxpool(model, x, mode=mode)).notes
+        said = [n for n in notes if n.startswith("not exact:")]
+        assert len(said) == 1 and "mode='exact'" in said[0] and "convify.reconstruct" in said[0], (mode, notes)
+    exact = convify.report(convify.replace_maxpool(model, x, mode="exact"))
+    assert exact.exact and not any(n.startswith("not exact:") for n in exact.notes)

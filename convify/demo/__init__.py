@@ -5,8 +5,11 @@
    shapes are kept and that ``init="avg"`` computes exactly average pooling;
 2. ``replace_linear_head(dense=True)`` on vgg11: exact at 224x224, and a score
    map from a larger image in one pass;
-3. ``convify.convify`` on Model C and resnet18, exported to ONNX and verified in
-   onnxruntime against the original model: the verification tables.
+3. ``replace_maxpool(mode="exact")`` on resnet18: convolutions and ReLUs that
+   compute the same function, checked against the original;
+4. ``convify.convify`` on Model C (``pool="exact"`` too) and resnet18, exported
+   to ONNX and verified in onnxruntime against the original model: the
+   verification tables.
 """
 from __future__ import annotations
 
@@ -76,15 +79,31 @@ def _show_dense_head(title: str, model: nn.Module, out) -> bool:
     return err <= 1e-5 and scores.dim() == 4
 
 
-def _show_verify(title: str, slug: str, model: nn.Module, shape: tuple[int, ...], folder: str, out) -> bool:
+def _show_exact(title: str, model: nn.Module, shape: tuple[int, ...], out) -> bool:
+    x = torch.randn(shape)
+    start = time.perf_counter()
+    exact = api.replace_maxpool(model, x[:1], mode="exact")
+    seconds = time.perf_counter() - start
+    print(f"== {title}: replace_maxpool(mode='exact') ({seconds:.2f} s)", file=out)
+    print(report(exact), file=out)
+    err = _rel_err(exact(x), model(x))
+    print(f"the exact rewrite computes the original's function: max relative error {err:.1e} "
+          f"({'ok' if err <= 1e-5 else 'FAILED'})", file=out)
+    print(file=out)
+    return err <= 1e-5
+
+
+def _show_verify(title: str, slug: str, model: nn.Module, shape: tuple[int, ...], folder: str, out,
+                 **options) -> bool:
     from pathlib import Path  # noqa: PLC0415
 
     from convify.demo.printing import demo_verify  # noqa: PLC0415  (onnx and onnxruntime load here only)
 
     x = torch.randn(1, *shape[1:])
-    allconv = api.convify(model, x)
+    allconv = api.convify(model, x, **options)
     path = Path(folder) / f"{slug}-allconv.onnx"
-    print(f"== {title}: convify.convify, exported and verified in onnxruntime", file=out)
+    given = "".join(f", {k}={v!r}" for k, v in options.items())
+    print(f"== {title}: convify.convify(model{given}), exported and verified in onnxruntime", file=out)
     result = demo_verify(model, allconv, x, path=path, echo=lambda line: print(line, file=out), temporary=True)
     print(file=out)
     return result.passed
@@ -100,9 +119,11 @@ def main(argv: list[str] | None = None, out=sys.stdout) -> int:
     for title, model, shape in models:
         ok &= _show_maxpool(title, model, shape, out)
     ok &= _show_dense_head(*models[2][:2], out)
+    ok &= _show_exact(*models[1], out)
     with tempfile.TemporaryDirectory(prefix="convify-demo-") as folder:
         for (title, model, shape), slug in zip(models[:2], ("model_c", "resnet18")):
             ok &= _show_verify(title, slug, model, shape, folder, out)
+        ok &= _show_verify(models[0][0], "model_c-exact", *models[0][1:], folder, out, pool="exact")
     print("demo: every check held" if ok else "demo: a check FAILED", file=out)
     return 0 if ok else 1
 

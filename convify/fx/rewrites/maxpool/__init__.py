@@ -179,7 +179,14 @@ class ReplaceMaxPool(Rewrite[PoolParams]):
         return self.mode.apply(gm, site, self.options)
 
     def finish(self, gm: fx.GraphModule, rows: Sequence[Replaced]) -> list[str]:
-        return self.mode.finish(rows, self.options)
+        notes = self.mode.finish(rows, self.options)
+        return notes + [NOT_EXACT] if any(not r.exact for r in rows) else notes
+
+
+#: The pass note of a rewrite that changed what the model computes: what to do about it.
+NOT_EXACT = ("not exact: these sites no longer compute a max pooling, so a trained model's outputs change; "
+             "mode='exact' keeps its function with convolutions and ReLUs and needs no data; to recover accuracy "
+             "instead: init='fit' with calibration images, then convify.reconstruct and convify.distill")
 
 
 for _info in pkgutil.iter_modules(__path__):  # every mode file registers itself
