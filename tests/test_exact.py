@@ -22,7 +22,7 @@ import convify
 from convify.core.maxtree import TreeForm
 from convify.core.rewrites.maxpool import EXACT, POOL_MODES, ExactTree, PoolParams, PoolRecord
 from convify.core.weights import pool_output_size
-from convify.export.onnx import op_census
+from convify.export.census import op_census
 from convify.fx.rewrites.maxpool.exact import FORM, empty_window_reason, exact_tree
 
 from cli_factories import tiny_net
