@@ -69,7 +69,7 @@ def pairwise_max_levels(n: int, signed: bool) -> list[torch.Tensor]:
     [(5, 3), (3, 5), (1, 3)]
     """
     if n < 1:
-        raise ValueError(f"a max over {n} values")
+        raise ValueError(f"a max needs at least one value, not {n}")
     carry = (1.0, -1.0) if signed else (1.0,)  # b = relu(b) - relu(-b), or relu(b) when b >= 0
     values = torch.eye(n, dtype=torch.float64)  # each value, as a row over the current inputs
     levels: list[torch.Tensor] = []
