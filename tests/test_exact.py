@@ -22,7 +22,7 @@ import convify
 from convify.core.maxtree import TreeForm
 from convify.core.rewrites.maxpool import EXACT, POOL_MODES, ExactTree, PoolParams, PoolRecord
 from convify.core.weights import pool_output_size
-from convify.export.onnx import op_census
+from convify.export.census import op_census
 from convify.fx.rewrites.maxpool.exact import FORM, empty_window_reason, exact_tree
 
 from cli_factories import tiny_net
@@ -109,6 +109,23 @@ def test_timm_same_pools_are_exact_at_every_size(k, s, d, nonnegative):
         x = torch.randn(2, 3, h, w, dtype=torch.float64)
         with torch.no_grad():
             assert rel_err(out(x), model(x)) <= 1e-12
+
+
+def test_a_dilated_same_pool_on_an_axis_shorter_than_its_dilation():
+    """TapPad takes the first and last d elements from a copy edge-padded by
+    d - 1: on an axis shorter than d those copies reach no valid tap."""
+    from timm.layers.pool2d_same import MaxPool2dSame
+    model = nn.Sequential(MaxPool2dSame(3, 2, dilation=3)).double()
+    out = convify.replace_maxpool(model, torch.zeros(1, 2, 15, 15, dtype=torch.float64), mode="exact")
+    params = convify.report(out).replaced[0].detail.params
+    checked = []
+    for w in range(1, 7):
+        if empty_window_reason(params, (9, w)) is None:
+            x = torch.randn(2, 2, 9, w, dtype=torch.float64)
+            with torch.no_grad():
+                assert rel_err(out(x), model(x)) <= 1e-12, w
+            checked.append(w)
+    assert 2 in checked and len(checked) >= 3  # 2 < d: a valid window on an axis shorter than d
 
 
 def test_a_shared_pool_becomes_one_tree_per_call_site():
@@ -283,7 +300,7 @@ def test_gradients_reach_the_new_layers():
 
 
 def onnx_matches(tmp_path, model: nn.Module, x: torch.Tensor, sites: int, exporter: str,
-                 sizes: list[tuple[int, int]]) -> None:
+                 sizes: list[tuple[int, ...]]) -> None:
     import onnxruntime as ort
     out = convify.replace_maxpool(model, x, mode="exact")
     assert len(convify.report(out).replaced) == sites
@@ -291,20 +308,19 @@ def onnx_matches(tmp_path, model: nn.Module, x: torch.Tensor, sites: int, export
     census = op_census(path)
     assert not [op for op in MAX_OPS_ONNX if census.get(op)], census
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for h, w in sizes:
-        y = torch.randn(2, 3, h, w)
+    for size in sizes:
+        y = torch.randn(2, x.shape[1], *size)
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: y.numpy()})[0])
         with torch.no_grad():
-            assert rel_err(got, model(y)) <= 1e-5
+            assert rel_err(got, model(y)) <= 1e-5, size
 
 
-DYNAMO_MAX = pytest.mark.xfail(strict=False, reason=(
-    "the dynamo exporter writes Max ops (on shape integers, it seems: TapPad's size-dependent bounds for 'same' "
-    "replication); open"))
+EXPORTERS = [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"]
 
 
-@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=[pytest.mark.slow, DYNAMO_MAX]), "legacy"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_onnx_has_no_max_and_matches_at_other_sizes(tmp_path, exporter):
+    """Signed ceil_mode, signed dilated (TapPad), signed "same", non-negative ceil_mode."""
     from timm.layers.pool2d_same import MaxPool2dSame
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.Conv2d(4, 4, 1),
                           nn.MaxPool2d(2, 1, 1, dilation=2), MaxPool2dSame(3, 2), nn.ReLU(),
@@ -312,13 +328,46 @@ def test_onnx_has_no_max_and_matches_at_other_sizes(tmp_path, exporter):
     onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 4, exporter, [(19, 21), (24, 17), (31, 30)])
 
 
-def test_onnx_of_a_dilated_same_pool_on_a_signed_input(tmp_path):
-    """Its padding repeats d elements by slices whose bounds follow the size.
-    The legacy exporter only: the dynamo exporter writes those bounds with
-    integer ``Max`` ops on shapes (no max over data, but the census counts them)."""
+class SameAndFunctional(nn.Module):
+    """Non-negative dilated "same" (zeros), signed "same" whose window is
+    shorter than its stride (its padding may be zero: no max in the size
+    arithmetic), and a functional non-square dilated ceil_mode pool."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.pool2d_same import MaxPool2dSame
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+        self.pool1, self.pool2 = MaxPool2dSame(3, 2, dilation=2), MaxPool2dSame(2, 3)
+
+    def forward(self, x):
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x).relu())))
+        return F.max_pool2d(x, (3, 2), (1, 2), (1, 0), (2, 1), ceil_mode=True)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_of_same_and_functional_pools(tmp_path, exporter):
+    onnx_matches(tmp_path, SameAndFunctional().eval(), torch.randn(1, 3, 40, 43), 3, exporter,
+                 [(40, 43), (52, 37), (61, 60)])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_of_a_dilated_same_pool_on_a_signed_input(tmp_path, exporter):
+    """Its padding repeats d elements by slices whose lengths follow the size
+    (``narrow``: no bound the exporter has to clamp with ``Max``)."""
     from timm.layers.pool2d_same import MaxPool2dSame
     model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2, dilation=2)).eval()
-    onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 1, "legacy", [(19, 21), (24, 17), (31, 30)])
+    onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 1, exporter, [(19, 21), (24, 17), (31, 30)])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("dims", [1, 3])
+def test_onnx_of_1d_and_3d_pools(tmp_path, exporter, dims):
+    conv = nn.Conv1d if dims == 1 else nn.Conv3d
+    pool = (nn.MaxPool1d(3, 2, 1, dilation=2, ceil_mode=True) if dims == 1 else
+            nn.MaxPool3d((2, 3, 3), (1, 2, 2), 1, dilation=(2, 1, 1), ceil_mode=True))
+    model = nn.Sequential(conv(3, 4, 3), pool, nn.ReLU(), POOLS[dims](2)).eval()
+    sizes = [(21,), (30,), (17,)] if dims == 1 else [(9, 12, 11), (12, 9, 14)]
+    onnx_matches(tmp_path, model, torch.randn(1, 3, *sizes[0]), 2, exporter, sizes)
 
 
 # --------------------------------------------------------------------------- convify() and checkpoints
