@@ -23,6 +23,7 @@ from convify.core.maxtree import TreeForm
 from convify.core.rewrites.maxpool import EXACT, POOL_MODES, ExactTree, PoolParams, PoolRecord
 from convify.core.weights import pool_output_size
 from convify.export.census import op_census
+from convify.fx.rewrites.maxpool.chain import DepthwiseMaxTree
 from convify.fx.rewrites.maxpool.exact import FORM, empty_window_reason, exact_tree
 
 from cli_factories import tiny_net
@@ -149,21 +150,38 @@ def test_a_shared_pool_becomes_one_tree_per_call_site():
         assert rel_err(out(x), model(x)) <= 1e-12
 
 
-def test_non_negative_site_is_convolutions_and_relus_only():
+def test_non_negative_site_is_depthwise_convolutions_with_zeros_inside():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
     out = convify.replace_maxpool(model, torch.zeros(1, 3, 12, 12), mode="exact")
     tree = out.get_submodule("2")
-    assert {type(m) for m in tree} == {nn.Conv2d, nn.ReLU}
-    assert tree[0].padding == (0, 1) and tree[4].padding == (1, 0)  # zeros inside the convolutions
+    assert isinstance(tree, DepthwiseMaxTree) and tree.pad is None
+    convs = [m for m in tree.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert {type(m) for m in tree.modules()} == {DepthwiseMaxTree, nn.ModuleList, nn.Conv2d}
+    assert all(c.groups == c.in_channels == c.out_channels == 4 for c in convs)  # one channel in, one out
+    assert [c.padding for c in convs] == [(0, 1)] * 3 + [(1, 0)] * 3  # zeros inside the convolutions
     record = convify.report(out).replaced[0].detail.tree
-    assert not record.signed and record.sign_proof == "_1" and record.channels == (3, 2, 3, 2, 1)
+    assert not record.signed and record.sign_proof == "_1" and record.channels == (1,) * 6
+    assert record.form is TreeForm.DEPTHWISE and record.relu_levels == 4
 
 
-def test_signed_site_replicates_borders_and_carries_two_channels():
+def test_the_separable_form_at_a_non_negative_site_is_convolutions_and_relus_only():
+    """The form without additions (for verifiers that take no Add) stays one call away."""
+    params = PoolParams.of(2, 3, 2, 1, 1, False, False)
+    tree, _ = exact_tree(params, 4, signed=False, form=TreeForm.SEPARABLE, dtype=torch.float64)
+    assert {type(m) for m in tree} == {nn.Conv2d, nn.ReLU}
+    assert tree[0].padding == (0, 1) and tree[4].padding == (1, 0)
+    x = torch.rand(2, 4, 12, 11, dtype=torch.float64)
+    assert rel_err(tree(x), params.pool(x)) <= 1e-12
+
+
+def test_signed_site_replicates_borders_with_one_channel_per_value():
     out = convify.replace_maxpool(nn.Sequential(nn.MaxPool2d(3, 2, 1)), torch.zeros(1, 4, 12, 12), mode="exact")
     tree = out.get_submodule("0")
-    assert isinstance(tree[0], nn.ReplicationPad2d) and tree[0].padding == (1, 1, 1, 1)
-    assert convify.report(out).replaced[0].detail.tree.channels == (5, 3, 5, 3, 1)
+    assert isinstance(tree.pad, nn.ReplicationPad2d) and tree.pad.padding == (1, 1, 1, 1)
+    assert convify.report(out).replaced[0].detail.tree.channels == (1,) * 6  # values carried by additions
+    tree, _ = exact_tree(PoolParams.of(2, 3, 2, 1, 1, False, False), 4, signed=True, form=TreeForm.SEPARABLE,
+                         dtype=torch.float32)
+    assert [m.out_channels // m.groups for m in tree if isinstance(m, nn.Conv2d)] == [5, 3, 5, 3, 1]
 
 
 # --------------------------------------------------------------------------- record and report
@@ -176,13 +194,13 @@ def test_record_and_report_say_exact_layers_channels_sign_parameters_and_macs():
     row = rep.replaced[0]
     assert row.exact and rep.exact and isinstance(row.detail, PoolRecord) and row.detail.conv is None
     tree = row.detail.tree
-    assert isinstance(tree, ExactTree) and tree.form is FORM and tree.relu_levels == 2
-    assert tree.channels == (2, 2, 1)  # 2x2 window, input >= 0: [a - b, b] per pair, 1x2 then 2x1
-    assert tree.parameters == sum(p.numel() for p in out.get_submodule("3").parameters()) == 8 * (4 + 8 + 2)
-    assert tree.macs == 8 * 16 * 8 * 4 + 8 * 8 * 8 * 2 * 4 + 8 * 8 * 8 * 2
-    assert row.new == "exact max tree (separable, 2 ReLU levels, >=0)"
+    assert isinstance(tree, ExactTree) and tree.form is FORM is TreeForm.DEPTHWISE and tree.relu_levels == 2
+    assert tree.channels == (1, 1, 1, 1)  # 2x2 window: per axis relu(a - b), then b + that
+    assert tree.parameters == sum(p.numel() for p in out.get_submodule("3").parameters()) == 8 * 2 * 4
+    assert tree.macs == 2 * 8 * 16 * 8 * 2 + 2 * 8 * 8 * 8 * 2  # 1x2 convolutions at 16x8, then 2x1 at 8x8
+    assert row.new == "exact max tree (depthwise, 2 ReLU levels, >=0)"
     text = str(rep)
-    assert "exact max tree" in text and "+112 parameters" in text and "input >= 0 (_2)" in text
+    assert "exact max tree" in text and "+64 parameters" in text and "input >= 0 (_2)" in text
     assert "init='kaiming' does not apply to mode='exact'" in text
     assert rep.to_dict()["passes"][0]["replaced"][0]["detail"]["tree"]["type"] == "ExactTree"
     assert not POOL_MODES["exact"].learned and EXACT.name == "exact"
@@ -292,7 +310,7 @@ def test_gradients_reach_the_new_layers():
     out = convify.replace_maxpool(tiny_net(), torch.zeros(1, 3, 16, 16), mode="exact").train()
     out(torch.randn(2, 3, 16, 16)).square().sum().backward()
     tree = out.get_submodule("3")
-    convs = [m for m in tree if isinstance(m, nn.Conv2d)]
+    convs = [m for m in tree.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
 
 
