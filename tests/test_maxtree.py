@@ -48,7 +48,7 @@ def test_zero_padding_needs_a_non_negative_input():
 
 def run_chain(chains, x, channels):
     z = x
-    for chain in chains:
+    for _, chain in chains:
         t = None
         for step in chain:
             u = F.conv2d(z, grouped_weight(step.weight, channels), None, step.stride, step.padding, step.dilation,
@@ -64,8 +64,9 @@ def run_chain(chains, x, channels):
 def test_depthwise_chains_pool_any_sign(kernel, stride, dilation):
     x = torch.randn(2, 3, 13, 12, dtype=torch.float64) * 10
     chains = depthwise_chain(kernel, stride, dilation)
-    assert all(step.weight.shape[:2] == (1, 1) for chain in chains for step in chain)  # depthwise
-    assert [len(chain) for chain in chains] == ([k for k in reversed(kernel) if k > 1] or [1])
+    assert all(step.weight.shape[:2] == (1, 1) for _, chain in chains for step in chain)  # depthwise
+    assert [(axis, len(chain)) for axis, chain in chains] == (
+        [(a, kernel[a]) for a in reversed(range(2)) if kernel[a] > 1] or [(1, 1)])
     want = F.max_pool2d(x, kernel, stride, 0, dilation)
     assert torch.allclose(run_chain(chains, x, 3), want, rtol=0, atol=1e-12)
 

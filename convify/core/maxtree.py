@@ -177,10 +177,11 @@ class ChainStep:
 
 
 def depthwise_chain(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], *,
-                    padding: Sequence[int] | None = None) -> list[list[ChainStep]]:
-    """The max pooling as chains of depthwise convolutions, one chain per axis
-    with a window (last axis first; an axis with a one-tap window only
-    strides, in the first chain), each chain reading the previous one's output.
+                    padding: Sequence[int] | None = None) -> list[tuple[int, list[ChainStep]]]:
+    """The max pooling as chains of depthwise convolutions, ``(axis, steps)``
+    for each spatial axis with a window (last axis first; an axis with a
+    one-tap window only strides, in the first chain), each chain reading the
+    previous one's output.
 
     Along an axis with taps ``z_0 .. z_{k-1}`` of each window, step ``i < k - 1``
     convolves with ``e_i - e_{i+1}`` and keeps ``t_i = relu(z_i - z_{i+1} +
@@ -192,13 +193,13 @@ def depthwise_chain(kernel: Sequence[int], stride: Sequence[int], dilation: Sequ
     as the pairwise tree's ``ceil(log2(taps))`` for the 2- and 3-tap axes of
     the zoo's pools, more for longer windows (one convolution per tap either way).
 
-    >>> [[tuple(s.weight.shape) for s in chain] for chain in depthwise_chain((3, 3), (2, 2), (1, 1))]
-    [[(1, 1, 1, 3), (1, 1, 1, 3), (1, 1, 1, 3)], [(1, 1, 3, 1), (1, 1, 3, 1), (1, 1, 3, 1)]]
+    >>> [(axis, [tuple(s.weight.shape) for s in steps]) for axis, steps in depthwise_chain((3, 2), (2, 2), (1, 1))]
+    [(1, [(1, 1, 1, 2), (1, 1, 1, 2)]), (0, [(1, 1, 3, 1), (1, 1, 3, 1), (1, 1, 3, 1)])]
     """
     dims = len(kernel)
     padding = tuple(padding) if padding is not None else (0,) * dims
     axes = [a for a in reversed(range(dims)) if kernel[a] > 1] or [dims - 1]
-    chains: list[list[ChainStep]] = []
+    chains: list[tuple[int, list[ChainStep]]] = []
     for n, axis in enumerate(axes):
         k = kernel[axis]
         along = lambda value, rest=1: tuple(value if a == axis else rest for a in range(dims))
@@ -211,7 +212,7 @@ def depthwise_chain(kernel: Sequence[int], stride: Sequence[int], dilation: Sequ
                 taps[i + 1] = -1.0
             chain.append(ChainStep(taps.reshape(1, 1, *along(k)), step_stride, along(dilation[axis]),
                                    along(padding[axis], 0), relu=i < k - 1))
-        chains.append(chain)
+        chains.append((axis, chain))
     return chains
 
 

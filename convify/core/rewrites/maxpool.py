@@ -145,9 +145,9 @@ FOLD = register_pool_mode(PoolMode("fold", "dropped; its stride moves onto the s
                                            "(the Strided-CNN variant)", learned=False))
 # learned=False: its weights are fixed by construction, spread over several layers; no single
 # convolution stands for the pool, so ``init`` ("avg", "kaiming", "fit") does not apply to it
-EXACT = register_pool_mode(PoolMode("exact", "convolutions and ReLUs that compute the max pooling exactly "
-                                             "(max(a, b) = b + relu(a - b), a tree of ceil(log2(taps)) ReLU "
-                                             "levels); init does not apply", learned=False))
+EXACT = register_pool_mode(PoolMode("exact", "depthwise convolutions, ReLUs and additions that compute the max "
+                                             "pooling exactly (max(a, b) = b + relu(a - b), one axis of the "
+                                             "window at a time); init does not apply", learned=False))
 
 
 # --------------------------------------------------------------------------- records

@@ -5,7 +5,7 @@ compute it exactly (up to float rounding), on any input.
 chain of depthwise convolutions (:mod:`.chain`, weights in
 :func:`convify.core.maxtree.depthwise_chain`): ``t = relu(z0 - z1)``,
 ``t = relu(z1 - z2 + t)``, ..., ``max = z_{k-1} + t``, one module
-(:class:`~.chain.DepthwiseMaxTree`) at the pool's name. Borders:
+(a ``GraphModule``, :mod:`.chain`) at the pool's name. Borders:
 
 * signed input: padding that copies valid taps of each window
   (:class:`~.padding.TapPad`, ``nn.ReplicationPadNd`` where dilation is 1);
@@ -16,7 +16,7 @@ chain of depthwise convolutions (:mod:`.chain`, weights in
 Generated code, before and after (resnet18's ``MaxPool2d(3, 2, 1)`` after a ReLU)::
 
     maxpool = self.maxpool(relu)    # MaxPool2d(3, 2, 1)
-    maxpool = self.maxpool(relu)    # DepthwiseMaxTree: three Conv2d(64, 64, (1, 3), s=(1, 2), p=(0, 1), groups=64)
+    maxpool = self.maxpool(relu)    # GraphModule: three Conv2d(64, 64, (1, 3), s=(1, 2), p=(0, 1), groups=64)
                                     #   chained by + and ReLU, then three (3, 1) ones, s=(2, 1), p=(1, 0)
 
 The form (:data:`FORM`), by measurement (``benchmarks/ort_latency.py``, batch
@@ -70,7 +70,7 @@ from convify.core.rewrites.maxpool import EXACT, SPEC, ExactTree, MaxPoolOptions
 from convify.fx import nodes, ops, shapes
 from convify.fx.nonnegative import nonnegative_proof
 from convify.fx.rewrites.base import Site
-from convify.fx.rewrites.maxpool.chain import DepthwiseMaxTree
+from convify.fx.rewrites.maxpool.chain import depthwise_max_tree, relu_levels
 from convify.fx.rewrites.maxpool.modes import (FxPoolMode, device_at, new_module_target, pool_mode, site_input,
                                                site_shapes, swap_in)
 from convify.fx.rewrites.maxpool.padding import TapPad
@@ -148,8 +148,8 @@ def exact_tree(params: PoolParams, channels: int, *, signed: bool, form: TreeFor
     dims = params.dims
     pad, inside, padding = _borders(params, signed)
     if form is TreeForm.DEPTHWISE:
-        return DepthwiseMaxTree.build(dims, params.kernel, params.stride, params.dilation, channels, pad=pad,
-                                      padding=inside, dtype=dtype, device=device), padding
+        return depthwise_max_tree(dims, params.kernel, params.stride, params.dilation, channels, pad=pad,
+                                  padding=inside, dtype=dtype, device=device), padding
     layers: list[nn.Module] = [pad] if pad is not None else []
     for layer in maxtree.max_tree(params.kernel, params.stride, params.dilation, signed=signed, form=form,
                                   padding=inside):
@@ -193,10 +193,9 @@ def describe_tree(tree: nn.Module, params: PoolParams, in_shape: Sequence[int], 
                   form: TreeForm, sign_proof: str | None) -> ExactTree:
     """The record of a built tree; its MACs counted at the traced size, one image."""
     convs = [m for m in tree.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    relus = tree.relu_levels if isinstance(tree, DepthwiseMaxTree) else sum(isinstance(m, nn.ReLU) for m in tree)
     first = next(iter(tree.parameters()))
     macs = count_macs(tree, torch.zeros(1, *in_shape[1:], dtype=first.dtype, device=first.device))
     return ExactTree(form=form, signed=signed, padding=padding,
                      channels=tuple(c.out_channels // c.groups for c in convs),
-                     relu_levels=relus,
+                     relu_levels=relu_levels(tree),
                      parameters=sum(p.numel() for p in tree.parameters()), macs=macs, sign_proof=sign_proof)
