@@ -27,18 +27,18 @@ The form (:data:`FORM`), by measurement (``benchmarks/ort_latency.py``, batch
    input channel for a signed 3x3 window), beat the **direct** tree over the
    whole window in eager PyTorch (``benchmarks/exact_pool.py``: resnet18's
    pool 3.29x vs 3.85x of the max pooling signed, 0.73x vs 1.33x >= 0);
-   onnxruntime ran it at 1.075x (resnet18), 1.072x (vgg11), 1.025x
-   (alexnet), 1.49x (googlenet), 1.53x (squeezenet1_1) of the original: its grouped
+   onnxruntime ran it at 1.066x (resnet18), 1.068x (vgg11), 1.006x
+   (alexnet), 1.46x (googlenet), 1.54x (squeezenet1_1) of the original: its grouped
    convolutions with 2-5 channels per group have no NCHWc kernel, so
    onnxruntime runs them as one small GEMM per group;
 2. the **depthwise** chain (this default) carries values by additions instead,
    so every convolution has one channel in and one out: onnxruntime fuses each
    step into one NCHWc depthwise convolution with its sum and ReLU, and the
    tree sits in the NCHWc graph between its neighbours with no reordering.
-   That brought onnxruntime to 0.995-1.011x (resnet18, vgg11, alexnet,
-   densenet121, inception_v3), 1.054x (googlenet), 1.057x (squeezenet1_1:
+   That brought onnxruntime to 0.95-1.01x (resnet18, vgg11, alexnet,
+   densenet121, inception_v3), 1.05x (googlenet), 1.06-1.07x (squeezenet1_1:
    six depthwise passes where NCHWc max pooling makes one, on a 7 ms model),
-   and eager PyTorch from 1.60x to 0.78x on googlenet; it halves the added
+   and eager PyTorch from 1.61x to 0.78x on googlenet; it halves the added
    parameters and MACs. A value needs one channel whatever its sign (the carried ``b`` is
    added back, not passed through a ReLU), so signed sites differ only in
    their padding. The price: a site is convolutions, ReLUs and additions; the
