@@ -1,7 +1,7 @@
-"""Which exact max tree is faster: direct (the whole window, then 1x1s) or separable (one axis at a time)?
+"""Which exact max tree is faster: direct (whole window, then 1x1s), separable (an axis at a time) or depthwise?
 
 Eager PyTorch on the CPU, batch 1, one thread by default. For each real pooling
-shape (resnet18's, vgg11's, googlenet's), the max pooling itself and the two
+shape (resnet18's, vgg11's, googlenet's), the max pooling itself and the
 trees that ``mode="exact"`` can build (:func:`convify.fx.rewrites.maxpool.exact.exact_tree`),
 signed (two channels per carried value, replicated borders) and for an input
 >= 0 (one channel, zero padding inside the convolutions), run **interleaved**:

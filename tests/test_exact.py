@@ -23,6 +23,7 @@ from convify.core.maxtree import TreeForm
 from convify.core.rewrites.maxpool import EXACT, POOL_MODES, ExactTree, PoolParams, PoolRecord
 from convify.core.weights import pool_output_size
 from convify.export.census import op_census
+from convify.fx.rewrites.maxpool.chain import CLASS_NAME
 from convify.fx.rewrites.maxpool.exact import FORM, empty_window_reason, exact_tree
 
 from cli_factories import tiny_net
@@ -111,6 +112,23 @@ def test_timm_same_pools_are_exact_at_every_size(k, s, d, nonnegative):
             assert rel_err(out(x), model(x)) <= 1e-12
 
 
+def test_a_dilated_same_pool_on_an_axis_shorter_than_its_dilation():
+    """TapPad takes the first and last d elements from a copy edge-padded by
+    d - 1: on an axis shorter than d those copies reach no valid tap."""
+    from timm.layers.pool2d_same import MaxPool2dSame
+    model = nn.Sequential(MaxPool2dSame(3, 2, dilation=3)).double()
+    out = convify.replace_maxpool(model, torch.zeros(1, 2, 15, 15, dtype=torch.float64), mode="exact")
+    params = convify.report(out).replaced[0].detail.params
+    checked = []
+    for w in range(1, 7):
+        if empty_window_reason(params, (9, w)) is None:
+            x = torch.randn(2, 2, 9, w, dtype=torch.float64)
+            with torch.no_grad():
+                assert rel_err(out(x), model(x)) <= 1e-12, w
+            checked.append(w)
+    assert 2 in checked and len(checked) >= 3  # 2 < d: a valid window on an axis shorter than d
+
+
 def test_a_shared_pool_becomes_one_tree_per_call_site():
     class Twice(nn.Module):
         def __init__(self):
@@ -132,21 +150,39 @@ def test_a_shared_pool_becomes_one_tree_per_call_site():
         assert rel_err(out(x), model(x)) <= 1e-12
 
 
-def test_non_negative_site_is_convolutions_and_relus_only():
+def test_non_negative_site_is_depthwise_convolutions_with_zeros_inside():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
     out = convify.replace_maxpool(model, torch.zeros(1, 3, 12, 12), mode="exact")
     tree = out.get_submodule("2")
-    assert {type(m) for m in tree} == {nn.Conv2d, nn.ReLU}
-    assert tree[0].padding == (0, 1) and tree[4].padding == (1, 0)  # zeros inside the convolutions
+    assert isinstance(tree, torch.fx.GraphModule) and type(tree).__name__ == CLASS_NAME and not hasattr(tree, "pad")
+    convs = [m for m in tree.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    assert {type(m) for m in tree.modules()} == {type(tree), nn.Module, nn.Conv2d}
+    assert not [m for m in out.modules() if type(m).__module__.startswith("convify")]  # pickles without convify
+    assert all(c.groups == c.in_channels == c.out_channels == 4 for c in convs)  # one channel in, one out
+    assert [c.padding for c in convs] == [(0, 1)] * 3 + [(1, 0)] * 3  # zeros inside the convolutions
     record = convify.report(out).replaced[0].detail.tree
-    assert not record.signed and record.sign_proof == "_1" and record.channels == (3, 2, 3, 2, 1)
+    assert not record.signed and record.sign_proof == "_1" and record.channels == (1,) * 6
+    assert record.form is TreeForm.DEPTHWISE and record.relu_levels == 4
 
 
-def test_signed_site_replicates_borders_and_carries_two_channels():
+def test_the_separable_form_at_a_non_negative_site_is_convolutions_and_relus_only():
+    """The form without additions (for verifiers that take no Add) stays one call away."""
+    params = PoolParams.of(2, 3, 2, 1, 1, False, False)
+    tree, _ = exact_tree(params, 4, signed=False, form=TreeForm.SEPARABLE, dtype=torch.float64)
+    assert {type(m) for m in tree} == {nn.Conv2d, nn.ReLU}
+    assert tree[0].padding == (0, 1) and tree[4].padding == (1, 0)
+    x = torch.rand(2, 4, 12, 11, dtype=torch.float64)
+    assert rel_err(tree(x), params.pool(x)) <= 1e-12
+
+
+def test_signed_site_replicates_borders_with_one_channel_per_value():
     out = convify.replace_maxpool(nn.Sequential(nn.MaxPool2d(3, 2, 1)), torch.zeros(1, 4, 12, 12), mode="exact")
     tree = out.get_submodule("0")
-    assert isinstance(tree[0], nn.ReplicationPad2d) and tree[0].padding == (1, 1, 1, 1)
-    assert convify.report(out).replaced[0].detail.tree.channels == (5, 3, 5, 3, 1)
+    assert isinstance(tree.pad, nn.ReplicationPad2d) and tree.pad.padding == (1, 1, 1, 1)
+    assert convify.report(out).replaced[0].detail.tree.channels == (1,) * 6  # values carried by additions
+    tree, _ = exact_tree(PoolParams.of(2, 3, 2, 1, 1, False, False), 4, signed=True, form=TreeForm.SEPARABLE,
+                         dtype=torch.float32)
+    assert [m.out_channels // m.groups for m in tree if isinstance(m, nn.Conv2d)] == [5, 3, 5, 3, 1]
 
 
 # --------------------------------------------------------------------------- record and report
@@ -159,13 +195,13 @@ def test_record_and_report_say_exact_layers_channels_sign_parameters_and_macs():
     row = rep.replaced[0]
     assert row.exact and rep.exact and isinstance(row.detail, PoolRecord) and row.detail.conv is None
     tree = row.detail.tree
-    assert isinstance(tree, ExactTree) and tree.form is FORM and tree.relu_levels == 2
-    assert tree.channels == (2, 2, 1)  # 2x2 window, input >= 0: [a - b, b] per pair, 1x2 then 2x1
-    assert tree.parameters == sum(p.numel() for p in out.get_submodule("3").parameters()) == 8 * (4 + 8 + 2)
-    assert tree.macs == 8 * 16 * 8 * 4 + 8 * 8 * 8 * 2 * 4 + 8 * 8 * 8 * 2
-    assert row.new == "exact max tree (separable, 2 ReLU levels, >=0)"
+    assert isinstance(tree, ExactTree) and tree.form is FORM is TreeForm.DEPTHWISE and tree.relu_levels == 2
+    assert tree.channels == (1, 1, 1, 1)  # 2x2 window: per axis relu(a - b), then b + that
+    assert tree.parameters == sum(p.numel() for p in out.get_submodule("3").parameters()) == 8 * 2 * 4
+    assert tree.macs == 2 * 8 * 16 * 8 * 2 + 2 * 8 * 8 * 8 * 2  # 1x2 convolutions at 16x8, then 2x1 at 8x8
+    assert row.new == "exact max tree (depthwise, 2 ReLU levels, >=0)"
     text = str(rep)
-    assert "exact max tree" in text and "+112 parameters" in text and "input >= 0 (_2)" in text
+    assert "exact max tree" in text and "+64 parameters" in text and "input >= 0 (_2)" in text
     assert "init='kaiming' does not apply to mode='exact'" in text
     assert rep.to_dict()["passes"][0]["replaced"][0]["detail"]["tree"]["type"] == "ExactTree"
     assert not POOL_MODES["exact"].learned and EXACT.name == "exact"
@@ -275,7 +311,7 @@ def test_gradients_reach_the_new_layers():
     out = convify.replace_maxpool(tiny_net(), torch.zeros(1, 3, 16, 16), mode="exact").train()
     out(torch.randn(2, 3, 16, 16)).square().sum().backward()
     tree = out.get_submodule("3")
-    convs = [m for m in tree if isinstance(m, nn.Conv2d)]
+    convs = [m for m in tree.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
 
 
@@ -283,7 +319,7 @@ def test_gradients_reach_the_new_layers():
 
 
 def onnx_matches(tmp_path, model: nn.Module, x: torch.Tensor, sites: int, exporter: str,
-                 sizes: list[tuple[int, int]]) -> None:
+                 sizes: list[tuple[int, ...]]) -> None:
     import onnxruntime as ort
     out = convify.replace_maxpool(model, x, mode="exact")
     assert len(convify.report(out).replaced) == sites
@@ -291,20 +327,19 @@ def onnx_matches(tmp_path, model: nn.Module, x: torch.Tensor, sites: int, export
     census = op_census(path)
     assert not [op for op in MAX_OPS_ONNX if census.get(op)], census
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for h, w in sizes:
-        y = torch.randn(2, 3, h, w)
+    for size in sizes:
+        y = torch.randn(2, x.shape[1], *size)
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: y.numpy()})[0])
         with torch.no_grad():
-            assert rel_err(got, model(y)) <= 1e-5
+            assert rel_err(got, model(y)) <= 1e-5, size
 
 
-DYNAMO_MAX = pytest.mark.xfail(strict=False, reason=(
-    "the dynamo exporter writes Max ops (on shape integers, it seems: TapPad's size-dependent bounds for 'same' "
-    "replication); open"))
+EXPORTERS = [pytest.param("dynamo", marks=pytest.mark.slow), "legacy"]
 
 
-@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=[pytest.mark.slow, DYNAMO_MAX]), "legacy"])
+@pytest.mark.parametrize("exporter", EXPORTERS)
 def test_onnx_has_no_max_and_matches_at_other_sizes(tmp_path, exporter):
+    """Signed ceil_mode, signed dilated (TapPad), signed "same", non-negative ceil_mode."""
     from timm.layers.pool2d_same import MaxPool2dSame
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.Conv2d(4, 4, 1),
                           nn.MaxPool2d(2, 1, 1, dilation=2), MaxPool2dSame(3, 2), nn.ReLU(),
@@ -312,13 +347,46 @@ def test_onnx_has_no_max_and_matches_at_other_sizes(tmp_path, exporter):
     onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 4, exporter, [(19, 21), (24, 17), (31, 30)])
 
 
-def test_onnx_of_a_dilated_same_pool_on_a_signed_input(tmp_path):
-    """Its padding repeats d elements by slices whose bounds follow the size.
-    The legacy exporter only: the dynamo exporter writes those bounds with
-    integer ``Max`` ops on shapes (no max over data, but the census counts them)."""
+class SameAndFunctional(nn.Module):
+    """Non-negative dilated "same" (zeros), signed "same" whose window is
+    shorter than its stride (its padding may be zero: no max in the size
+    arithmetic), and a functional non-square dilated ceil_mode pool."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.pool2d_same import MaxPool2dSame
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+        self.pool1, self.pool2 = MaxPool2dSame(3, 2, dilation=2), MaxPool2dSame(2, 3)
+
+    def forward(self, x):
+        x = self.pool2(self.conv2(self.pool1(self.conv1(x).relu())))
+        return F.max_pool2d(x, (3, 2), (1, 2), (1, 0), (2, 1), ceil_mode=True)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_of_same_and_functional_pools(tmp_path, exporter):
+    onnx_matches(tmp_path, SameAndFunctional().eval(), torch.randn(1, 3, 40, 43), 3, exporter,
+                 [(40, 43), (52, 37), (61, 60)])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_onnx_of_a_dilated_same_pool_on_a_signed_input(tmp_path, exporter):
+    """Its padding repeats d elements by slices whose lengths follow the size
+    (``narrow``: no bound the exporter has to clamp with ``Max``)."""
     from timm.layers.pool2d_same import MaxPool2dSame
     model = nn.Sequential(nn.Conv2d(3, 4, 3), MaxPool2dSame(3, 2, dilation=2)).eval()
-    onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 1, "legacy", [(19, 21), (24, 17), (31, 30)])
+    onnx_matches(tmp_path, model, torch.randn(1, 3, 19, 21), 1, exporter, [(19, 21), (24, 17), (31, 30)])
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("dims", [1, 3])
+def test_onnx_of_1d_and_3d_pools(tmp_path, exporter, dims):
+    conv = nn.Conv1d if dims == 1 else nn.Conv3d
+    pool = (nn.MaxPool1d(3, 2, 1, dilation=2, ceil_mode=True) if dims == 1 else
+            nn.MaxPool3d((2, 3, 3), (1, 2, 2), 1, dilation=(2, 1, 1), ceil_mode=True))
+    model = nn.Sequential(conv(3, 4, 3), pool, nn.ReLU(), POOLS[dims](2)).eval()
+    sizes = [(21,), (30,), (17,)] if dims == 1 else [(9, 12, 11), (12, 9, 14)]
+    onnx_matches(tmp_path, model, torch.randn(1, 3, *sizes[0]), 2, exporter, sizes)
 
 
 # --------------------------------------------------------------------------- convify() and checkpoints

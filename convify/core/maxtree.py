@@ -7,14 +7,18 @@ one group per channel), the last one linear. A value carried to the next
 level (the ``b`` of each pair, the odd one out) takes two channels,
 ``relu(b) - relu(-b)``, unless the input is non-negative, where ``relu(b) = b``.
 
-Two shapes of tree, both exact (see :class:`TreeForm`):
+Three shapes of tree, all exact (see :class:`TreeForm`):
 
 * **direct**: the first convolution has the whole window and pairs its
   ``prod(kernel)`` taps; then 1x1 convolutions;
 * **separable**: one axis at a time (a window's max is the max over rows of
   the maxes over columns): a 1-D tree along the last axis at the pooling's
   stride there, then along the axis before it, ...; each 1-D tree's last
-  (linear) layer is merged into the next tree's first convolution.
+  (linear) layer is merged into the next tree's first convolution;
+* **depthwise**: one axis at a time, each a chain of depthwise convolutions
+  (one channel in, one out) whose carried values are additions, not channels
+  (:func:`depthwise_chain`): ``max(a, b) = b + relu(a - b)`` with ``b`` added
+  back from the input, so a value needs one channel whatever its sign.
 
 Everything here is one channel's weights, in float64; :func:`grouped_weight`
 repeats them for ``C`` channels (``groups=C``). Nothing here knows a graph.
@@ -40,6 +44,12 @@ class TreeForm(enum.Enum):
 
     DIRECT = "direct"          # one convolution over the whole window, then 1x1s
     SEPARABLE = "separable"    # one axis at a time, last axis first
+    DEPTHWISE = "depthwise"    # one axis at a time, chains of depthwise convolutions and additions
+
+    @property
+    def adds(self) -> bool:
+        """Whether the tree adds tensors (carried values are skips), beyond convolutions and ReLUs."""
+        return self is TreeForm.DEPTHWISE
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,8 @@ def max_tree(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[in
     padding = tuple(padding) if padding is not None else (0,) * dims
     if padding != (0,) * dims and signed:
         raise ValueError("zero padding is exact on a non-negative input only (signed=False)")
+    if form is TreeForm.DEPTHWISE:
+        raise ValueError("the depthwise form is a chain with additions: depthwise_chain builds it")
     if form is TreeForm.DIRECT or dims == 1:
         return _direct(tuple(kernel), tuple(stride), tuple(dilation), padding, signed)
     return _separable(tuple(kernel), tuple(stride), tuple(dilation), padding, signed)
@@ -149,6 +161,59 @@ def _separable(kernel: Ints, stride: Ints, dilation: Ints, padding: Ints, signed
 
 def _pointwise(matrix: torch.Tensor, ones: Ints, *, relu: bool) -> TreeLayer:
     return TreeLayer(matrix.reshape(*matrix.shape, *ones), ones, ones, (0,) * len(ones), relu)
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One depthwise convolution of a chain: ``weight`` is ``(1, 1, *kernel)``
+    (one channel's), float64, no bias. Its output is added to the previous
+    step's of the same axis (if any), then ``relu`` says whether a ReLU follows."""
+
+    weight: torch.Tensor
+    stride: Ints
+    dilation: Ints
+    padding: Ints
+    relu: bool
+
+
+def depthwise_chain(kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], *,
+                    padding: Sequence[int] | None = None) -> list[tuple[int, list[ChainStep]]]:
+    """The max pooling as chains of depthwise convolutions, ``(axis, steps)``
+    for each spatial axis with a window (last axis first; an axis with a
+    one-tap window only strides, in the first chain), each chain reading the
+    previous one's output.
+
+    Along an axis with taps ``z_0 .. z_{k-1}`` of each window, step ``i < k - 1``
+    convolves with ``e_i - e_{i+1}`` and keeps ``t_i = relu(z_i - z_{i+1} +
+    t_{i-1}) = max(z_0..z_{i+1}) - z_{i+1}`` (by induction, ``t_{-1} = 0``);
+    the last step convolves with ``e_{k-1}`` and adds ``t_{k-2}``: the max.
+    Exact on any input (no value is carried through a ReLU), over borders
+    that copy valid taps, or with ``padding`` (zeros, inside the
+    convolutions) on an input >= 0. ``k - 1`` ReLUs per axis: as many levels
+    as the pairwise tree's ``ceil(log2(taps))`` for the 2- and 3-tap axes of
+    the zoo's pools, more for longer windows (one convolution per tap either way).
+
+    >>> [(axis, [tuple(s.weight.shape) for s in steps]) for axis, steps in depthwise_chain((3, 2), (2, 2), (1, 1))]
+    [(1, [(1, 1, 1, 2), (1, 1, 1, 2)]), (0, [(1, 1, 3, 1), (1, 1, 3, 1), (1, 1, 3, 1)])]
+    """
+    dims = len(kernel)
+    padding = tuple(padding) if padding is not None else (0,) * dims
+    axes = [a for a in reversed(range(dims)) if kernel[a] > 1] or [dims - 1]
+    chains: list[tuple[int, list[ChainStep]]] = []
+    for n, axis in enumerate(axes):
+        k = kernel[axis]
+        along = lambda value, rest=1: tuple(value if a == axis else rest for a in range(dims))
+        step_stride = tuple(s if a == axis or (n == 0 and kernel[a] == 1) else 1 for a, s in enumerate(stride))
+        chain = []
+        for i in range(k):
+            taps = torch.zeros(k, dtype=torch.float64)
+            taps[i] = 1.0
+            if i < k - 1:
+                taps[i + 1] = -1.0
+            chain.append(ChainStep(taps.reshape(1, 1, *along(k)), step_stride, along(dilation[axis]),
+                                   along(padding[axis], 0), relu=i < k - 1))
+        chains.append((axis, chain))
+    return chains
 
 
 def grouped_weight(weight: torch.Tensor, channels: int, dtype: torch.dtype | None = None,

@@ -62,17 +62,19 @@ def same_pad_total(size, kernel: int, stride: int, dilation: int = 1):
 
     ``size`` may be an int, a ``torch.SymInt`` (torch.export, the dynamo ONNX
     exporter) or a 0-d tensor (the legacy exporter's traced sizes): written
-    with ``%`` and no division, so the padding stays a function of the input
-    size in an exported graph. Split it as ``left = total // 2``, ``right =
-    total - left`` (:func:`same_padding`).
+    with ``%``, ``//`` of non-negative values and no ``max``, so the padding
+    stays a function of the input size in an exported graph made of
+    Add/Sub/Mul/Div/Mod on shapes (a ``max`` there would be an ONNX ``Max``,
+    which an exact model's census must not hold). Split it as ``left = total
+    // 2``, ``right = total - left`` (:func:`same_padding`).
     """
     span = dilation * (kernel - 1) + 1
-    total = span - stride + (stride - size % stride) % stride  # the second term is ceil(size/s)*s - size
-    if span >= stride:  # never negative: no clamp in the exported graph
-        return total
-    if isinstance(total, torch.Tensor):
-        return torch.clamp(total, min=0)
-    return torch.sym_max(total, 0)
+    short = (stride - size % stride) % stride  # ceil(size / s) * s - size, in [0, s - 1]
+    if span >= stride:  # never negative: nothing to clamp
+        return span - stride + short
+    # span < stride: the total is max(0, short - (stride - span)). short + span >= stride exactly when that
+    # is positive, and short + span < 2 stride, so (short + span) // stride is its 0/1 indicator
+    return (short + span - stride) * ((short + span) // stride)
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:

@@ -145,9 +145,9 @@ FOLD = register_pool_mode(PoolMode("fold", "dropped; its stride moves onto the s
                                            "(the Strided-CNN variant)", learned=False))
 # learned=False: its weights are fixed by construction, spread over several layers; no single
 # convolution stands for the pool, so ``init`` ("avg", "kaiming", "fit") does not apply to it
-EXACT = register_pool_mode(PoolMode("exact", "convolutions and ReLUs that compute the max pooling exactly "
-                                             "(max(a, b) = b + relu(a - b), a tree of ceil(log2(taps)) ReLU "
-                                             "levels); init does not apply", learned=False))
+EXACT = register_pool_mode(PoolMode("exact", "depthwise convolutions, ReLUs and additions that compute the max "
+                                             "pooling exactly (max(a, b) = b + relu(a - b), one axis of the "
+                                             "window at a time); init does not apply", learned=False))
 
 
 # --------------------------------------------------------------------------- records
@@ -167,9 +167,11 @@ class PoolOutcome(enum.Enum):
 class ExactTree:
     """How an exact site (``mode="exact"``) computes its max pooling.
 
-    ``form``: the tree's shape; ``signed``: two channels per carried value
-    (``relu(b) - relu(-b)``), or one where the input is provably
-    non-negative (``sign_proof`` says why); ``padding``: how borders are
+    ``form``: the tree's shape; ``signed``: the input is not proven
+    non-negative (``sign_proof`` says why it is): borders copy valid taps,
+    and a form that carries values through ReLUs needs two channels per
+    carried value (``relu(b) - relu(-b)``; the depthwise form adds them back
+    instead, one channel whatever the sign); ``padding``: how borders are
     made exact; ``channels``: each convolution's output channels per input
     channel; ``parameters``: weights added; ``macs``: multiply-accumulates
     per image at the traced size (:func:`convify.zoo.count_macs`).
@@ -185,8 +187,11 @@ class ExactTree:
     sign_proof: str | None = None
 
     def describe(self) -> str:
-        sign = ("signed input: two channels per carried value" if self.signed
-                else f"input >= 0 ({self.sign_proof}): one channel per carried value")
+        if self.form.adds:  # carried values are added back: one channel each, whatever the sign
+            sign = "signed input" if self.signed else f"input >= 0 ({self.sign_proof})"
+        else:
+            sign = ("signed input: two channels per carried value" if self.signed
+                    else f"input >= 0 ({self.sign_proof}): one channel per carried value")
         return (f"exact: {len(self.channels)} grouped convolutions, {self.relu_levels} ReLU levels, channels per "
                 f"input channel {', '.join(map(str, self.channels))} ({self.form.value} tree); {sign}; "
                 f"{self.padding}; +{self.parameters:,} parameters, +{self.macs:,} MACs per image")

@@ -1,34 +1,58 @@
 """``mode="exact"``: the max pooling becomes convolutions and ReLUs that
 compute it exactly (up to float rounding), on any input.
 
-``max(a, b) = b + relu(a - b)``: a tree of grouped convolutions
-(:mod:`convify.core.maxtree`), ``ceil(log2(taps))`` ReLU levels, the last
-layer linear, all in one ``nn.Sequential`` at the pool's name. Borders:
+``max(a, b) = b + relu(a - b)``. Per axis of the window (last axis first), a
+chain of depthwise convolutions (:mod:`.chain`, weights in
+:func:`convify.core.maxtree.depthwise_chain`): ``t = relu(z0 - z1)``,
+``t = relu(z1 - z2 + t)``, ..., ``max = z_{k-1} + t``, one module
+(a ``GraphModule``, :mod:`.chain`) at the pool's name. Borders:
 
 * signed input: padding that copies valid taps of each window
-  (:class:`~.padding.TapPad`, ``nn.ReplicationPadNd`` where dilation is 1),
-  two channels per carried value, ``relu(b) - relu(-b)``;
-* input proven >= 0 (:mod:`convify.fx.nonnegative`): one channel per
-  carried value and zero padding, inside the convolutions, so the site is
-  ``ConvNd`` and ``ReLU`` only (explicit zeros where ``ceil_mode`` or "same"
-  padding needs them).
+  (:class:`~.padding.TapPad`, ``nn.ReplicationPadNd`` where dilation is 1);
+* input proven >= 0 (:mod:`convify.fx.nonnegative`): zero padding, inside
+  the convolutions (explicit zeros where ``ceil_mode`` or "same" padding
+  needs them).
 
 Generated code, before and after (resnet18's ``MaxPool2d(3, 2, 1)`` after a ReLU)::
 
     maxpool = self.maxpool(relu)    # MaxPool2d(3, 2, 1)
-    maxpool = self.maxpool(relu)    # Sequential(Conv2d(64, 192, (1, 3), s=(1, 2), p=(0, 1), groups=64), ReLU,
-                                    #   Conv2d(192, 128, 1, groups=64), ReLU, Conv2d(128, 192, (3, 1), s=(2, 1),
-                                    #   p=(1, 0), groups=64), ReLU, Conv2d(192, 128, 1, groups=64), ReLU,
-                                    #   Conv2d(128, 64, 1, groups=64))
+    maxpool = self.maxpool(relu)    # GraphModule: three Conv2d(64, 64, (1, 3), s=(1, 2), p=(0, 1), groups=64)
+                                    #   chained by + and ReLU, then three (3, 1) ones, s=(2, 1), p=(1, 0)
 
-The tree is separable (one axis at a time, last axis first; :data:`FORM`).
-``benchmarks/exact_pool.py`` (eager PyTorch, CPU, one thread, tree / max
-pooling) measured it faster than the direct tree over the whole window on
-every 3x3 pool of resnet18 and googlenet (resnet18's 64x112x112 s2: 3.29x vs
-3.85x signed, 0.73x vs 1.33x for an input >= 0; googlenet's 480x14x14 s1:
-2.22x vs 3.40x >= 0) and level with it on vgg11's 2x2 pools (0.62x vs 0.61x
->= 0): at the same depth it has fewer channels per level (5, 3, 5, 3 against
-14, 8, 5, 3 for a signed 3x3 window).
+The form (:data:`FORM`), by measurement (``benchmarks/ort_latency.py``, batch
+1, one thread, exact / original, RESULTS.md has the tables):
+
+1. the issue's prototype, the **separable** tree of grouped convolutions that
+   carry values as channels (``relu(b) - relu(-b)``, 5, 3, 5, 3, 1 channels per
+   input channel for a signed 3x3 window), beat the **direct** tree over the
+   whole window in eager PyTorch (``benchmarks/exact_pool.py``: resnet18's
+   pool 3.29x vs 3.85x of the max pooling signed, 0.73x vs 1.33x >= 0);
+   onnxruntime ran it at 1.066x (resnet18), 1.068x (vgg11), 1.006x
+   (alexnet), 1.46x (googlenet), 1.54x (squeezenet1_1) of the original: its grouped
+   convolutions with 2-5 channels per group have no NCHWc kernel, so
+   onnxruntime runs them as one small GEMM per group;
+2. the **depthwise** chain (this default) carries values by additions instead,
+   so every convolution has one channel in and one out: onnxruntime fuses each
+   step into one NCHWc depthwise convolution with its sum and ReLU, and the
+   tree sits in the NCHWc graph between its neighbours with no reordering.
+   That brought onnxruntime to 0.95-1.01x (resnet18, vgg11, alexnet,
+   densenet121, inception_v3), 1.05x (googlenet), 1.06-1.07x (squeezenet1_1:
+   six depthwise passes where NCHWc max pooling makes one, on a 7 ms model),
+   and eager PyTorch from 1.61x to 0.78x on googlenet; it halves the added
+   parameters and MACs. A value needs one channel whatever its sign (the carried ``b`` is
+   added back, not passed through a ReLU), so signed sites differ only in
+   their padding. The price: a site is convolutions, ReLUs and additions; the
+   separable and direct forms (:func:`exact_tree` ``form=``) are convolutions
+   and ReLUs only, for tools that take nothing else.
+
+Not done, and why: folding the tree's last layer into the convolution that
+follows. In the depthwise form that layer is a one-tap depthwise
+convolution fused with its sum (one pass over the pooled map); folding it
+would make the next convolution read the sum's two inputs (twice its input
+channels and MACs) to save that pass. Sharing levels between overlapping
+windows (stride 1): doubling shared pairwise maxes needs ``2 ceil(log2 k)``
+convolutions along an axis of ``k`` taps against the chain's ``k`` (4 against
+3 for the zoo's 3-tap axes); it pays from 7 taps on.
 """
 from __future__ import annotations
 
@@ -46,14 +70,15 @@ from convify.core.rewrites.maxpool import EXACT, SPEC, ExactTree, MaxPoolOptions
 from convify.fx import nodes, ops, shapes
 from convify.fx.nonnegative import nonnegative_proof
 from convify.fx.rewrites.base import Site
+from convify.fx.rewrites.maxpool.chain import depthwise_max_tree, relu_levels
 from convify.fx.rewrites.maxpool.modes import (FxPoolMode, device_at, new_module_target, pool_mode, site_input,
                                                site_shapes, swap_in)
 from convify.fx.rewrites.maxpool.padding import TapPad
 from convify.fx.rewrites.maxpool.same import PadSame
 from convify.zoo import count_macs
 
-#: The tree's shape, chosen by ``benchmarks/exact_pool.py`` (module docstring).
-FORM = TreeForm.SEPARABLE
+#: The tree's shape, chosen by measurement (module docstring).
+FORM = TreeForm.DEPTHWISE
 
 #: ``node.meta`` key of a site's sign proof, worked out before any site of the graph is rewritten.
 SIGN_META = "convify_nonnegative"
@@ -113,7 +138,7 @@ def empty_window_reason(params: PoolParams, spatial: Sequence[int]) -> str | Non
 
 
 def exact_tree(params: PoolParams, channels: int, *, signed: bool, form: TreeForm, dtype: torch.dtype,
-               device: torch.device | None = None) -> tuple[nn.Sequential, str]:
+               device: torch.device | None = None) -> tuple[nn.Module, str]:
     """The layers that compute ``params.pool`` exactly on ``channels``
     channels (on inputs >= 0 only when not ``signed``), and how they pad.
 
@@ -122,6 +147,9 @@ def exact_tree(params: PoolParams, channels: int, *, signed: bool, form: TreeFor
     """
     dims = params.dims
     pad, inside, padding = _borders(params, signed)
+    if form is TreeForm.DEPTHWISE:
+        return depthwise_max_tree(dims, params.kernel, params.stride, params.dilation, channels, pad=pad,
+                                  padding=inside, dtype=dtype, device=device), padding
     layers: list[nn.Module] = [pad] if pad is not None else []
     for layer in maxtree.max_tree(params.kernel, params.stride, params.dilation, signed=signed, form=form,
                                   padding=inside):
@@ -161,13 +189,13 @@ def _borders(params: PoolParams, signed: bool) -> tuple[nn.Module | None, tuple[
     return None, params.padding, f"{zeros}, inside the convolutions" if any(params.padding) else "no padding"
 
 
-def describe_tree(tree: nn.Sequential, params: PoolParams, in_shape: Sequence[int], *, signed: bool, padding: str,
+def describe_tree(tree: nn.Module, params: PoolParams, in_shape: Sequence[int], *, signed: bool, padding: str,
                   form: TreeForm, sign_proof: str | None) -> ExactTree:
     """The record of a built tree; its MACs counted at the traced size, one image."""
-    convs = [m for m in tree if isinstance(m, nn.modules.conv._ConvNd)]
+    convs = [m for m in tree.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     first = next(iter(tree.parameters()))
     macs = count_macs(tree, torch.zeros(1, *in_shape[1:], dtype=first.dtype, device=first.device))
     return ExactTree(form=form, signed=signed, padding=padding,
                      channels=tuple(c.out_channels // c.groups for c in convs),
-                     relu_levels=sum(isinstance(m, nn.ReLU) for m in tree),
+                     relu_levels=relu_levels(tree),
                      parameters=sum(p.numel() for p in tree.parameters()), macs=macs, sign_proof=sign_proof)

@@ -78,20 +78,24 @@ class TapPad(nn.Module):
 
 def _extend_by_residue(x: torch.Tensor, dim: int, left, right, d: int, repeats: int) -> torch.Tensor:
     """``x`` with ``left`` and ``right`` elements added along ``dim``, each a
-    copy of the nearest element with the same position mod ``d``."""
-    rank = x.dim()
-    at = lambda s: x[(slice(None),) * dim + (s,)]
-    # the first (last) d positions, made d long by replication when the axis is shorter (those copies
-    # only reach windows with no valid tap)
-    head = _slice(F.pad(at(slice(None, d)), _one_side(rank, dim, 0, d - 1), mode="replicate"), dim, slice(None, d))
-    tail = _slice(F.pad(at(slice(-d, None)), _one_side(rank, dim, d - 1, 0), mode="replicate"), dim, slice(-d, None))
-    before = _slice(torch.cat([head] * repeats, dim), dim, slice(repeats * d - left, None))
-    after = _slice(torch.cat([tail] * repeats, dim), dim, slice(None, right))
+    copy of the nearest element with the same position mod ``d``.
+
+    Every slice has a length known without the input's size (``d``,
+    ``left``, ``right``) and a start that is never negative, taken with
+    ``narrow``: a negative start (``x[-d:]``) or a slice that may run past
+    the end makes the dynamo exporter clamp its bounds with ``Max``/``Min``
+    on the shape, which an exported exact model must not hold. The first
+    and last ``d`` elements come from ``x`` edge-padded by ``d - 1`` (a
+    constant): an axis shorter than ``d`` is made ``d`` long by replication,
+    and those copies only reach windows with no valid tap.
+    """
+    n = x.shape[dim]
+    edged = F.pad(x, _one_side(x.dim(), dim, d - 1, d - 1), mode="replicate")
+    head = edged.narrow(dim, d - 1, d)   # x[0:d]
+    tail = edged.narrow(dim, n - 1, d)   # x[n-d:n]
+    before = torch.cat([head] * repeats, dim).narrow(dim, repeats * d - left, left)
+    after = torch.cat([tail] * repeats, dim).narrow(dim, 0, right)
     return torch.cat([before, x, after], dim)
-
-
-def _slice(x: torch.Tensor, dim: int, s: slice) -> torch.Tensor:
-    return x[(slice(None),) * dim + (s,)]
 
 
 def _one_side(rank: int, dim: int, left: int, right: int) -> list[int]:
