@@ -463,3 +463,20 @@ def test_sign_proof_reads_the_graph_before_any_site_is_rewritten():
     model = nn.Sequential(nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1, 1, ceil_mode=True))
     out = convify.replace_maxpool(model, torch.randn(1, 2, 12, 12), mode="exact")
     assert [r.detail.tree.sign_proof for r in convify.report(out).replaced] == ["_0", "_0"]
+
+
+def test_the_command_line_writes_an_exact_checkpoint_that_loads_back_the_same_function(tmp_path, capsys):
+    from convify.cli import main
+
+    out = tmp_path / "exact.pt"
+    code = main(["rewrite", "--arch", "cli_factories:tiny_net", "--input-shape", "1,3,16,16", "--pool", "exact",
+                 "--head", "none", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "exact max tree" in capsys.readouterr().out
+    back = convify.load(out, trust_code=True)
+    rep = convify.report(back)
+    assert rep.passes[0].options["mode"] == "exact" and rep.exact and len(rep.replaced) == 2
+    model = tiny_net().eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(back(x), model(x)) <= 1e-5
