@@ -50,7 +50,6 @@ import convify
 import convify.api
 from convify.core.maxtree import TreeForm
 from convify.export.onnx import export
-from convify.fx.rewrites.maxpool import exact
 from convify.zoo import count_macs
 
 # name -> (native size, builder kwargs). A modest list: it runs in a few
@@ -105,16 +104,11 @@ def build(name: str) -> nn.Module:
 
 
 def rewrite_pool(model: nn.Module, x: torch.Tensor, mode: str, form: str) -> nn.Module:
-    """``replace_maxpool``; with ``form``, the exact mode builds that tree form (the default is the
-    fastest measured: ``exact.FORM``; the others are set here to measure what each step bought)."""
+    """``replace_maxpool``; with ``form``, the exact mode builds that tree form (``exact_form``; the
+    default is the fastest measured, the others are measured to show what each step bought)."""
     if not form:
         return convify.replace_maxpool(model, x, mode=mode)
-    default = exact.FORM
-    exact.FORM = TreeForm(form)
-    try:
-        return convify.replace_maxpool(model, x, mode=mode)
-    finally:
-        exact.FORM = default
+    return convify.replace_maxpool(model, x, mode=mode, exact_form=TreeForm(form).value)
 
 
 def variants(model: nn.Module, x: torch.Tensor, notes: list[str], name: str, pool_modes: tuple[str, ...],

@@ -21,8 +21,10 @@ _POOL, _HEAD = MaxPoolOptions.defaults(), HeadOptions.defaults()
 
 
 def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = _POOL["mode"],
-                    init: str = _POOL["init"], only: str | Sequence[str] | None = None,
-                    skip: str | Sequence[str] | None = None, inplace: bool = False, calibration: Iterable[torch.Tensor] | str | None = None,
+                    init: str = _POOL["init"], exact_form: str = _POOL["exact_form"],
+                    grouped: bool = _POOL["grouped"], only: str | Sequence[str] | None = None,
+                    skip: str | Sequence[str] | None = None, inplace: bool = False,
+                    calibration: Iterable[torch.Tensor] | str | None = None,
                     fit_target: str = "original") -> nn.Module:
     """Replace every max pooling in ``model``'s forward by a strided convolution.
 
@@ -31,11 +33,20 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
         example_input: a tensor (or tuple of tensors) the model accepts; worked
             out from the model when omitted.
         mode: ``"conv"`` (dense ``ConvNd(C, C, k, stride)``, the paper's
-            learnable pooling), ``"depthwise"`` (``groups=C``) or ``"fold"``
-            (drop the pool, move its stride onto the producing convolution).
+            learnable pooling), ``"depthwise"`` (``groups=C``), ``"fold"``
+            (drop the pool, move its stride onto the producing convolution)
+            or ``"exact"`` (convolutions and ReLUs that compute the max
+            pooling exactly: a trained model keeps its function).
         init: ``"avg"`` (the new convolution computes average pooling over the
             same window), ``"kaiming"`` (fresh), or ``"fit"`` (least squares
             against the pooling on ``calibration`` batches).
+        exact_form: with ``mode="exact"``, the shape of each site's layers:
+            ``"chain"`` (depthwise convolutions, ReLUs and additions, the
+            fastest), ``"separable"`` or ``"direct"`` (convolutions and ReLUs
+            only, for neural-network verifiers).
+        grouped: with ``mode="exact"``, False writes ordinary convolutions
+            (block-diagonal weights) instead of grouped ones, for tools that
+            refuse ``groups > 1``.
         calibration: input batches for ``init="fit"`` (tensors or ``(input,
             label)`` pairs; the labels are not used), or ``"synthetic"``:
             images synthesized from the model's BatchNorm statistics, for a
@@ -58,7 +69,8 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
     >>> print(convify.report(allconv))
     """
     check_fit_target(fit_target)
-    rewrite = implementation(MaxPoolOptions.rewrite)(MaxPoolOptions(mode=mode, init=init))
+    rewrite = implementation(MaxPoolOptions.rewrite)(MaxPoolOptions(mode=mode, init=init, exact_form=exact_form,
+                                                                        grouped=grouped))
     return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration,
                     fit_target=fit_target)
 

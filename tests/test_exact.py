@@ -24,7 +24,7 @@ from convify.core.rewrites.maxpool import EXACT, POOL_MODES, ExactTree, PoolPara
 from convify.core.weights import pool_output_size
 from convify.export.census import op_census
 from convify.fx.rewrites.maxpool.chain import CLASS_NAME
-from convify.fx.rewrites.maxpool.exact import FORM, empty_window_reason, exact_tree
+from convify.fx.rewrites.maxpool.exact import empty_window_reason, exact_tree
 
 from cli_factories import tiny_net
 from conftest import reinit, rel_err
@@ -162,7 +162,7 @@ def test_non_negative_site_is_depthwise_convolutions_with_zeros_inside():
     assert [c.padding for c in convs] == [(0, 1)] * 3 + [(1, 0)] * 3  # zeros inside the convolutions
     record = convify.report(out).replaced[0].detail.tree
     assert not record.signed and record.sign_proof == "_1" and record.channels == (1,) * 6
-    assert record.form is TreeForm.DEPTHWISE and record.relu_levels == 4
+    assert record.form is TreeForm.CHAIN and record.relu_levels == 4
 
 
 def test_the_separable_form_at_a_non_negative_site_is_convolutions_and_relus_only():
@@ -195,11 +195,11 @@ def test_record_and_report_say_exact_layers_channels_sign_parameters_and_macs():
     row = rep.replaced[0]
     assert row.exact and rep.exact and isinstance(row.detail, PoolRecord) and row.detail.conv is None
     tree = row.detail.tree
-    assert isinstance(tree, ExactTree) and tree.form is FORM is TreeForm.DEPTHWISE and tree.relu_levels == 2
+    assert isinstance(tree, ExactTree) and tree.form is TreeForm.CHAIN and tree.relu_levels == 2
     assert tree.channels == (1, 1, 1, 1)  # 2x2 window: per axis relu(a - b), then b + that
     assert tree.parameters == sum(p.numel() for p in out.get_submodule("3").parameters()) == 8 * 2 * 4
     assert tree.macs == 2 * 8 * 16 * 8 * 2 + 2 * 8 * 8 * 8 * 2  # 1x2 convolutions at 16x8, then 2x1 at 8x8
-    assert row.new == "exact max tree (depthwise, 2 ReLU levels, >=0)"
+    assert row.new == "exact max tree (chain, 2 ReLU levels, >=0)"
     text = str(rep)
     assert "exact max tree" in text and "+64 parameters" in text and "input >= 0 (_2)" in text
     assert "init='kaiming' does not apply to mode='exact'" in text

@@ -81,4 +81,4 @@ def test_depthwise_chain_with_zeros_inside_needs_a_non_negative_input():
 
 def test_max_tree_sends_the_depthwise_form_to_its_chain():
     with pytest.raises(ValueError, match="depthwise_chain"):
-        max_tree((3, 3), (2, 2), (1, 1), signed=True, form=TreeForm.DEPTHWISE)
+        max_tree((3, 3), (2, 2), (1, 1), signed=True, form=TreeForm.CHAIN)

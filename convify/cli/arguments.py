@@ -44,9 +44,11 @@ def rewrite_arguments(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group(f"{spec.name} rewrite: {spec.summary} (defaults: those of convify.convify)")
         for f in dataclasses.fields(spec.Options):
             key = spec.keyword_of(f.name)
-            flag = "--" + key.replace("_", "-")
+            flag = option_flag(spec, f)
             helptext, choices = help_of(f), choices_of(f)
-            if isinstance(f.default, bool):
+            if f.default is True:
+                g.add_argument(flag, dest=key, action="store_false", help=helptext)
+            elif isinstance(f.default, bool):
                 g.add_argument(flag, dest=key, action="store_true", help=helptext)
             elif choices:
                 extra = ["none"] if f.name == "mode" else []
@@ -143,6 +145,19 @@ def given_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
         raise UsageError(f"--input-shape: {e}") from e
 
 
+def option_flag(spec: Any, f: dataclasses.Field) -> str:
+    """The command-line flag of one rewrite option: ``--<keyword>``, or for
+    a bool that defaults to True, the flag that turns it off (``--ungrouped``)."""
+    from convify.core.options import off_flag_of  # noqa: PLC0415
+
+    if f.default is True:
+        off = off_flag_of(f)
+        if off is None:
+            raise TypeError(f"option {spec.name}.{f.name} defaults to True but declares no off_flag")
+        return "--" + off.replace("_", "-")
+    return "--" + spec.keyword_of(f.name).replace("_", "-")
+
+
 def rewrite_flags_given(args: argparse.Namespace) -> list[str]:
     """The rewrite, site and calibration flags given a value other than their default, as written."""
     from convify.core.registry import in_order  # noqa: PLC0415
@@ -152,7 +167,7 @@ def rewrite_flags_given(args: argparse.Namespace) -> list[str]:
         for f in dataclasses.fields(spec.Options):
             key = spec.keyword_of(f.name)
             if getattr(args, key) != ("none" if f.default is None else f.default):
-                given.append("--" + key.replace("_", "-"))
+                given.append(option_flag(spec, f))
     return given + [f"--{k}" for k in ("only", "skip", "calibration", "reconstruct") if getattr(args, k, None)]
 
 

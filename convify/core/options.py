@@ -12,14 +12,24 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from convify.errors import OptionError
 
 
-def option(default: Any, help: str | Callable[[], str], choices: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:
+def option(default: Any, help: str | Callable[[], str], choices: Sequence[Any] | Mapping[str, Any] | None = None,
+           *, off_flag: str | None = None) -> Any:
     """A field of a rewrite's ``Options``: its default, one line of help (the
     CLI shows it; a callable when it lists a registry) and, for a string option, the values it takes. ``choices``
     may be a registry (a mapping read each time it is asked, so that values
-    registered later, such as a new pooling mode, are taken)."""
+    registered later, such as a new pooling mode, are taken). ``off_flag``:
+    for a bool option that defaults to True, the command line's flag that
+    turns it off (``"ungrouped"`` gives ``--ungrouped``)."""
     if choices is not None and not isinstance(choices, Mapping):
         choices = tuple(choices)
-    return field(default=default, metadata={"help": help, "choices": choices})
+    if off_flag is not None and default is not True:
+        raise TypeError(f"off_flag is for a bool option that defaults to True, not to {default!r}")
+    return field(default=default, metadata={"help": help, "choices": choices, "off_flag": off_flag})
+
+
+def off_flag_of(f: dataclasses.Field) -> str | None:
+    """The flag name that turns a default-True option off, or None."""
+    return f.metadata.get("off_flag")
 
 
 def help_of(f: dataclasses.Field) -> str:

@@ -23,7 +23,7 @@ from convify.core.maxtree import TreeForm
 from convify.core.options import RewriteOptions, option
 from convify.core.report import qualified
 from convify.core.spec import RewriteSpec
-from convify.errors import UsageError
+from convify.errors import OptionError, UsageError
 
 #: The fixed-window max pooling function of each number of spatial dimensions.
 MAX_POOL_BY_DIMS: dict[int, Callable] = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -145,9 +145,9 @@ FOLD = register_pool_mode(PoolMode("fold", "dropped; its stride moves onto the s
                                            "(the Strided-CNN variant)", learned=False))
 # learned=False: its weights are fixed by construction, spread over several layers; no single
 # convolution stands for the pool, so ``init`` ("avg", "kaiming", "fit") does not apply to it
-EXACT = register_pool_mode(PoolMode("exact", "depthwise convolutions, ReLUs and additions that compute the max "
-                                             "pooling exactly (max(a, b) = b + relu(a - b), one axis of the "
-                                             "window at a time); init does not apply", learned=False))
+EXACT = register_pool_mode(PoolMode("exact", "convolutions and ReLUs (and, in the default chain form, additions) "
+                                             "that compute the max pooling exactly (max(a, b) = b + relu(a - b)); "
+                                             "see exact_form and grouped; init does not apply", learned=False))
 
 
 # --------------------------------------------------------------------------- records
@@ -167,7 +167,8 @@ class PoolOutcome(enum.Enum):
 class ExactTree:
     """How an exact site (``mode="exact"``) computes its max pooling.
 
-    ``form``: the tree's shape; ``signed``: the input is not proven
+    ``form``: the tree's shape; ``grouped``: its convolutions are grouped
+    per channel (False: ordinary convolutions with block-diagonal weights); ``signed``: the input is not proven
     non-negative (``sign_proof`` says why it is): borders copy valid taps,
     and a form that carries values through ReLUs needs two channels per
     carried value (``relu(b) - relu(-b)``; the depthwise form adds them back
@@ -185,6 +186,7 @@ class ExactTree:
     parameters: int
     macs: int
     sign_proof: str | None = None
+    grouped: bool = True
 
     def describe(self) -> str:
         if self.form.adds:  # carried values are added back: one channel each, whatever the sign
@@ -192,7 +194,8 @@ class ExactTree:
         else:
             sign = ("signed input: two channels per carried value" if self.signed
                     else f"input >= 0 ({self.sign_proof}): one channel per carried value")
-        return (f"exact: {len(self.channels)} grouped convolutions, {self.relu_levels} ReLU levels, channels per "
+        convolutions = "grouped convolutions" if self.grouped else "ungrouped (block-diagonal) convolutions"
+        return (f"exact: {len(self.channels)} {convolutions}, {self.relu_levels} ReLU levels, channels per "
                 f"input channel {', '.join(map(str, self.channels))} ({self.form.value} tree); {sign}; "
                 f"{self.padding}; +{self.parameters:,} parameters, +{self.macs:,} MACs per image")
 
@@ -239,6 +242,26 @@ class MaxPoolOptions(RewriteOptions):
     init: str = option("avg", "weights of the new pooling convolutions: avg (average pooling), kaiming (fresh), "
                               "or fit (least squares against the max pooling on calibration images)",
                        choices=("avg", "kaiming", "fit"))
+
+    exact_form: str = option(TreeForm.CHAIN.value, lambda: "with mode='exact', the shape of each site's layers: " +
+                             "; ".join(f"{f.value}: {f.help}" for f in TreeForm), choices=[f.value for f in TreeForm])
+    grouped: bool = option(True, "with mode='exact': convolutions grouped per channel (groups=C); False writes "
+                                 "ordinary convolutions with block-diagonal weights (C times the MACs), for tools "
+                                 "that take no grouped convolution", off_flag="ungrouped")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode != EXACT.name:
+            changed = [f"{name}={getattr(self, name)!r}" for name in ("exact_form", "grouped")
+                       if getattr(self, name) != MaxPoolOptions.defaults()[name]]
+            if changed:
+                raise OptionError(f"{self.rewrite}: {' and '.join(changed)} shape the layers of mode='exact' "
+                                  f"only, not of mode={self.mode!r}; pass mode='exact' or leave them out")
+
+    @property
+    def form(self) -> TreeForm:
+        """The exact tree's shape (``exact_form``) as a :class:`TreeForm`."""
+        return TreeForm(self.exact_form)
 
     def calibration_option(self) -> tuple[str, Any] | None:
         return ("init", "fit") if self.init == "fit" else None

@@ -40,11 +40,14 @@ CLASS_NAME = "DepthwiseMaxTree"
 
 def depthwise_max_tree(dims: int, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
                        channels: int, *, pad: nn.Module | None = None, padding: Sequence[int] | None = None,
-                       dtype: torch.dtype, device: torch.device | None = None) -> fx.GraphModule:
+                       extra: Sequence[int] | None = None,
+                       dtype: torch.dtype, device: torch.device | None = None, grouped: bool = True) -> fx.GraphModule:
     """The tree over ``channels`` channels: ``pad`` (or None), then per axis
     ``t = conv_0(z)``, ``t = conv_i(z) + t`` for each next convolution, a ReLU
     after every step but the last; a chain's output is the next one's ``z``.
-    ``padding``: zeros inside the convolutions (an input >= 0 only).
+    ``padding``: zeros inside the convolutions (an input >= 0 only);
+    ``extra``: ceil_mode's right zeros, inside them too.
+    ``grouped=False``: ordinary convolutions with diagonal weights.
 
     >>> tree = depthwise_max_tree(2, (3, 3), (2, 2), (1, 1), 4, padding=(1, 1), dtype=torch.float32)
     >>> x = torch.rand(1, 4, 9, 9)
@@ -57,9 +60,10 @@ def depthwise_max_tree(dims: int, kernel: Sequence[int], stride: Sequence[int], 
     if pad is not None:
         root.pad = pad
         z = graph.call_module("pad", (z,))
-    for axis, steps in maxtree.depthwise_chain(kernel, stride, dilation, padding=padding):
+    for axis, steps in maxtree.depthwise_chain(kernel, stride, dilation, padding=padding, extra=extra):
         name = f"axis{axis}"
-        root.add_module(name, nn.ModuleList(_conv(step, dims, channels, dtype, device) for step in steps))
+        root.add_module(name, nn.ModuleList(_conv(step, dims, channels, dtype, device, grouped)
+                                             for step in steps))
         t = None
         for i, step in enumerate(steps):
             u = graph.call_module(f"{name}.{i}", (z,))
@@ -72,12 +76,13 @@ def depthwise_max_tree(dims: int, kernel: Sequence[int], stride: Sequence[int], 
 
 
 def _conv(step: maxtree.ChainStep, dims: int, channels: int, dtype: torch.dtype,
-          device: torch.device | None) -> nn.Module:
+          device: torch.device | None, grouped: bool) -> nn.Module:
     # skip_init: the default random init would be overwritten at once
     conv = nn.utils.skip_init(ops.CONV_MODULES[dims], channels, channels, tuple(step.weight.shape[2:]),
-                              stride=step.stride, padding=step.padding, dilation=step.dilation, groups=channels,
-                              bias=False, device=device, dtype=dtype)
-    conv.weight = nn.Parameter(maxtree.grouped_weight(step.weight, channels, dtype=dtype, device=device))
+                              stride=step.stride, padding=step.padding, dilation=step.dilation,
+                              groups=channels if grouped else 1, bias=False, device=device, dtype=dtype)
+    conv.weight = nn.Parameter(maxtree.channel_weight(step.weight, channels, grouped=grouped, dtype=dtype,
+                                                      device=device))
     return conv
 
 
