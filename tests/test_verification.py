@@ -137,8 +137,27 @@ def test_census_catches_a_maxpool_that_is_still_there():
     model = tiny()
     liar = exact_copy_claiming(model, "maxpool")  # claims a max pooling was replaced; the graph still has it
     v = convify.verify(model, liar, X, exporter="legacy")
-    assert not v.passed and [c.passed for c in v.checks] == [False]
+    assert not v.passed and [c.passed for c in v.checks] == [False, True]
     assert "census: MaxPool" in str(v) and "1 -> 1" in str(v)
+
+
+class MaxInDisguise(nn.Module):
+    """2x2/2 max pooling from slices and ``torch.maximum``: no MaxPool node, but Max ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
+def test_census_catches_a_max_pooling_replaced_by_max_ops():
+    model = tiny()
+    liar = exact_copy_claiming(model, "maxpool")
+    liar.pool = MaxInDisguise()
+    v = convify.verify(model, liar, X, exporter="legacy")
+    assert v.census_rewritten.get("MaxPool", 0) == 0 and v.census_rewritten["Max"] == 2
+    assert v.equivalence.passed  # it computes the same numbers: only the census catches it
+    assert not v.passed and [c.passed for c in v.checks] == [True, False]
+    assert "census: Max+ReduceMax+TopK+ArgMax" in str(v)
 
 
 def test_user_inputs_are_used_as_given():

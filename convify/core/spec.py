@@ -32,7 +32,10 @@ class RewriteSpec:
     mode (None leaves the rewrite out); its other fields appear under their
     own names. ``order``: position among the passes (lower runs first).
     ``onnx_ops``: the ONNX op types it removes, which ``verify``'s census
-    checks, and ``onnx_ops_removed(row)`` how many one replaced site removes.
+    checks, and ``onnx_ops_removed(row)`` how many one replaced site removes;
+    ``onnx_ops_not_added``: op types its sites must not bring in (the
+    census checks the rewritten graph holds no more of them than the
+    original: a max pooling's replacement computes no max in disguise).
     """
 
     name: str
@@ -42,6 +45,7 @@ class RewriteSpec:
     order: int = 100
     onnx_ops: tuple[str, ...] = ()
     onnx_ops_removed: Callable[[Replaced], int] = _one_op_per_site
+    onnx_ops_not_added: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if "mode" not in {f.name for f in dataclasses.fields(self.Options)}:

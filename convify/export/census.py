@@ -3,7 +3,9 @@
 A rewrite declares the ONNX op types it removes (``spec.onnx_ops``); after it
 replaced sites, those op types must drop by as many as its sites removed: no
 ``MaxPool`` left after ``replace_maxpool``, no ``Gemm``/``MatMul`` left from a
-converted head. ``verify`` reports one :class:`CensusCheck` per such rewrite.
+converted head; and the op types it declares it never adds (``spec.onnx_ops_not_added``:
+``Max``, ``ReduceMax``, ``TopK``, ``ArgMax`` for max pooling) must not grow.
+``verify`` reports one :class:`CensusCheck` per such expectation.
 
 >>> census_checks(convify.report(rewritten), op_census("original.onnx"), op_census("rewritten.onnx"))
 """
@@ -75,6 +77,9 @@ def census_checks(rep: Report, before: Mapping[str, int] | None, after: Mapping[
         checks.append(_expect_fewer(spec.onnx_ops, before, after, removed,
                                     f"{counted(len(rows), f'{spec.name} site')} replaced, "
                                     f"{counted(removed, 'op')} removed"))
+        if spec.onnx_ops_not_added:
+            checks.append(_expect_fewer(spec.onnx_ops_not_added, before, after, 0,
+                                        f"the {spec.name} sites add none of them"))
     return checks
 
 

@@ -272,4 +272,5 @@ class MaxPoolOptions(RewriteOptions):
 
 
 SPEC = RewriteSpec(name="maxpool", Options=MaxPoolOptions, keyword="pool",
-                   summary="max pooling becomes strided convolution", order=10, onnx_ops=("MaxPool",))
+                   summary="max pooling becomes strided convolution", order=10, onnx_ops=("MaxPool",),
+                   onnx_ops_not_added=("Max", "ReduceMax", "TopK", "ArgMax"))
