@@ -18,9 +18,6 @@ import torch.nn as nn
 torch.set_num_threads(int(os.environ.get("CONVIFY_TEST_THREADS", "2")))
 
 
-#: what a maxpool pass records for the options of mode="exact" when left at their defaults
-EXACT_DEFAULTS = {"exact_form": "chain", "grouped": True}
-
 
 def reinit(model: nn.Module, seed: int = 0) -> nn.Module:
     """Kaiming weights, small random biases and random BatchNorm statistics, in place."""

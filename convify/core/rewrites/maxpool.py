@@ -252,11 +252,21 @@ class MaxPoolOptions(RewriteOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode != EXACT.name:
-            changed = [f"{name}={getattr(self, name)!r}" for name in ("exact_form", "grouped")
+            changed = [f"{name}={getattr(self, name)!r}" for name in _EXACT_ONLY
                        if getattr(self, name) != MaxPoolOptions.defaults()[name]]
             if changed:
                 raise OptionError(f"{self.rewrite}: {' and '.join(changed)} shape the layers of mode='exact' "
                                   f"only, not of mode={self.mode!r}; pass mode='exact' or leave them out")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its values by name; those of mode='exact' only where the mode is
+        exact (elsewhere they are their defaults, which ``from_dict`` restores),
+        so that reports and recipes of the other modes name what shapes them."""
+        values = super().to_dict()
+        if self.mode != EXACT.name:
+            for name in _EXACT_ONLY:
+                values.pop(name)
+        return values
 
     @property
     def form(self) -> TreeForm:
@@ -270,6 +280,9 @@ class MaxPoolOptions(RewriteOptions):
         # the same modules with the average init; the fitted weights are loaded into them
         return dataclasses.replace(self, init="avg") if self.init == "fit" else self
 
+
+#: The options that shape mode='exact' only.
+_EXACT_ONLY = ("exact_form", "grouped")
 
 SPEC = RewriteSpec(name="maxpool", Options=MaxPoolOptions, keyword="pool",
                    summary="max pooling becomes strided convolution", order=10, onnx_ops=("MaxPool",),
