@@ -191,10 +191,13 @@ LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
 
 def light_zoo() -> list[Path]:
-    """The Caffe2 graphs shipped with onnx (IR 3, opset 9, input 1x3x224x224 named
-    ``data_0`` or ``gpu_0/data_0``), their weights made by ``ConstantOfShape`` nodes.
-
-    The Reshapes' shapes are constants for 224x224, so the size is fixed. Cost of one
+    """The Caffe2 graphs shipped with onnx (IR 3, opset 9), their weights made by
+    ``ConstantOfShape`` nodes (all 0.02) and a few initializers. Input ``[1, 3, 224, 224]``
+    (the Reshapes' shapes are constants for that size) named ``gpu_0/data_0`` in resnet50,
+    shufflenet and zfnet512, ``data_0`` elsewhere; output ``[1, 1000]`` from a Softmax
+    (``prob_1``, or ``gpu_0/softmax_1`` in those three), but squeezenet's
+    ``softmaxout_1`` is ``[1, 1000, 1, 1]`` and densenet121's ``fc6_1`` ``[1, 1000, 1, 1]``
+    comes from a 1x1 Conv, no Softmax. Cost of one
     variant here (random weights, the checker, an onnxruntime session, two runs)::
 
         squeezenet 0.1 s (1.2 M weights)   shufflenet 0.2 s (1.4 M)   inception_v1 0.5 s (7.0 M)
