@@ -529,7 +529,7 @@ def tf2onnx_style_classifier(*, head: Head = Head.RESHAPE_MATMUL, opset: int = 1
 
     The same ``seed`` and ``head`` give the same weights whatever the other options, so
     variants of one head compute the same function; GLOBAL_POOL_GEMM and REDUCE_MEAN_GEMM
-    too. Checker-clean at opsets 13 to 18 (IR the lowest the opset allows).
+    too. Checker-clean and run by onnxruntime at opsets 11 to 21 (IR the lowest the opset allows).
     """
     _refuse_foreign_options(head, computed_shape, bias_left, keepdims)
     rng = np.random.default_rng(seed)
