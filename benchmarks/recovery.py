@@ -8,6 +8,9 @@ trained to convergence once per seed and cached under ``~/.cache/convify/recover
 (reruns measure instead of retraining). Per architecture and seed, on the
 10,000 test images (top-1 agreement with the original and test accuracy):
 
+* ``mode="exact"``: the max poolings become convolutions and ReLUs that
+  compute them exactly, no data (target: agreement 100% and the original's
+  accuracy; also the largest relative logit error over the test set);
 * the rewrite with ``init="avg"`` and with ``init="fit"`` (1,024 unlabeled
   training images), no training;
 * ``init="fit"`` then ``convify.reconstruct`` on the same 1,024 images
@@ -25,6 +28,7 @@ benchmark's section of ``benchmarks/RESULTS.md``. Needs the Debian package
 
     python benchmarks/recovery.py --write          # 3 seeds, both architectures
     python benchmarks/recovery.py --seeds 1        # a quicker look
+    python benchmarks/recovery.py --exact-only --write   # the exact rows alone, in their own section
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ class Measure:
     accuracy: float
     agreement: float
     seconds: float
+    logit_error: float | None = None  # max |rewritten - original| / max |original| over the test logits
 
 
 @dataclass
@@ -80,7 +85,12 @@ def measure(model: nn.Module, reference: torch.Tensor, test_x: torch.Tensor, tes
     return Measure(float((pred == test_y).float().mean()), float((pred == reference).float().mean()), seconds)
 
 
-def run_seed(arch: str, seed: int, data: tuple, sweep: bool, log) -> SeedResult:
+def logits(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.eval()(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def run_seed(arch: str, seed: int, data: tuple, sweep: bool, log, exact_only: bool = False) -> SeedResult:
     train_x, train_y, test_x, test_y = data
     trained = cached(arch, seed, data, log=log)
     original = trained.model.eval()
@@ -94,6 +104,14 @@ def run_seed(arch: str, seed: int, data: tuple, sweep: bool, log) -> SeedResult:
         m = result.rows[name]
         log(f"{arch} seed {seed} {name}: acc {100 * m.accuracy:.2f}% agree {100 * m.agreement:.2f}% {seconds:.1f}s")
 
+    t0 = time.perf_counter()
+    exact = convify.replace_maxpool(original, example, mode="exact")
+    row("exact", exact, time.perf_counter() - t0)
+    want = logits(original, test_x)
+    result.rows["exact"].logit_error = float((logits(exact, test_x) - want).abs().max() / want.abs().max())
+    result.rows["exact"].report = [str(convify.report(exact))]
+    if exact_only:
+        return result
     t0 = time.perf_counter()
     row("avg", convify.replace_maxpool(original, example), time.perf_counter() - t0)
     cal = calibration(train_x, CALIBRATION, seed)
@@ -146,13 +164,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-sweep", action="store_true", help="skip the calibration-size and steps sweep")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
+    parser.add_argument("--exact-only", action="store_true",
+                        help="measure the mode='exact' rows only (seconds per original); --write puts them in "
+                             "their own section, recovery-exact")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data = load_data()
     log = lambda s: print(s, flush=True)  # noqa: E731
-    results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep, log=log)
-               for seed in range(args.seeds) for arch in args.arch]
+    results = [run_seed(arch, seed, data, sweep=seed == 0 and not args.no_sweep, log=log,
+                        exact_only=args.exact_only) for seed in range(args.seeds) for arch in args.arch]
+    if args.exact_only:
+        text = render_exact(args, results, time.perf_counter() - started)
+        print(text)
+        if args.write:
+            from results import write_section  # noqa: PLC0415
+
+            write_section("recovery-exact", text)
+        return
     text = render(args, results, time.perf_counter() - started)
     notes = handwritten_notes()
     if notes:  # kept across reruns, marked stale until someone rereads them
@@ -182,8 +211,48 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def exact_target(rs: list[SeedResult]) -> str:
+    """The exact rows' target line: agreement 100% and the original's accuracy, on every seed."""
+    ms = [r.rows["exact"] for r in rs]
+    ok = all(m.agreement == 1.0 and m.accuracy == r.original for m, r in zip(ms, rs))
+    return (f"- mode='exact', no data: agreement 100% and the original's accuracy on every seed: {_verdict(ok)} "
+            f"(worst agreement {100 * min(m.agreement for m in ms):.2f}%, accuracy minus original "
+            f"{max(abs(100 * (m.accuracy - r.original)) for m, r in zip(ms, rs)):.2f} points at most; largest "
+            f"relative logit error {max(m.logit_error for m in ms):.1e}).")
+
+
+def render_exact(args: argparse.Namespace, results: list[SeedResult], total: float) -> str:
+    """The recovery-exact section: the original and its exact rewrite, per architecture and seed."""
+    lines = [
+        "# Recovery, the exact row: `mode=\"exact\"` on the converged originals",
+        "",
+        f"`python benchmarks/recovery.py --exact-only --seeds {args.seeds} --write` on {platform.machine()} CPU, "
+        f"torch {torch.__version__}, {args.threads} threads; {total:.0f} s in all. The originals of the recovery "
+        "section (`benchmarks/originals.py`, cached in `~/.cache/convify/recovery/`), each rewritten with "
+        "`convify.replace_maxpool(original, x, mode=\"exact\")`: no data, no training. Test accuracy and top-1 "
+        "agreement with the original on the 10,000 test images; the logit error is max |rewritten - original| "
+        "over max |original| over all test logits (float32).",
+        "",
+        "| architecture | seed | original accuracy | exact rewrite accuracy | agreement | logit error | "
+        "rewrite time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r.rows["exact"]
+        lines.append(f"| {r.arch} | {r.seed} | {100 * r.original:.2f}% | {100 * m.accuracy:.2f}% | "
+                     f"{100 * m.agreement:.2f}% | {m.logit_error:.1e} | {m.seconds:.2f} |")
+    lines += ["", "Target (issue 21):"]
+    for arch in dict.fromkeys(r.arch for r in results):
+        lines.append(exact_target([r for r in results if r.arch == arch]).replace("- ", f"- {arch}: ", 1))
+    lines += ["", "The report of the exact rewrite (first seed of each architecture):", ""]
+    for arch in dict.fromkeys(r.arch for r in results):
+        first = next(r for r in results if r.arch == arch)
+        lines += ["```", *first.rows["exact"].report[0].splitlines(), "```", ""]
+    return "\n".join(lines)
+
+
 def render(args: argparse.Namespace, results: list[SeedResult], total: float) -> str:
-    names = {"avg": "rewrite, init=avg", "fit": f"rewrite, init=fit ({CALIBRATION} images)",
+    names = {"exact": "rewrite, mode=exact (no data)", "avg": "rewrite, init=avg", "fit": f"rewrite, init=fit ({CALIBRATION} images)",
              "reconstruct": f"+ reconstruct ({CALIBRATION} images, no labels)",
              "distill": "+ 1 epoch of distill (labels)",
              "synthetic": "no data: init=fit + reconstruct on synthetic images"}
@@ -236,6 +305,7 @@ def render(args: argparse.Namespace, results: list[SeedResult], total: float) ->
         lines += [
             "",
             "Targets:",
+            exact_target(rs),
             f"- reconstruct, {CALIBRATION} unlabeled images: agreement >= 98%: "
             f"{_verdict(min(m.agreement for m in rec) >= 0.98)} "
             f"(mean {100 * statistics.mean(m.agreement for m in rec):.2f}%, "

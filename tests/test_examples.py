@@ -73,14 +73,19 @@ def test_all_cnn_fashion_mnist(tmp_path: Path) -> None:
     assert_small_png(tmp_path / "all_cnn_fashion_mnist.png")
     results, paper = markdown_tables((tmp_path / "all_cnn_fashion_mnist.md").read_text())
     assert [r["model"] for r in results] == [
-        "Model C (max pooling)", "Strided-CNN-C (fold)", "All-CNN-C (conv)",
+        "Model C (max pooling)", "Strided-CNN-C (fold)", "All-CNN-C (conv)", "Model C -> all-conv, exact (mode=exact)",
         "Model C -> All-CNN-C, reconstructed + distilled"]
     macs = {r["model"]: int(r["multiply-accumulates / image"].replace(",", "")) for r in results}
     # fold computes the first block's second convolution at the pooled size; conv adds the pooling convolutions
     assert macs["Strided-CNN-C (fold)"] < macs["Model C (max pooling)"] < macs["All-CNN-C (conv)"]
     assert macs["All-CNN-C (conv)"] == macs["Model C -> All-CNN-C, reconstructed + distilled"]
     # the rewrite's budget is Model C's epochs plus the distillation's (--quick: 2 + 1)
-    assert [r["training epochs"] for r in results] == ["2", "2", "2", "2 + 1"]
+    assert [r["training epochs"] for r in results] == ["2", "2", "2", "2 + 0", "2 + 1"]
+    # the exact rewrite of the trained Model C: Model C's accuracy, every prediction kept, no data
+    exact = next(r for r in results if r["model"].endswith("(mode=exact)"))
+    assert exact["test accuracy"] == results[0]["test accuracy"] and "top-1 agreement with Model C 100.00%" in \
+        exact["training"]
+    assert macs["Model C (max pooling)"] < macs["Model C -> all-conv, exact (mode=exact)"]
     # beside Table 3 of the paper, ours as 100 - accuracy
     errors = {r["model"]: r for r in paper}
     assert [errors[m]["paper: CIFAR-10 error"] for m in ("Model C", "Strided-CNN-C", "ConvPool-CNN-C", "All-CNN-C")] \
@@ -91,6 +96,7 @@ def test_all_cnn_fashion_mnist(tmp_path: Path) -> None:
         assert float(errors[theirs]["here: synthetic stand-in error"].rstrip("%")) == pytest.approx(100 - accuracy,
                                                                                                    abs=0.011)
     assert "In the paper All-CNN-C has 0.66 points less error than Model C" in stdout
+    assert "the same as Model C, with no data and no training" in stdout
 
 
 def test_dense_heatmap(tmp_path: Path) -> None:
