@@ -185,7 +185,7 @@ class ReplaceMaxPool(Rewrite[PoolParams]):
 
 #: The pass note of a rewrite that changed what the model computes: what to do about it.
 NOT_EXACT = ("not exact: these sites no longer compute a max pooling, so a trained model's outputs change; "
-             "mode='exact' keeps its function (depthwise convolutions, ReLUs and additions) and needs no data; to recover accuracy "
+             "mode='exact' keeps its function with convolutions and ReLUs and needs no data; to recover accuracy "
              "instead: init='fit' with calibration images, then convify.reconstruct and convify.distill")
 
 
