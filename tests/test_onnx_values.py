@@ -82,7 +82,7 @@ def test_producers_consumers_labels_and_attributes():
     assert V.is_used(v["sum"]) and V.is_used(v["out"]) and V.producer(v["x"]) is None
     fill = V.producer(v["filled"])
     assert V.attribute(fill, "missing", 7) == 7
-    assert V.opset_of(model, add) == 13
+    assert V.opset_of_node(add) == 13
 
 
 @pytest.mark.parametrize("shape, channels", [(["N", 3, 8], 3), ([1, "C", 8], None), (None, None)])

@@ -193,7 +193,7 @@ def attribute(node: ir.Node, name: str, default: Any = None) -> Any:
     attr = node.attributes.get(name)
     if attr is None:
         return default
-    if isinstance(attr, ir.RefAttr):
+    if attr.is_ref():
         raise ValueError(f"{label(node)}: attribute {name!r} refers to a function's attribute "
                          f"{attr.ref_attr_name!r}; inline the function first")
     value = attr.value
@@ -212,12 +212,13 @@ def label(node: ir.Node) -> str:
     return f"{node.op_type}({first})"
 
 
-def opset_of(model: ir.Model, node: ir.Node) -> int:
-    """The version of the ONNX standard domain the node's op is read at."""
+def opset_of_node(node: ir.Node) -> int:
+    """The version of the ONNX standard domain the node's op is read at:
+    its own, else its graph's import (the model's, for the main graph)."""
     if node.version is not None:
         return node.version
-    imports = model.opset_imports
+    imports = node.graph.opset_imports if node.graph is not None else {}
     version = imports.get("", imports.get("ai.onnx"))
     if version is None:
-        raise ValueError(f"{label(node)}: the model imports no version of the ONNX domain")
+        raise ValueError(f"{label(node)}: its graph imports no version of the ONNX domain")
     return version
