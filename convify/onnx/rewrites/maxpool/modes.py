@@ -68,10 +68,11 @@ def pool_mode_for(name: str) -> OnnxPoolMode:
     try:
         return ONNX_POOL_MODES[name]
     except KeyError:
-        known = POOL_MODES.get(name)
-        why = f" ({known.help}; not done on ONNX graphs)" if known is not None else ""
-        raise UsageError(f"pooling mode {name!r}{why} has no ONNX implementation; for ONNX models use mode= "
-                         f"{', '.join(repr(m) for m in ONNX_POOL_MODES)}") from None
+        implemented = [m for m in POOL_MODES if m in ONNX_POOL_MODES] + [
+            m for m in ONNX_POOL_MODES if m not in POOL_MODES]
+        where = " (convify does it on torch.fx graphs)" if name in POOL_MODES else ""
+        raise UsageError(f"pooling mode {name!r} has no ONNX implementation{where}; for ONNX models use mode="
+                         f"{', '.join(repr(m) for m in implemented)}") from None
 
 
 def numpy_dtype(site: Site[PoolSite]) -> type:
