@@ -62,6 +62,9 @@ def test_exact_is_exact_in_float32_and_float64(case, before, form, grouped):
         assert all(i.data_type == (TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE)
                    for i in new.graph.initializer if i.name.endswith(".weight"))
         assert rel(execute(new, x.astype(dtype))[0], run(original, x.astype(dtype))[0]) <= bound
+        notes = report_of(new).replaced[0].notes
+        assert any("no DOUBLE Conv kernel" in n for n in notes) is (dtype == np.float64)
+        assert any("resolved at the input size" in n for n in notes) is ("same" in case)
 
 
 @pytest.mark.parametrize("before", [(), ("Relu",)], ids=["signed", "relu"])
@@ -171,7 +174,8 @@ def test_used_indices_are_skipped_and_unused_ones_dropped():
         pool_model([1, 2, 6, 6], kernel_shape=[2, 2], indices="output"))
     model = pool_model([1, 2, 6, 6], kernel_shape=[2, 2], indices="unused")
     new = checked(rewrite(model, mode="exact"))
-    assert "idx" not in {o for n in new.graph.node for o in n.output}
+    assert any(v.name == "idx" for v in model.graph.value_info)
+    assert "idx" not in {o for n in new.graph.node for o in n.output} | {v.name for v in new.graph.value_info}
     x = np.random.default_rng(3).standard_normal((1, 2, 6, 6)).astype(np.float32)
     assert rel(run(new, x)[0], run(model, x)[0]) <= 1e-6
 
