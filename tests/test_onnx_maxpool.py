@@ -200,6 +200,8 @@ def test_float16_takes_the_conv_mode():
     ([1, 2, "h", 6], dict(kernel_shape=[2, 2], pads=[2, 0, 0, 0]), "a window holds padding only"),
     ([1, 2, "h", 6], dict(kernel_shape=[2, 2], auto_pad="SAME_UPPER"), "dynamic along spatial axis 0"),
     ([1, 2, 7, 7], dict(kernel_shape=[3, 3], dilations=[2, 2], auto_pad="SAME_LOWER"), "as if the kernel"),
+    ([1, 2, 3, 6], dict(kernel_shape=[1, 1], strides=[3, 3], auto_pad="SAME_UPPER"), "pads spatial axis 0 by -2"),
+    ([1, 2, 2, 6], dict(kernel_shape=[3, 3], auto_pad="VALID"), "its output is empty along spatial axis 0"),
 ])
 def test_windows_it_cannot_build_are_skipped_with_the_reason(shape, attrs, reason):
     model = pool_model(shape, out_shape=["N", 2, "a", "b"], **attrs)
