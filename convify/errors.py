@@ -100,6 +100,12 @@ class CheckpointError(ConvifyError):
     """A model or checkpoint file could not be read, trusted or written."""
 
 
+class ModelFileError(CheckpointError):
+    """An ONNX model file (or proto) could not be read, checked or written:
+    not ONNX, truncated, or rejected by the ONNX checker. A
+    :class:`CheckpointError`, so the command line reports it as bad input."""
+
+
 class DataError(ConvifyError):
     """A data file or folder (images, IDX files) could not be read."""
 

@@ -50,6 +50,9 @@ def ceil_mode_extra_pad(kernel: int, stride: int, padding: int, dilation: int) -
     ``stride - 1`` alone lets a last window start in the right padding, which
     PyTorch's pooling forbids; ``dilation * (kernel - 1) - padding`` is exactly
     the room for windows that start at most at the input's last element.
+    ``padding`` is the padding after the input (PyTorch pads both sides
+    alike; ONNX's ``pads`` end, whose ``ceil_mode`` ignores windows that would
+    start in the right padding, the same rule).
     """
     return max(0, min(stride - 1, dilation * (kernel - 1) - padding))
 

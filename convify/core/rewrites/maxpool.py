@@ -37,6 +37,10 @@ class PoolParams:
     with no padding of its own (timm's ``MaxPool2dSame``): its padding depends
     on the input size (:func:`convify.core.weights.same_padding`) and its
     output length is ``ceil(size / stride)``; ``padding`` is then all zeros.
+
+    ``padding_end``: the padding after the input (right/bottom) when it
+    differs from ``padding`` (ONNX pads each side on its own; ``padding`` is
+    then the padding before); None: both sides alike, as PyTorch pads.
     """
 
     dims: int
@@ -47,20 +51,37 @@ class PoolParams:
     ceil_mode: bool
     return_indices: bool
     same: bool = False
+    padding_end: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, dims: int, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: Any,
-           return_indices: Any, same: bool = False) -> "PoolParams":
+           return_indices: Any, same: bool = False, padding_end: Any = None) -> "PoolParams":
         """From a pooling's arguments as PyTorch takes them (ints or
-        sequences; ``stride`` None or empty: the kernel)."""
+        sequences; ``stride`` None or empty: the kernel); ``padding_end``:
+        the padding after the input where it differs from ``padding``."""
         kernel = W.ntuple(kernel, dims)
         no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
-        return cls(dims, kernel, kernel if no_stride else W.ntuple(stride, dims), W.ntuple(padding, dims),
-                   W.ntuple(dilation, dims), bool(ceil_mode), bool(return_indices), same)
+        padding = W.ntuple(padding, dims)
+        end = None if padding_end is None else W.ntuple(padding_end, dims)
+        return cls(dims, kernel, kernel if no_stride else W.ntuple(stride, dims), padding,
+                   W.ntuple(dilation, dims), bool(ceil_mode), bool(return_indices), same,
+                   None if end == padding else end)
+
+    @property
+    def pads_end(self) -> tuple[int, ...]:
+        """The padding after the input, per axis (``padding`` unless ``padding_end`` says otherwise)."""
+        return self.padding if self.padding_end is None else self.padding_end
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether both sides of every axis are padded alike (as PyTorch's poolings and convolutions pad)."""
+        return self.pads_end == self.padding
 
     def describe(self, op: str) -> str:
         parts = [f"k={fmt(self.kernel)}", f"s={fmt(self.stride)}"]
-        if any(self.padding):
+        if not self.symmetric:
+            parts.append(f"p={fmt(self.padding)}/{fmt(self.pads_end)}")  # before/after the input
+        elif any(self.padding):
             parts.append(f"p={fmt(self.padding)}")
         if any(d != 1 for d in self.dilation):
             parts.append(f"d={fmt(self.dilation)}")
@@ -73,11 +94,12 @@ class PoolParams:
     @property
     def extra_pad(self) -> tuple[int, ...]:
         """Right/bottom zeros that reproduce ceil_mode's output size (none for
-        a "same" pooling: its padded input leaves no partial window)."""
+        a "same" pooling: its padded input leaves no partial window), after
+        the padding after the input (``pads_end``)."""
         if not self.ceil_mode or self.same:
             return (0,) * self.dims
         return tuple(W.ceil_mode_extra_pad(k, s, p, d) for k, s, p, d in
-                     zip(self.kernel, self.stride, self.padding, self.dilation))
+                     zip(self.kernel, self.stride, self.pads_end, self.dilation))
 
     def same_pad(self, spatial: Sequence[int]) -> tuple[int, ...]:
         """``F.pad``'s argument (last dimension first) for the "same" padding
@@ -90,6 +112,11 @@ class PoolParams:
         input in the original model), values only."""
         if self.same:
             x = F.pad(x, self.same_pad(x.shape[2:]), value=-float("inf"))
+        if not self.symmetric:  # -inf before and after, ceil_mode's windows as extra -inf (see ``extra_pad``)
+            pad = [v for b, e, x_ in reversed(list(zip(self.padding, self.pads_end, self.extra_pad)))
+                   for v in (b, e + x_)]
+            return MAX_POOL_BY_DIMS[self.dims](F.pad(x, pad, value=-float("inf")), self.kernel, self.stride, 0,
+                                               self.dilation)
         return MAX_POOL_BY_DIMS[self.dims](x, self.kernel, self.stride, self.padding, self.dilation,
                                            self.ceil_mode)
 
