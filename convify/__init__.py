@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from convify import _moved
-from convify.core.report import Report, report
+from convify.core.report import Report
 from convify.errors import ConvifyError
 
 _moved.install()  # 0.2.0 pickles name modules that moved
@@ -26,6 +26,7 @@ __version__ = "0.2.0"
 # that `import convify` and `convify --help` stay fast.
 _LAZY = {
     "replace_maxpool": "convify.api",
+    "report": "convify.api",
     "replace_linear_head": "convify.api",
     "convify": "convify.api",
     "export_onnx": "convify.export.onnx",

@@ -6,7 +6,10 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from convify import onnx_entry
 from convify.core import registry
+from convify.core.report import Report
+from convify.core.report import report as _torch_report
 from convify.core.rewrites.head import HeadOptions
 from convify.core.rewrites.maxpool import MaxPoolOptions
 from convify.errors import UsageError
@@ -69,8 +72,12 @@ def replace_maxpool(model: nn.Module, example_input: Any = None, *, mode: str = 
     >>> print(convify.report(allconv))
     """
     check_fit_target(fit_target)
-    rewrite = implementation(MaxPoolOptions.rewrite)(MaxPoolOptions(mode=mode, init=init, exact_form=exact_form,
-                                                                        grouped=grouped))
+    options = MaxPoolOptions(mode=mode, init=init, exact_form=exact_form, grouped=grouped)
+    if onnx_entry.is_onnx(model):
+        onnx_entry.refuse_torch_only("replace_maxpool", {"example_input": example_input, "calibration": calibration,
+                                                         "inplace": inplace})
+        return onnx_entry.rewrite(model, options, only, skip)
+    rewrite = implementation(MaxPoolOptions.rewrite)(options)
     return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration,
                     fit_target=fit_target)
 
@@ -121,7 +128,12 @@ def replace_linear_head(model: nn.Module, example_input: Any = None, *, mode: st
     >>> fcn(torch.randn(1, 3, 451, 451)).shape
     torch.Size([1, 1000, 8, 8])
     """
-    rewrite = implementation(HeadOptions.rewrite)(HeadOptions(mode=mode, dense=dense))
+    options = HeadOptions(mode=mode, dense=dense)
+    if onnx_entry.is_onnx(model):
+        onnx_entry.refuse_torch_only("replace_linear_head", {"example_input": example_input,
+                                                             "calibration": calibration, "inplace": inplace})
+        return onnx_entry.rewrite(model, options, only, skip)
+    rewrite = implementation(HeadOptions.rewrite)(options)
     return run_pass(model, rewrite, example_input, only=only, skip=skip, inplace=inplace, calibration=calibration)
 
 
@@ -153,8 +165,13 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
     unknown = registry.unknown_keywords(options)
     if unknown:
         raise UsageError(f"convify() got unknown options {unknown}; the rewrites take {registry.all_keywords()}")
-    planned = [(implementation(spec.name), opts) for spec in registry.in_order()
-               if (opts := spec.options_from_keywords(options)) is not None]
+    chosen = [opts for spec in registry.in_order() if (opts := spec.options_from_keywords(options)) is not None]
+    if onnx_entry.is_onnx(model):
+        onnx_entry.refuse_torch_only("convify", {"example_input": example_input, "calibration": calibration})
+        if not chosen:
+            raise UsageError("convify(): every rewrite is left out (pool=None, head=None): nothing to do")
+        return onnx_entry.rewrite(model, chosen, only, skip)
+    planned = [(implementation(o.rewrite), o) for o in chosen]
     batches_given = calibration is not None and not isinstance(calibration, str)  # not the word "synthetic"
     if batches_given and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator: every pass reads it
@@ -162,3 +179,14 @@ def convify(model: nn.Module, example_input: Any = None, *, only: str | Sequence
         example_input = first_input(next(iter(calibration), None))  # shapes at the size it is fitted on
     example = as_args(model, example_input)
     return apply_steps(model, [Step(cls(opts), example, only, skip) for cls, opts in planned], calibration)
+
+
+def report(model: Any) -> Report:
+    """The report of every convify rewrite applied to ``model`` (empty if
+    none): a PyTorch model carries it as an attribute, an ONNX model (a
+    proto, an ``onnx_ir.Model`` or a ``.onnx`` path) in its ``metadata_props``.
+
+    >>> rewritten = convify.replace_maxpool(torchvision.models.resnet18())
+    >>> print(convify.report(rewritten))
+    """
+    return onnx_entry.report(model) if onnx_entry.is_onnx(model) else _torch_report(model)

@@ -283,7 +283,9 @@ def test_unknown_provider_is_a_clear_error():
 
 def test_non_module_is_a_clear_error():
     with pytest.raises(VerificationError, match="rewritten must be a torch.nn.Module"):
-        convify.verify(tiny(), "model.onnx", X)
+        convify.verify(tiny(), "model.pt", X)
+    with pytest.raises(VerificationError, match="example_input and onnx_path apply to PyTorch models only"):
+        convify.verify(tiny(), "model.onnx", X)  # an ONNX side: both run in onnxruntime, at inputs= sizes
 
 
 @pytest.mark.cuda

@@ -20,136 +20,24 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from convify.core.report import format_table, report
+from convify.core.report import report
 from convify.errors import ConvifyError, ExportError, VerificationError, one_line
-from convify.export.census import CensusCheck, census_checks, op_census
-from convify.export.comparison import Equivalence, Fidelity, Tolerance, measure_equivalence, measure_fidelity
+from convify.export.census import census_checks, op_census
+from convify.export.comparison import measure_equivalence, measure_fidelity
 from convify.export.onnx import ExportResult, export
 from convify.export.sessions import execution_provider, open_session
+from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Shape, Verification, joined_outputs,
+                                          tolerance_for)
 from convify.fx import copying
 from convify.fx.inputs import as_args
+from convify.onnx.detect import is_onnx
 from convify.wording import counted
-
-DEFAULT_BATCH = 8
-DEFAULT_RTOL = 1e-4          # float32 and float64
-DEFAULT_RTOL_LOW = 1e-2      # float16 / bfloat16
-INPUT_SEED = 0
-
-Shape = tuple[int, ...]
-
-
-# --------------------------------------------------------------------------- result
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The outcome of :func:`verify`; ``str()`` is a table, ``to_dict()`` JSON-ready."""
-
-    passed: bool
-    provider: str
-    session_providers: tuple[str, ...]
-    exporter: str
-    exporter_fallback: str | None
-    input_shapes: tuple[Shape, ...]
-    fidelity: Fidelity
-    equivalence: Equivalence
-    census_original: Mapping[str, int] | None
-    census_rewritten: Mapping[str, int]
-    checks: tuple[CensusCheck, ...] = ()
-    notes: tuple[str, ...] = ()
-    onnx_path: Path | None = None
-    onnxruntime_version: str = ""
-    inputs_source: str = "seeded random"   # where the compared inputs came from: "seeded random", "given"
-
-    @property
-    def input_count(self) -> int:
-        """How many inputs (samples along the batch dimension) were compared."""
-        return self.input_shapes[0][0] if self.input_shapes and self.input_shapes[0] else 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed, "provider": self.provider, "session_providers": list(self.session_providers),
-            "exporter": self.exporter, "exporter_fallback": self.exporter_fallback,
-            "input_shapes": [list(s) for s in self.input_shapes],
-            "inputs": {"source": self.inputs_source, "count": self.input_count},
-            "fidelity": {"max_abs": self.fidelity.max_abs, "rel": self.fidelity.rel,
-                         "limit": str(self.fidelity.tolerance), "passed": self.fidelity.passed},
-            "equivalence": {"exact": self.equivalence.exact, "max_abs": self.equivalence.max_abs,
-                            "rel": self.equivalence.rel, "top1_agreement": self.equivalence.top1_agreement,
-                            "cosine": self.equivalence.cosine, "min_agreement": self.equivalence.min_agreement,
-                            "limit": str(self.equivalence.tolerance), "passed": self.equivalence.passed},
-            "census": {"original": dict(self.census_original) if self.census_original is not None else None,
-                       "rewritten": dict(self.census_rewritten)},
-            "checks": [{"ops": list(c.ops), "original": c.original, "rewritten": c.rewritten, "at_most": c.at_most,
-                        "why": c.why, "passed": c.passed} for c in self.checks],
-            "notes": list(self.notes),
-            "onnx_path": str(self.onnx_path) if self.onnx_path else None,
-        }
-
-    def __str__(self) -> str:
-        shapes = ", ".join("x".join(map(str, s)) for s in self.input_shapes)
-        exporter = self.exporter + (" (dynamo failed; fell back)" if self.exporter_fallback else "")
-        title = (f"convify verify: {'PASSED' if self.passed else 'FAILED'}  "
-                 f"[onnxruntime {self.onnxruntime_version} on {self.provider}, {exporter} exporter, "
-                 f"inputs {shapes}, {self.inputs_source}]")
-        rows = [self._fidelity_row(), self._equivalence_row()]
-        rows += [self._check_row(c) for c in self.checks]
-        parts = [title, format_table(["check", "measured", "limit", "result"], rows)]
-        parts.append(self._census_table())
-        parts += [f"note: {n}" for n in self.notes]
-        return "\n".join(parts)
-
-    def _fidelity_row(self) -> list[str]:
-        f = self.fidelity
-        return ["export fidelity (onnxruntime vs torch)", f"max abs {f.max_abs:.2e}, rel {f.rel:.2e}",
-                str(f.tolerance), _verdict(f.passed)]
-
-    def _equivalence_row(self) -> list[str]:
-        e = self.equivalence
-        if e.exact:
-            measured = "-" if e.rel is None else f"max abs {e.max_abs:.2e}, rel {e.rel:.2e}"
-            return ["equivalence (exact rewrite)", measured, str(e.tolerance), _verdict(e.passed)]
-        bits = []
-        if e.top1_agreement is not None:
-            bits.append(f"top-1 agree {e.top1_agreement:.1%}")
-        if e.cosine is not None:
-            bits.append(f"cosine {e.cosine:.4f}")
-        if e.max_abs is not None:
-            bits.append(f"max dev {e.max_abs:.3g}")
-        limit = f"top-1 agree >= {e.min_agreement:.1%}" if e.min_agreement is not None else "none given"
-        return ["equivalence (approximate rewrite)", ", ".join(bits) or "-", limit,
-                _verdict(e.passed) if e.judged else "not judged"]
-
-    @staticmethod
-    def _check_row(c: CensusCheck) -> list[str]:
-        ops = "+".join(c.ops)
-        before = "?" if c.original is None else str(c.original)
-        return [f"census: {ops} ({c.why})", f"{before} -> {c.rewritten}", f"<= {c.at_most}", _verdict(c.passed)]
-
-    def _census_table(self) -> str:
-        before = self.census_original or {}
-        ops = sorted(set(before) | set(self.census_rewritten))
-        rows = []
-        for op in ops:
-            a, b = before.get(op, 0), self.census_rewritten.get(op, 0)
-            orig = "?" if self.census_original is None else str(a)
-            change = "" if self.census_original is None or a == b else f"{b - a:+d}"
-            rows.append([op, orig, str(b), change])
-        total_a = "?" if self.census_original is None else str(sum(before.values()))
-        rows.append(["(all)", total_a, str(sum(self.census_rewritten.values())), ""])
-        return "ONNX op census\n" + format_table(["op type", "original", "rewritten", "change"], rows)
-
-
-def _verdict(passed: bool | None) -> str:
-    return "pass" if passed else "FAIL"
-
 
 # --------------------------------------------------------------------------- verify
 
@@ -162,7 +50,10 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     PyTorch and against ``original``.
 
     Args:
-        original, rewritten: the model before and after convify (either may be a GraphModule).
+        original, rewritten: the model before and after convify (either may be a GraphModule), or
+            ONNX models (``.onnx`` paths, ``onnx.ModelProto`` or ``onnx_ir.Model``) on either side or
+            both: both then run in onnxruntime (:mod:`convify.export.verify_onnx`), at the shapes the
+            ONNX original declares unless ``inputs`` are given.
         example_input: a tensor or tuple of tensors for the export; worked out from
             ``original`` when omitted (or taken from ``inputs``).
         provider: ``"cpu"`` (CPUExecutionProvider) or ``"cuda"`` (CUDAExecutionProvider,
@@ -197,13 +88,21 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     """
     import onnxruntime as ort  # noqa: PLC0415  (heavy; loaded on first use)
 
+    if is_onnx(original) or is_onnx(rewritten):
+        from convify.export.verify_onnx import verify_onnx  # noqa: PLC0415
+
+        if example_input is not None or onnx_path is not None:
+            raise VerificationError("verify with an ONNX model: example_input and onnx_path apply to PyTorch models "
+                                    "only; give inputs= to choose what to compare on")
+        return verify_onnx(original, rewritten, provider=provider, inputs=inputs, atol=atol, rtol=rtol,
+                           min_agreement=min_agreement, exporter=exporter, opset=opset)
     ep = execution_provider(provider)
     for name, m in (("original", original), ("rewritten", rewritten)):
         if not isinstance(m, nn.Module):
             raise VerificationError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
     batches = _batches(original, example_input, inputs)
     example = as_args(original, example_input) if example_input is not None else batches[0]
-    tol = _tolerance(rewritten, batches[0], atol, rtol)
+    tol = tolerance_for(batches[0], atol, rtol)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="convify-verify-") as tmp:
         target = Path(onnx_path) if onnx_path is not None else Path(tmp) / "rewritten.onnx"
@@ -211,9 +110,9 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         census_after = op_census(exported.path)
         census_before = _original_census(original, example, exporter, opset, Path(tmp), notes)
         session = open_session(exported.path, ep)
-        ran = _joined([_run_session(session, b) for b in batches], "onnxruntime")
-    eager_new = _joined([_eager(rewritten, b, "rewritten") for b in batches], "rewritten")
-    eager_old = _joined([_eager(original, b, "original") for b in batches], "original")
+        ran = joined_outputs([_run_session(session, b) for b in batches], "onnxruntime")
+    eager_new = joined_outputs([_eager(rewritten, b, "rewritten") for b in batches], "rewritten")
+    eager_old = joined_outputs([_eager(original, b, "original") for b in batches], "original")
     fidelity = measure_fidelity(ran, eager_new, tol, notes)
     rep = report(rewritten)
     equivalence = measure_equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
@@ -281,24 +180,6 @@ def _total_shapes(batches: list[tuple[torch.Tensor, ...]]) -> tuple[Shape, ...]:
            for b in batches):
         return tuple(tuple(t.shape) for t in first)
     return tuple((sum(b[i].shape[0] for b in batches), *t.shape[1:]) for i, t in enumerate(first))
-
-
-def _joined(outputs: list[list[torch.Tensor]], which: str) -> list[torch.Tensor]:
-    """Each output of the batches concatenated along the batch dimension."""
-    if len(outputs) == 1:
-        return outputs[0]
-    try:
-        return [torch.cat(parts) for parts in zip(*outputs, strict=True)]
-    except (RuntimeError, ValueError) as e:
-        raise VerificationError(f"the {which} outputs of the batches of inputs do not line up ({one_line(e)}); "
-                                "give batches of one shape") from e
-
-
-def _tolerance(rewritten: nn.Module, batch: tuple[torch.Tensor, ...], atol: float | None,
-               rtol: float | None) -> Tolerance:
-    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in batch)
-    default = DEFAULT_RTOL_LOW if low else DEFAULT_RTOL
-    return Tolerance(rtol=default if rtol is None else float(rtol), atol=0.0 if atol is None else float(atol))
 
 
 def _export(model: nn.Module, which: str, path: Path, example: tuple, exporter: str,

@@ -4,6 +4,8 @@ A sibling of :mod:`convify.fx` (neither imports the other): it reads a model
 (:mod:`.files`), reads its values (:mod:`.values`), proves signs
 (:mod:`.nonnegative`) and applies each rewrite's ONNX implementation
 (:mod:`.rewrites`), keeping every node it does not rewrite as it was.
+Importing this package imports no ONNX package (:mod:`.detect` tells an ONNX
+model without one); its names load on first use.
 
 >>> from convify.onnx import read_model, rewrite_onnx, report_of, write_model
 >>> from convify.core.rewrites.maxpool import MaxPoolOptions
@@ -13,7 +15,20 @@ A sibling of :mod:`convify.fx` (neither imports the other): it reads a model
 """
 from __future__ import annotations
 
-from convify.onnx.engine import REPORT_KEY, report_of, rewrite_onnx
-from convify.onnx.files import read_model, to_proto, write_model
+import importlib
+from typing import Any
 
-__all__ = ["REPORT_KEY", "read_model", "report_of", "rewrite_onnx", "to_proto", "write_model"]
+_LAZY = {"REPORT_KEY": "convify.onnx.engine", "report_of": "convify.onnx.engine",
+         "rewrite_onnx": "convify.onnx.engine", "read_model": "convify.onnx.files",
+         "to_proto": "convify.onnx.files", "write_model": "convify.onnx.files", "is_onnx": "convify.onnx.detect"}
+
+__all__ = ["REPORT_KEY", "is_onnx", "read_model", "report_of", "rewrite_onnx", "to_proto", "write_model"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'convify.onnx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
