@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from convify.cli import onnx_files
 from convify.cli.arguments import given_shape, json_argument, model_arguments, rewrite_arguments, rewrite_keywords
 from convify.cli.command import EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """A dry run: rewrite in memory, print what would be replaced and skipped."""
+    if onnx_files.names_onnx(args):  # an ONNX file: the ONNX frontend, the same flags
+        return onnx_files.run_inspect(args)
     shape = given_shape(args)
     options = rewrite_keywords(args)
     with Progress(2) as progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from convify.cli import onnx_files
 from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, onnx_names,
                                    output_arguments, rewrite_arguments, rewrite_keywords, verify_arguments)
 from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Rewrite MODEL and write OUT (and OUT.onnx); never over an input, never a partial file."""
+    if onnx_files.names_onnx(args):  # an ONNX file: the ONNX frontend, the same flags
+        return onnx_files.run_rewrite(args)
     from convify import io as ck  # noqa: PLC0415
 
     shape = given_shape(args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from convify.cli import onnx_files
 from convify.cli.arguments import (given_shape, json_argument, model_arguments, onnx_arguments, rewrite_arguments,
                                    rewrite_flags_given, rewrite_keywords, verify_arguments)
 from convify.cli.command import EXIT_FAILED, EXIT_OK, Command
@@ -36,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Rewrite MODEL in memory and verify the rewrite against MODEL; or verify
     MODEL, already rewritten, against its original. Writes nothing."""
+    if onnx_files.names_onnx(args):  # an ONNX file: the ONNX frontend, the same flags
+        return onnx_files.run_verify(args)
     shape = given_shape(args)
     options = rewrite_keywords(args)
     check_inputs_flags(args)
