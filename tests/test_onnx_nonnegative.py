@@ -90,8 +90,10 @@ def test_chains_of_sign_keeping_ops():
 
 
 def test_the_mask_of_a_dropout_and_the_indices_of_a_max_pool_are_not_its_values():
-    nodes = [RELU, node("MaxPool", ["r"], ["m", "idx"], kernel_shape=[2, 2]), node("Cast", ["idx"], "v", to=1)]
-    assert proof(nodes) is None
+    indices = [RELU, node("MaxPool", ["r"], ["m", "idx"], kernel_shape=[2, 2]), node("Identity", ["idx"], "v")]
+    assert proof(indices, outputs=()) is None  # the indices are >= 0 all the same, but not by this walk
+    values = [RELU, node("MaxPool", ["r"], ["m", "idx"], kernel_shape=[2, 2]), node("Identity", ["m"], "v")]
+    assert proof(values, outputs=()) == "r"
 
 
 def test_concat_needs_every_input_and_max_any_one():
