@@ -130,9 +130,7 @@ def _site(node: ir.Node, shapes: ShapeTable, ir_version: int, order: dict[ir.Nod
         site.skip_reason = reason
         return site
     tree, class_ops = head_tree(linear, shapes, ir_version, order)
-    last = [step for step in tree if isinstance(step, Linear)][-1]
-    site.params = dataclasses.replace(found, tree=tree, class_ops=class_ops,
-                                      output_shape=shapes.of(last.output).static)
+    site.params = dataclasses.replace(found, tree=tree, class_ops=class_ops)
     site.op = site.params.describe()
     return site
 
@@ -204,7 +202,7 @@ def _in_shape(head: Head, plan: HeadPlan) -> tuple[int, ...] | None:
 def _out_shape(head: Head, plan: HeadPlan) -> tuple[int, ...] | None:
     """The head's output shape at the exported size: ``(N, K)``, or with ``dense`` a score map ``(N, K, *S)``."""
     if not plan.dense:
-        return head.output_shape
+        return _static((head.batch, head.linears[-1].classes))
     if plan.removal in (PoolRemoval.GLOBAL, PoolRemoval.RESAMPLING):
         size = head.pool.source_spatial
     elif head.map_value is not None:

@@ -79,7 +79,7 @@ def rebuild(edit: GraphEditor, head: Head, plan: HeadPlan) -> Rebuilt:
         done.notes.append(f"dense: kept a flatten before {', '.join(sorted(set(kept_flatten)))} (only what goes "
                           "straight to a graph output becomes a score map)")
     gone = [n for step in head.tree for n in (step.nodes if isinstance(step, Linear) else (step,))]
-    gone += [head.flatten, *(head.between if plan.removal is not PoolRemoval.NONE else ())]
+    gone += [*head.reshapes, head.flatten, *(head.between if plan.removal is not PoolRemoval.NONE else ())]
     gone += [n for n in (head.transpose,) if n is not None] + list(head.class_ops if plan.dense else ())
     if plan.removal is not PoolRemoval.NONE or head.map_value is None:
         gone.append(head.pool.node)

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from convify.onnx.rewrites.head.reading import (CLASS_AXIS, Linear, is_batchnorm, is_linear_candidate, is_standard,
                                                 per_position, read_linear, spatial_axes)
-from convify.onnx.values import Dim, ShapeTable, attribute, label, opset_of_node
+from convify.onnx.values import Dim, ShapeTable, attribute, constant_value, label, opset_of_node
 
 #: The spatial dimensions a head's map may have (ONNX's Conv takes 1-, 2- and 3-d kernels here).
 MAX_DIMS = 3
@@ -88,7 +88,7 @@ class Head:
     opset: int
     tree: tuple[Step, ...] = ()
     class_ops: tuple[ir.Node, ...] = ()
-    output_shape: tuple[int, ...] | None = field(default=None)
+    reshapes: tuple[ir.Node, ...] = ()
 
     @property
     def linears(self) -> tuple[Linear, ...]:
@@ -126,20 +126,25 @@ def walk_back(linear: ir.Node, shapes: ShapeTable) -> Head | str | None:
     """The head in front of ``linear`` (without its tree), a reason it cannot
     be rewritten (a str), or None when ``linear`` reads no flattened map."""
     pre_ops: list[ir.Node] = []
+    reshapes: list[ir.Node] = []
     cur = linear.inputs[0] if linear.inputs else None
-    while cur is not None and per_position(cur.producer()) and shapes.of(cur).rank == 2:
-        pre_ops.append(cur.producer())
+    while cur is not None and shapes.of(cur).rank == 2:
+        if per_position(cur.producer()):
+            pre_ops.insert(0, cur.producer())
+        elif _keeps_vector(cur.producer(), shapes):
+            reshapes.append(cur.producer())
+        else:
+            break
         cur = cur.producer().inputs[0]
     if cur is None:
         return None
-    pre_ops.reverse()
     flat = cur.producer()
     fused = _fused_reduction(flat, shapes)
     if fused is not None:
         inp = shapes.of(fused.source)
         dims = inp.rank - 2
         return Head(dims, inp.channels, (1,) * dims, flat, None, None, fused, (), tuple(pre_ops), inp.shape[0],
-                    opset_of_node(flat))
+                    opset_of_node(flat), reshapes=tuple(reshapes))
     if flat is None or not _flattens(flat, shapes):
         return None
     map_value = flat.inputs[0]
@@ -165,7 +170,7 @@ def walk_back(linear: ir.Node, shapes: ShapeTable) -> Head | str | None:
     if pool is None:
         between = []  # nothing to move the head across: the map is P itself
     return Head(info.rank - 2, info.channels, tuple(info.static[2:]), flat, map_value, transpose, pool,
-                tuple(between), tuple(pre_ops), info.shape[0], opset_of_node(flat))
+                tuple(between), tuple(pre_ops), info.shape[0], opset_of_node(flat), reshapes=tuple(reshapes))
 
 
 def _map_reason(info) -> str | None:
@@ -189,10 +194,62 @@ def _flattens(node: ir.Node, shapes: ShapeTable) -> bool:
         return False
     if node.op_type == "Flatten":
         return attribute(node, "axis", 1) % inp.rank == 1
-    if out.rank != 2 or out.dim(1) is None or any(not isinstance(d, int) for d in inp.shape[1:]):
+    if any(not isinstance(d, int) for d in inp.shape[1:]):
         return False
+    features = math.prod(inp.shape[1:])
+    target = _reshape_target(node, shapes) if node.op_type == "Reshape" else None
+    if target is not None and len(target) == 2:
+        first, second = target
+        keeps_batch = first in (BATCH, -1 if second == features else BATCH) or (
+            first == 0 and not attribute(node, "allowzero", 0)) or (isinstance(inp.shape[0], int) and first == inp.shape[0])
+        return keeps_batch and second in (features, -1 if first != -1 else features)
     same_batch = inp.shape[0] == out.shape[0] and inp.shape[0] is not None
-    return same_batch and out.dim(1) == math.prod(inp.shape[1:])
+    return out.rank == 2 and same_batch and out.dim(1) == features
+
+
+def _keeps_vector(node: ir.Node | None, shapes: ShapeTable) -> bool:
+    """A Reshape, Flatten or Squeeze of an ``(N, F)`` value that leaves it
+    ``(N, F)`` (tf2onnx's Reshape ``[-1, C]`` after a ReduceMean with ``keepdims=0``)."""
+    if not is_standard(node, "Reshape", "Flatten", "Squeeze") or not node.inputs or node.inputs[0] is None:
+        return False
+    inp, out = shapes.of(node.inputs[0]), shapes.of(node.outputs[0])
+    return inp.rank == 2 and inp.static is not None and inp.static == out.static
+
+
+#: A Reshape's shape entry that is the input's own batch size, read off it by ``Shape -> Gather``.
+BATCH = "batch"
+
+
+def _reshape_target(node: ir.Node, shapes: ShapeTable) -> list[int | str] | None:
+    """A Reshape's shape as constant entries and :data:`BATCH`, where it is a
+    constant or a ``Concat`` of constants and ``Unsqueeze(Gather(Shape(x), 0))``
+    of an ``x`` with the Reshape input's batch size (tf2onnx's computed
+    shape, which shape inference does not always follow); else None."""
+    return _shape_entries(node.inputs[1] if len(node.inputs) > 1 else None, shapes.of(node.inputs[0]), shapes)
+
+
+def _shape_entries(value: ir.Value | None, data, shapes: ShapeTable) -> list[int | str] | None:
+    if value is None:
+        return None
+    const = constant_value(value)
+    if const is not None:
+        return [int(d) for d in const.reshape(-1)]
+    node = value.producer()
+    if is_standard(node, "Concat"):
+        parts = [_shape_entries(v, data, shapes) for v in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    scalar = is_standard(node, "Unsqueeze")
+    gather = node.inputs[0].producer() if scalar else node
+    if not is_standard(gather, "Gather") or attribute(gather, "axis", 0) != 0:
+        return None
+    index = constant_value(gather.inputs[1])
+    shape_of = gather.inputs[0].producer()
+    if index is None or index.reshape(-1).tolist() != [0] or (index.ndim == 0) != scalar:
+        return None
+    if not is_standard(shape_of, "Shape") or attribute(shape_of, "start", 0) != 0:
+        return None
+    batch = shapes.of(shape_of.inputs[0]).shape
+    return [BATCH] if batch and data.shape and batch[0] is not None and batch[0] == data.shape[0] else None
 
 
 def _fused_reduction(node: ir.Node | None, shapes: ShapeTable) -> Pool | None:
@@ -267,7 +324,7 @@ def head_tree(first: Linear, shapes: ShapeTable, ir_version: int, order: dict[ir
             if step is not None:
                 steps[user] = step
                 frontier.append(step.output if isinstance(step, Linear) else user.outputs[0])
-            elif _over_classes(user, shapes) and user not in class_ops:
+            elif _over_classes(user) and user not in class_ops:
                 class_ops.append(user)
     ordered = tuple(steps[n] for n in sorted(steps, key=order.__getitem__))
     return ordered, tuple(class_ops)
@@ -282,9 +339,9 @@ def _step(node: ir.Node, shapes: ShapeTable, ir_version: int) -> Step | None:
     return None
 
 
-def _over_classes(node: ir.Node, shapes: ShapeTable) -> bool:
-    """A Softmax or LogSoftmax over the last axis of an ``(N, K)`` value."""
-    if not is_standard(node, *CLASS_AXIS) or shapes.of(node.inputs[0]).rank != 2:
+def _over_classes(node: ir.Node) -> bool:
+    """A Softmax or LogSoftmax over the last axis of (one of the head's) ``(N, K)`` values."""
+    if not is_standard(node, *CLASS_AXIS):
         return False
     default = -1 if opset_of_node(node) >= 13 else 1
     return attribute(node, "axis", default) in (1, -1)

@@ -71,8 +71,8 @@ def plan_head(head: Head, mode: HeadMode, dense: bool) -> HeadPlan:
     if not (pool.is_global or pool.is_identity):
         size = "x".join("?" if s is None else str(s) for s in pool.source_spatial)
         return HeadPlan(mode, dense, head.map_value, head.spatial, PoolRemoval.NONE, (
-            f"{pool.desc} resamples {size} to {'x'.join(map(str, head.spatial))}: it stays, so the head is exact "
-            "only at this size and pins the output size"))
+            f"{pool.desc} averages {size} to {'x'.join(map(str, head.spatial))}, not the whole map: it stays in front "
+            "of the head, whose first convolution reads its output (on a larger input both slide)"))
     if pool.is_global and not pool.is_identity:
         return HeadPlan(mode, dense, pool.source, ones, PoolRemoval.GLOBAL)
     return HeadPlan(mode, dense, pool.source, head.spatial, PoolRemoval.IDENTITY)
@@ -143,6 +143,10 @@ def judge(head: Head, plan: HeadPlan) -> tuple[Exactness, str | None]:
                                        "activation): averaging after them differs")
     if point_map:
         return Exactness.EXACT, None
+    if head.class_ops:
+        return Exactness.PER_POSITION, (
+            f"dense: the output is a map of {head.class_ops[0].op_type} at each position; its mean over the positions "
+            "is not the original output")
     if affine_front and all(isinstance(s, Linear) or is_standard(s, *IDENTITIES) or is_batchnorm(s)
                             for s in head.tree):
         return Exactness.SCORE_MAP_MEAN, (

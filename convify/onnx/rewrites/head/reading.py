@@ -91,7 +91,7 @@ def weight_value(value: ir.Value | None, ir_version: int) -> np.ndarray | None:
             value = node.inputs[0]
             continue
         if is_standard(node, "Reshape") and len(node.inputs) > 1:
-            data, shape = weight_value(node.inputs[0], ir_version), constant_value(node.inputs[1])
+            data, shape = weight_value(node.inputs[0], ir_version), weight_value(node.inputs[1], ir_version)
             if data is None or shape is None:
                 return None
             return _reshaped(data, shape.reshape(-1), bool(attribute(node, "allowzero", 0)))

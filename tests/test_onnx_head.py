@@ -1,0 +1,292 @@
+"""The ONNX frontend's head rewrite: every tf2onnx-style head (alone and after the exact max pooling) exact in
+onnxruntime, and in float64 by ONNX's reference evaluator; torchvision exports of both exporters; onnx's light
+zoo; dense score maps (symbolic sizes, the Softmax on the class axis before and after opset 13, a crop); gap
+modes; weights delivered every way; skip reasons; the rest of the graph left as it was."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from convify.core.rewrites.head import Exactness, HeadOptions, HeadRecord, PoolRemoval
+from convify.core.rewrites.maxpool import MaxPoolOptions
+from convify.onnx.engine import report_of, rewrite_onnx
+from convify.onnx.files import to_proto, write_model
+
+from onnx_material import (Between, Head, WeightDelivery, light_with_random_weights, light_zoo, softmax_input,
+                           tf2onnx_style_classifier, torchvision_export, with_outputs)
+from onnx_models import reference, rel, run
+
+LAYERS = ("Gemm", "MatMul")
+
+#: Every option of each tf2onnx-style head.
+VARIANTS = [
+    (Head.RESHAPE_MATMUL, {}), (Head.RESHAPE_MATMUL, {"computed_shape": True}),
+    (Head.RESHAPE_MATMUL, {"bias_left": True}), (Head.RESHAPE_MATMUL, {"between": Between.DROPOUT}),
+    (Head.FLATTEN_GEMM, {}), (Head.FLATTEN_GEMM, {"between": Between.IDENTITY}),
+    (Head.GLOBAL_POOL_GEMM, {}), (Head.GLOBAL_POOL_GEMM, {"between": Between.DROPOUT}),
+    (Head.REDUCE_MEAN_GEMM, {}), (Head.REDUCE_MEAN_GEMM, {"keepdims": False}),
+    (Head.REDUCE_MEAN_GEMM, {"between": Between.IDENTITY}),
+]
+
+
+def variant_id(variant) -> str:
+    head, options = variant
+    return "-".join([head.value, *(f"{k}={getattr(v, 'value', v)}" for k, v in options.items())])
+
+
+def rewrite(model, *options, **kwargs) -> onnx.ModelProto:
+    return to_proto(rewrite_onnx(model, list(options) or HeadOptions(), **kwargs))
+
+
+def checked(proto: onnx.ModelProto) -> onnx.ModelProto:
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def census(proto: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def nhwc(rng: np.random.Generator, height: int = 16, width: int = 16) -> np.ndarray:
+    return rng.standard_normal((1, height, width, 3)).astype(np.float32)
+
+
+def logits_and_output(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    """The graph output and the Softmax's input (the logits), in onnxruntime."""
+    return run(with_outputs(model, [softmax_input(model)]), x)
+
+
+def dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+# --------------------------------------------------------------------------- tf2onnx-style heads
+
+
+@pytest.mark.parametrize("pool", ["kept", "exact"])
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_every_tf2onnx_head_becomes_exact_convolutions(variant, opset, pool):
+    head, options = variant
+    model = tf2onnx_style_classifier(head=head, opset=opset, **options)
+    passes = [MaxPoolOptions(mode="exact")] if pool == "exact" else []
+    new = checked(rewrite(model, *passes, HeadOptions(mode="conv")))
+    assert not census(new).keys() & set(LAYERS), census(new)
+    rep = report_of(new)
+    (row,) = rep.passes[-1].replaced
+    assert not rep.passes[-1].skipped and rep.exact and row.exact
+    layers = [n.name for n in model.graph.node if n.op_type in LAYERS]
+    assert isinstance(row.detail, HeadRecord) and row.detail.linears == tuple(layers)
+    assert row.detail.exactness is Exactness.EXACT and row.out_shape == (1, 10)
+    assert row.detail.kernel == ((4, 4) if head in (Head.RESHAPE_MATMUL, Head.FLATTEN_GEMM) else (1, 1))
+    assert new.graph.output == model.graph.output and new.graph.input == model.graph.input
+    x = nhwc(np.random.default_rng(0))
+    (probs, logits), (old_probs, old_logits) = logits_and_output(new, x), logits_and_output(model, x)
+    assert rel(logits, old_logits) <= 1e-5 and rel(probs, old_probs) <= 1e-5
+
+
+def test_the_rest_of_the_graph_is_left_as_it_was():
+    model = tf2onnx_style_classifier(head=Head.RESHAPE_MATMUL, between=Between.DROPOUT)
+    new = checked(rewrite(model))
+    head = {"flatten/Reshape", "flatten/Const", "max_pooling2d_1/MaxPool__20", "dense/MatMul", "dense/BiasAdd",
+            "dense_1/MatMul", "dense_1/BiasAdd"}
+    prefix = "StatefulPartitionedCall/sequential/"
+    old = [n for n in model.graph.node if n.name.removeprefix(prefix) not in head]
+    kept = {n.name: n for n in new.graph.node}
+    trunk = [n for n in old if n.op_type not in ("Relu", "Dropout", "Softmax") or "dense" not in n.name]
+    assert [kept[n.name].SerializeToString() for n in trunk] == [n.SerializeToString() for n in trunk]
+    for node in old:  # the head's Relu, Dropout and the Softmax stay, by name, op and attributes
+        assert kept[node.name].op_type == node.op_type and kept[node.name].attribute == node.attribute
+    assert [n.name for n in new.graph.node][:len(trunk) - 3] == [n.name for n in trunk][:-3]
+    weights = {t.name for t in new.graph.initializer}
+    assert not any("ReadVariableOp" in w or w.endswith("flatten/Const") for w in weights)
+    assert {t.name for t in model.graph.initializer if "conv2d" in t.name} <= weights
+    rep = report_of(new)
+    notes = rep.replaced[0].notes
+    assert f"ONNX nodes added: {prefix}dense/MatMul/conv (Conv), {prefix}dense_1/MatMul/conv (Conv), " \
+           f"{prefix}dense_1/MatMul/conv/flatten (Flatten)" in notes
+    assert any(n.startswith("ONNX nodes replaced: ") and f"{prefix}flatten/Reshape (Reshape)" in n for n in notes)
+
+
+def as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model in DOUBLE: its float initializers, inputs and outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for tensor in out.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+    for value in (*out.graph.input, *out.graph.output, *out.graph.value_info):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return out
+
+
+@pytest.mark.parametrize("head", [Head.RESHAPE_MATMUL, Head.FLATTEN_GEMM, Head.REDUCE_MEAN_GEMM])
+def test_float64_is_exact_to_float64_rounding_by_the_reference_evaluator(head):
+    model = as_float64(tf2onnx_style_classifier(head=head, softmax=False))
+    new = checked(rewrite(model))
+    assert {t.data_type for t in new.graph.initializer if t.name.endswith((".weight", ".bias"))} == {
+        TensorProto.DOUBLE}
+    x = nhwc(np.random.default_rng(1)).astype(np.float64)
+    assert rel(reference(new, x)[0], reference(model, x)[0]) <= 1e-12
+
+
+# --------------------------------------------------------------------------- dense
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("head", [Head.RESHAPE_MATMUL, Head.FLATTEN_GEMM])
+def test_dense_gives_a_softmax_map_over_the_classes_at_any_size(head, opset):
+    model = tf2onnx_style_classifier(head=head, opset=opset)
+    new = checked(rewrite(model, HeadOptions(dense=True)))
+    assert dims(new.graph.input[0]) == [1, "height", "width", 3]
+    assert dims(new.graph.output[0]) == [1, 10, "out_height", "out_width"]
+    (row,) = report_of(new).replaced
+    assert row.out_shape == (1, 10, 1, 1) and row.detail.dense and row.exact
+    rng = np.random.default_rng(2)
+    x = nhwc(rng)
+    at_size = run(new, x)[0]
+    assert at_size.shape == (1, 10, 1, 1) and rel(at_size.reshape(1, 10), run(model, x)[0]) <= 1e-5
+    larger = run(new, nhwc(rng, 32, 24))[0]
+    assert larger.shape == (1, 10, 5, 3)
+    np.testing.assert_allclose(larger.sum(axis=1), 1.0, rtol=1e-5)  # a distribution at each position
+    assert census(new)["Transpose"] == census(model)["Transpose"] - 1 + (2 if opset < 13 else 0)
+
+
+def no_padding_classifier() -> onnx.ModelProto:
+    """Conv 3x3 (no padding) -> Relu -> MaxPool 2/2 -> Flatten -> Gemm -> Relu -> Gemm on 10x10 inputs: each
+    position of its dense map sees exactly one 10x10 crop of a larger input."""
+    rng = np.random.default_rng(3)
+    weights = {"conv.w": rng.standard_normal((4, 2, 3, 3)) * 0.5, "conv.b": rng.standard_normal(4) * 0.1,
+               "fc1.w": rng.standard_normal((8, 64)) * 0.2, "fc1.b": rng.standard_normal(8) * 0.1,
+               "fc2.w": rng.standard_normal((5, 8)) * 0.3, "fc2.b": rng.standard_normal(5) * 0.1}
+    nodes = [helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc1.w", "fc1.b"], ["h"], name="fc1", transB=1),
+             helper.make_node("Relu", ["h"], ["hr"], name="fc1_relu"),
+             helper.make_node("Gemm", ["hr", "fc2.w", "fc2.b"], ["y"], name="fc2", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+                              [numpy_helper.from_array(w.astype(np.float32), k) for k, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_each_position_of_a_dense_map_is_the_original_on_its_crop():
+    model = no_padding_classifier()
+    new = checked(rewrite(model, HeadOptions(dense=True)))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 2, 10, 10)).astype(np.float32)
+    assert rel(run(new, x)[0].reshape(1, 5), run(model, x)[0]) <= 1e-5
+    big = rng.standard_normal((1, 2, 16, 18)).astype(np.float32)
+    scores = run(new, big)[0]
+    assert scores.shape == (1, 5, 4, 5)  # a stride of 2 between positions: (16 - 10) / 2 + 1, (18 - 10) / 2 + 1
+    for i, j in [(0, 0), (1, 3), (3, 4)]:
+        crop = big[:, :, 2 * i:2 * i + 10, 2 * j:2 * j + 10]
+        assert rel(scores[:, :, i, j], run(model, crop)[0]) <= 1e-5
+
+
+# --------------------------------------------------------------------------- torchvision exports
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    folder = tmp_path_factory.mktemp("head_exports")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, exporter: str) -> Path:
+        if (name, exporter) not in made:
+            made[name, exporter] = torchvision_export(name, exporter, folder)
+        return made[name, exporter]
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_resnet18_exports_head_is_exact_and_its_dense_map_averages_to_the_logits(exports, exporter, tmp_path):
+    path = exports("resnet18", exporter)
+    x = np.random.default_rng(5).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    original = run(onnx.load(str(path)), x)[0]
+    for dense in (False, True):
+        out = tmp_path / f"dense{dense}.onnx"
+        write_model(rewrite_onnx(path, HeadOptions(dense=dense)), out)
+        onnx.checker.check_model(str(out), full_check=True)
+        new = onnx.load(str(out))
+        assert not census(new).keys() & set(LAYERS)
+        (row,) = report_of(new).replaced
+        front = "ReduceMean -> Reshape" if exporter == "dynamo" else "GlobalAveragePool -> Flatten"
+        assert row.old == f"{front}(512x1x1) -> Gemm 512->1000"
+        scores = run(new, x)[0]
+        if not dense:
+            assert row.exact and row.detail.removal is PoolRemoval.NONE and rel(scores, original) <= 1e-5
+            assert "GlobalAveragePool" in census(new) or "ReduceMean" in census(new)
+            continue
+        assert row.detail.exactness is Exactness.SCORE_MAP_MEAN and row.detail.removal is PoolRemoval.GLOBAL
+        assert scores.shape == row.out_shape == (1, 1000, 2, 2) and rel(scores.mean(axis=(2, 3)), original) <= 1e-5
+        assert not census(new).keys() & {"GlobalAveragePool", "ReduceMean", "Flatten", "Reshape"}
+        assert run(new, np.zeros((1, 3, 96, 128), np.float32))[0].shape == (1, 1000, 3, 4)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_squeezenet_has_nothing_to_rewrite(exports, exporter):
+    model = onnx.load(str(exports("squeezenet1_1", exporter)))
+    new = rewrite(model)
+    rep = report_of(new)
+    assert not rep.replaced and not rep.skipped
+    assert rep.notes == ("no Gemm or MatMul node found in the graph: nothing to rewrite",)
+    assert new.graph == model.graph
+
+
+# --------------------------------------------------------------------------- onnx's light zoo
+
+
+def light(name: str, delivery: WeightDelivery) -> onnx.ModelProto:
+    path = next(p for p in light_zoo() if p.stem == f"light_{name}")
+    return light_with_random_weights(path, np.random.default_rng(0), delivery)
+
+
+def test_light_alexnet_reshape_gemm_head_with_weights_through_constant_and_identity_nodes():
+    model = light("bvlc_alexnet", WeightDelivery.NODES)
+    new = checked(rewrite(model))
+    (row,) = report_of(new).replaced
+    assert row.old == "Reshape(256x6x6) -> Gemm 9216->4096->4096->1000" and row.exact
+    assert row.new == "Conv(256, 4096, k=6x6) -> Conv(4096, 4096, k=1x1) -> Conv(4096, 1000, k=1x1) -> Flatten"
+    assert not census(new).keys() & set(LAYERS) and census(new)["Dropout"] == 2
+    gone = {"fc6_w_0", "fc6_b_0", "fc7_w_0", "fc7_b_0", "fc8_w_0", "fc8_b_0"}
+    assert not any(o.split("__")[0] in gone for n in new.graph.node for o in n.output)
+    assert not any(t.name.split("__")[0] in gone for t in new.graph.initializer)
+    assert {i.name for i in new.graph.input} == {t.name for t in new.graph.initializer} | {"data_0"}  # IR 3
+    x = np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    (probs, logits), (old_probs, old_logits) = logits_and_output(new, x), logits_and_output(model, x)
+    assert rel(logits, old_logits) <= 1e-5 and rel(probs, old_probs) <= 1e-5
+
+
+@pytest.mark.parametrize("delivery", list(WeightDelivery))
+def test_light_shufflenet_dense_softmax_of_opset_9_is_taken_per_position(delivery):
+    model = light("shufflenet", delivery)
+    new = checked(rewrite(model, HeadOptions(dense=True)))
+    (row,) = report_of(new).replaced
+    assert row.detail.removal is PoolRemoval.GLOBAL and row.detail.exactness is Exactness.PER_POSITION
+    assert new.opset_import[0].version == 9
+    x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    probs = run(new, x)[0]
+    assert probs.shape == (1, 1000, 7, 7)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    conv = checked(rewrite(model))
+    assert rel(run(conv, x)[0], run(model, x)[0]) <= 1e-5
+
+
+def test_light_inception_v1_weight_reshaped_before_its_gemm():
+    model = light("inception_v1", WeightDelivery.INITIALIZERS)
+    new = checked(rewrite(model))
+    (row,) = report_of(new).replaced
+    assert row.exact and "AveragePool" in census(new) and not census(new).keys() & set(LAYERS)
+    x = np.random.default_rng(8).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    assert rel(run(new, x)[0], run(model, x)[0]) <= 1e-5
