@@ -290,3 +290,194 @@ def test_light_inception_v1_weight_reshaped_before_its_gemm():
     assert row.exact and "AveragePool" in census(new) and not census(new).keys() & set(LAYERS)
     x = np.random.default_rng(8).standard_normal((1, 3, 224, 224)).astype(np.float32)
     assert rel(run(new, x)[0], run(model, x)[0]) <= 1e-5
+
+
+# --------------------------------------------------------------------------- small graphs, one behaviour each
+
+
+def small_model(nodes, weights: dict, x_shape=(1, 4, 3, 3), outputs=("y",), opset: int = 13,
+                inputs: dict | None = None) -> onnx.ModelProto:
+    """``x`` -> ``nodes`` -> ``outputs``, the ``weights`` as float32 (int64 for integer arrays) initializers."""
+    tensors = [numpy_helper.from_array(np.asarray(v, np.int64 if np.asarray(v).dtype.kind == "i" else np.float32), k)
+               for k, v in weights.items()]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    graph_inputs += [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in (inputs or {}).items()]
+    graph = helper.make_graph(nodes, "g", graph_inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                         for o in outputs], tensors)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def weights(*shapes, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(np.float32) * 0.3 for s in shapes]
+
+
+def node(op: str, inputs, output: str, **attributes) -> onnx.NodeProto:
+    return helper.make_node(op, list(inputs), [output], name=output, **attributes)
+
+
+def same_outputs(new: onnx.ModelProto, model: onnx.ModelProto, x_shape=(1, 4, 3, 3), bound: float = 1e-5) -> None:
+    x = np.random.default_rng(9).standard_normal(x_shape).astype(np.float32)
+    for a, b in zip(run(new, x), run(model, x), strict=True):
+        assert rel(a, b) <= bound
+
+
+def skipped(model: onnx.ModelProto) -> dict[str, str]:
+    rep = report_of(rewrite(model))
+    return {s.name: s.reason for s in rep.skipped}
+
+
+def test_layers_that_are_no_head_are_skipped_with_the_reason():
+    w, b, t = weights((3, 36), (3,), (1, 3))
+    flat = node("Flatten", ["x"], "f")
+    assert skipped(small_model([flat, node("Gemm", ["f", "w", "b"], "y", transA=1)], {"w": t, "b": b})) == {
+        "y": "transA=1: the Gemm multiplies the transposed input, mixing the samples of a batch; no convolution "
+             "computes that"}
+    vector = small_model([node("Gemm", ["x", "w", "b"], "y", transB=1)], {"w": w, "b": b}, x_shape=(1, 36))
+    assert skipped(vector) == {"y": "not a head: its input is not a flattened feature map"}
+    tokens = small_model([node("MatMul", ["x", "w"], "y")], {"w": w.T}, x_shape=(1, 5, 36))
+    assert skipped(tokens)["y"].startswith("not a head: its input has rank 3")
+    given = small_model([flat, node("Gemm", ["f", "w", "b"], "y", transB=1)], {"b": b}, inputs={"w": (3, 36)})
+    assert skipped(given)["y"].startswith("its weight B is not a constant")
+    batch2 = small_model([flat, node("Gemm", ["f", "w", "c"], "y", transB=1)], {"w": w, "c": np.ones((2, 3))},
+                         x_shape=(2, 4, 3, 3))
+    assert "differs between samples" in skipped(batch2)["y"]
+    swapped = small_model([node("Transpose", ["x"], "t", perm=[0, 1, 3, 2]), node("Flatten", ["t"], "f"),
+                           node("Gemm", ["f", "w", "b"], "y", transB=1)], {"w": w, "b": b})
+    assert "rearranges its dimensions otherwise than to channels last" in skipped(swapped)["y"]
+    dynamic = small_model([flat, node("Gemm", ["f", "w", "b"], "y", transB=1)], {"w": w, "b": b},
+                          x_shape=(1, 4, "h", "w"))
+    assert "has no static size" in skipped(dynamic)["y"]
+
+
+def test_a_squeeze_excitation_layer_is_no_head_and_the_classifier_after_it_is():
+    w1, w2, b2 = weights((4, 4), (3, 36), (3,))
+    nodes = [node("GlobalAveragePool", ["x"], "g"), node("Flatten", ["g"], "gf"),
+             node("Gemm", ["gf", "w1"], "se", transB=1), node("Sigmoid", ["se"], "gate"),
+             node("Reshape", ["gate", "shape"], "gate4"), node("Mul", ["x", "gate4"], "excited"),
+             node("Flatten", ["excited"], "f"), node("Gemm", ["f", "w2", "b2"], "y", transB=1)]
+    model = small_model(nodes, {"w1": w1, "w2": w2, "b2": b2, "shape": np.array([1, 4, 1, 1])})
+    new = checked(rewrite(model))
+    rep = report_of(new)
+    assert [r.name for r in rep.replaced] == ["y"] and rep.replaced[0].detail.kernel == (3, 3)
+    assert rep.skipped[0].name == "se" and rep.skipped[0].reason.startswith(
+        "not a head: its result flows back into a feature map")
+    assert census(new)["Gemm"] == 1
+    same_outputs(new, model)
+
+
+@pytest.mark.parametrize("bias", ["absent", "empty", "scalar", "row", "beta0"])
+def test_a_gemm_bias_absent_empty_or_broadcast(bias):
+    w, b = weights((3, 36), (3,))
+    inputs, extra, attrs = {"absent": (["f", "w"], {}, {}), "empty": (["f", "w", ""], {}, {}),
+                            "scalar": (["f", "w", "c"], {"c": np.array(0.7)}, {}),
+                            "row": (["f", "w", "c"], {"c": b[None]}, {"beta": 0.5}),
+                            "beta0": (["f", "w", "c"], {"c": b}, {"beta": 0.0})}[bias]
+    model = small_model([node("Flatten", ["x"], "f"), node("Gemm", inputs, "y", transB=1, **attrs)], {"w": w, **extra})
+    new = checked(rewrite(model))
+    (conv,) = [n for n in new.graph.node if n.op_type == "Conv"]
+    assert len(conv.input) == (2 if bias in ("absent", "empty", "beta0") else 3)
+    same_outputs(new, model)
+
+
+def test_weights_from_constant_of_shape_constant_and_identity_nodes():
+    b = weights((3,))[0]
+    nodes = [node("ConstantOfShape", ["wshape"], "w", value=numpy_helper.from_array(np.array([0.05], np.float32))),
+             helper.make_node("Constant", [], ["b0"], name="b0", value=numpy_helper.from_array(b)),
+             node("Identity", ["b0"], "b"), node("Flatten", ["x"], "f"), node("Gemm", ["f", "w", "b"], "y", transB=1)]
+    model = small_model(nodes, {"wshape": np.array([3, 36])})
+    new = checked(rewrite(model))
+    assert census(new) == {"Conv": 1, "Flatten": 1} and not any(t.name == "wshape" for t in new.graph.initializer)
+    same_outputs(new, model)
+
+
+def test_squeeze_matmul_without_bias_and_a_batchnorm_between_layers():
+    w1, w2 = weights((4, 6), (6, 3))
+    stats = [np.linspace(0.5, 1.5, 6), np.linspace(-0.2, 0.2, 6), np.linspace(-0.1, 0.1, 6), np.linspace(0.5, 2, 6)]
+    nodes = [node("GlobalAveragePool", ["x"], "g"), node("Squeeze", ["g", "axes"], "s"),
+             node("MatMul", ["s", "w1"], "h"),
+             node("BatchNormalization", ["h", "scale", "shift", "mean", "var"], "bn"), node("Relu", ["bn"], "r"),
+             node("MatMul", ["r", "w2"], "y")]
+    model = small_model(nodes, {"w1": w1, "w2": w2, "axes": np.array([2, 3]), **dict(zip(
+        ("scale", "shift", "mean", "var"), stats))})
+    new = checked(rewrite(model))
+    assert census(new) == {"GlobalAveragePool": 1, "Conv": 2, "BatchNormalization": 1, "Relu": 1, "Flatten": 1}
+    same_outputs(new, model)
+
+
+def test_outputs_of_the_head_keep_their_names_and_shapes_and_dense_makes_them_maps():
+    w1, b1, w2, b2 = weights((5, 36), (5,), (3, 5), (3,))
+    nodes = [node("Flatten", ["x"], "f"), node("Gemm", ["f", "w1", "b1"], "h", transB=1), node("Relu", ["h"], "hidden"),
+             node("Gemm", ["hidden", "w2", "b2"], "logits", transB=1), node("Softmax", ["logits"], "probs")]
+    model = small_model(nodes, {"w1": w1, "b1": b1, "w2": w2, "b2": b2}, outputs=("hidden", "logits", "probs"))
+    new = checked(rewrite(model))
+    assert new.graph.output == model.graph.output
+    assert [n.name for n in new.graph.node if n.op_type == "Relu"] == ["hidden"]  # kept, on the map
+    same_outputs(new, model)
+    dense = checked(rewrite(model, HeadOptions(dense=True)))
+    assert [dims(o) for o in dense.graph.output] == [[1, 5, "out_height", "out_width"], [1, 3, "out_height",
+                                                     "out_width"], [1, 3, "out_height", "out_width"]]
+    x = np.random.default_rng(10).standard_normal((1, 4, 3, 3)).astype(np.float32)
+    for a, b in zip(run(dense, x), run(model, x), strict=True):
+        assert rel(a.reshape(b.shape), b) <= 1e-5
+
+
+def test_dense_copies_the_ops_between_a_removed_pooling_and_its_flatten():
+    w, b = weights((3, 4), (3,))
+    nodes = [node("GlobalAveragePool", ["x"], "g"), node("Dropout", ["g"], "d"), node("Flatten", ["d"], "f"),
+             node("Gemm", ["f", "w", "b"], "y", transB=1)]
+    model = small_model(nodes, {"w": w, "b": b})
+    new = checked(rewrite(model, HeadOptions(dense=True)))
+    assert census(new) == {"Dropout": 1, "Conv": 1}
+    (row,) = report_of(new).replaced
+    assert row.detail.exactness is Exactness.SCORE_MAP_MEAN and row.out_shape == (1, 3, 3, 3)
+    x = np.random.default_rng(11).standard_normal((1, 4, 3, 3)).astype(np.float32)
+    assert rel(run(new, x)[0].mean(axis=(2, 3)), run(model, x)[0]) <= 1e-5
+
+
+def test_two_heads_on_one_flattened_map():
+    w1, w2 = weights((3, 36), (2, 36))
+    nodes = [node("Flatten", ["x"], "f"), node("Gemm", ["f", "w1"], "y1", transB=1),
+             node("Gemm", ["f", "w2"], "y2", transB=1)]
+    model = small_model(nodes, {"w1": w1, "w2": w2}, outputs=("y1", "y2"))
+    new = checked(rewrite(model))
+    assert [r.name for r in report_of(new).replaced] == ["y1", "y2"] and census(new) == {"Conv": 2, "Flatten": 2}
+    same_outputs(new, model)
+
+
+def test_gap_collapses_a_flattened_head_and_gap_mlp_is_exact_behind_a_global_average():
+    w1, b1, w2, b2 = weights((5, 36), (5,), (3, 5), (3,))
+    nodes = [node("Flatten", ["x"], "f"), node("Gemm", ["f", "w1", "b1"], "h", transB=1), node("Identity", ["h"], "i"),
+             node("Gemm", ["i", "w2", "b2"], "y", transB=1)]
+    model = small_model(nodes, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    new = checked(rewrite(model, HeadOptions(mode="gap")))
+    rep = report_of(new)
+    (row,) = rep.replaced
+    assert row.detail.collapsed and row.detail.linears == ("h",) and row.detail.dropped == ("y",)
+    assert row.detail.exactness is Exactness.APPROXIMATE and not row.exact
+    assert row.new == "Conv(4, 3, k=1x1) -> GlobalAveragePool -> Flatten" and "fits no weights" in rep.notes[0]
+    constant = np.random.default_rng(12).standard_normal((1, 4, 1, 1)).astype(np.float32) * np.ones((1, 1, 3, 3),
+                                                                                                    np.float32)
+    assert rel(run(new, constant)[0], run(model, constant)[0]) <= 1e-5  # exact on spatially constant maps
+    pooled = tf2onnx_style_classifier(head=Head.GLOBAL_POOL_GEMM, between=Between.DROPOUT)
+    for mode in ("gap", "gap_mlp"):
+        new = checked(rewrite(pooled, HeadOptions(mode=mode)))
+        (row,) = report_of(new).replaced
+        assert row.exact and row.detail.removal is PoolRemoval.GLOBAL and row.detail.mode.value == mode
+        assert row.new.startswith("Conv(16, 32, k=1x1) -> GlobalAveragePool -> Conv(32, 10, k=1x1)")
+        x = nhwc(np.random.default_rng(13))
+        assert rel(run(new, x)[0], run(pooled, x)[0]) <= 1e-5
+
+
+def test_the_report_travels_in_the_file_and_a_second_rewrite_finds_nothing(tmp_path):
+    model = tf2onnx_style_classifier(head=Head.FLATTEN_GEMM)
+    write_model(rewrite_onnx(model, HeadOptions()), tmp_path / "head.onnx")
+    rep = report_of(tmp_path / "head.onnx")
+    record = rep.replaced[0].detail
+    assert isinstance(record, HeadRecord) and record.removal is PoolRemoval.NONE and record.kernel == (4, 4)
+    assert record.parameters == (256 * 32 + 32 + 32 * 10, 256 * 32 + 32 + 32 * 10)
+    again = report_of(rewrite(tmp_path / "head.onnx"))
+    assert len(again.passes) == 2 and again.passes[1].notes == (
+        "no Gemm or MatMul node found in the graph: nothing to rewrite",)
+    kept = report_of(rewrite(model, skip="*dense/MatMul"))
+    assert kept.skipped[0].reason == "matched skip pattern '*dense/MatMul'"

@@ -58,7 +58,7 @@ from convify.onnx.rewrites.head.building import Rebuilt, rebuild
 from convify.onnx.rewrites.head.dense import make_dense
 from convify.onnx.rewrites.head.matching import Head, feeds_a_map, head_tree, reaches_output, walk_back
 from convify.onnx.rewrites.head.plan import HeadPlan, judge, plan_head
-from convify.onnx.rewrites.head.reading import Linear, is_linear_candidate, is_standard, read_linear
+from convify.onnx.rewrites.head.reading import Linear, is_linear_candidate, is_standard, read_linear, vector_reason
 from convify.onnx.values import ShapeTable, label
 
 NOT_A_HEAD = "not a head: its input is not a flattened feature map"
@@ -120,14 +120,13 @@ class ReplaceLinearHead(OnnxRewrite[Head]):
 def _site(node: ir.Node, shapes: ShapeTable, ir_version: int, order: dict[ir.Node, int]) -> Site[Head]:
     site = Site(label(node), node, node.op_type, in_shape=shapes.of(node.inputs[0]).static,
                 out_shape=shapes.of(node.outputs[0]).static)
+    found = vector_reason(node, shapes) or walk_back(node, shapes)
     linear = read_linear(node, shapes, ir_version)
-    found = walk_back(node, shapes) if not (isinstance(linear, str) and linear.startswith("not a head")) else linear
-    if found is None or isinstance(found, str) or isinstance(linear, str):
-        site.skip_reason = NOT_A_HEAD if found is None else found if isinstance(found, str) else linear
+    if not isinstance(found, Head):
+        site.skip_reason = found or NOT_A_HEAD
         return site
-    reason = _head_reason(linear, found, shapes)
-    if reason:
-        site.skip_reason = reason
+    site.skip_reason = linear if isinstance(linear, str) else _head_reason(linear, found, shapes)
+    if site.skip_reason:
         return site
     tree, class_ops = head_tree(linear, shapes, ir_version, order)
     site.params = dataclasses.replace(found, tree=tree, class_ops=class_ops)

@@ -38,11 +38,12 @@ from convify.onnx.values import attribute, label, opset_of_node
 @dataclass
 class Rebuilt:
     """What :func:`rebuild` did: the new convolutions, the nodes removed, the
-    values that left the head as maps (``dense``: graph outputs), notes."""
+    values that left the head as maps (``dense``: graph outputs) with their
+    channel counts, notes."""
 
     convs: list[ir.Node] = field(default_factory=list)
     removed: list[ir.Node] = field(default_factory=list)
-    map_outputs: list[ir.Value] = field(default_factory=list)
+    map_outputs: list[tuple[ir.Value, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -73,8 +74,8 @@ def rebuild(edit: GraphEditor, head: Head, plan: HeadPlan) -> Rebuilt:
         n for step in head.tree for n in (step.nodes if isinstance(step, Linear) else (step,))} | set(
         edit.added[first_added:])
     kept_flatten: list[str] = []
-    for old in handed:
-        _hand_over(edit, old, env[old], inside, plan.dense, done, kept_flatten)
+    leaving = [v for old in handed for v in _hand_over(edit, old, env[old], inside, plan.dense, kept_flatten)]
+    done.map_outputs = [(value, _channels(value, head, plan, done)) for value in leaving]
     if kept_flatten:
         done.notes.append(f"dense: kept a flatten before {', '.join(sorted(set(kept_flatten)))} (only what goes "
                           "straight to a graph output becomes a score map)")
@@ -200,9 +201,10 @@ def _global_average(edit: GraphEditor, linear: Linear, value: ir.Value, after: i
 
 def _clear_shapes(node: ir.Node) -> None:
     """A node kept in place reads a map now: its outputs' declared shapes (a
-    vector's) no longer hold."""
+    vector's) no longer hold (a graph output's goes to the flattened value
+    that takes its place: :func:`_hand_over`)."""
     for out in node.outputs:
-        if out is not None:
+        if out is not None and not out.is_graph_output():
             out.shape = None
 
 
@@ -226,16 +228,16 @@ def _class_op_on_map(edit: GraphEditor, op: ir.Node, value: ir.Value, dims: int)
     return new[-1].outputs[0]
 
 
-def _hand_over(edit: GraphEditor, old: ir.Value, new: ir.Value, inside: set[ir.Node], dense: bool, done: Rebuilt,
-               kept_flatten: list[str]) -> None:
+def _hand_over(edit: GraphEditor, old: ir.Value, new: ir.Value, inside: set[ir.Node], dense: bool,
+               kept_flatten: list[str]) -> list[ir.Value]:
     """Readers of the head's value ``old`` outside the head read ``new``
     (its map) flattened; a graph output ``old`` was becomes the flattened
-    value under its name, or (``dense``) the map."""
+    value under its name, or (``dense``) the map, which is returned."""
     graph = edit.graph
     outside = [(n, i) for n, i in old.uses() if n not in inside]
     positions = [k for k, v in enumerate(graph.outputs) if v is old]
     if not outside and not positions:
-        return
+        return []
     flat = None
     if outside or not dense:
         producer = new.producer()
@@ -246,16 +248,28 @@ def _hand_over(edit: GraphEditor, old: ir.Value, new: ir.Value, inside: set[ir.N
         if dense:
             kept_flatten += [label(user) for user, _ in outside]
     if not positions:
-        return
+        return []
     target = new if dense else flat.outputs[0]
     if target is not old:
         name, type_, shape = old.name, old.type, old.shape
-        old.name = edit.value_name(f"{name}/vector")
+        old.name, old.shape = edit.value_name(f"{name}/vector"), None
         target.name, target.type, target.shape = name, type_, shape
         for k in positions:
             graph.outputs[k] = target
-    if dense:
-        done.map_outputs.append(target)
+    return [target] if dense else []
+
+
+def _channels(value: ir.Value, head: Head, plan: HeadPlan, done: Rebuilt) -> int:
+    """The channels of one of the new head's maps: its convolution's outputs,
+    found back through the per-position ops (the map's own before the first)."""
+    convs = {conv.outputs[0]: conv for conv in done.convs}
+    while value in convs or value.producer() is not None:
+        if value in convs:
+            return convs[value].inputs[1].const_value.shape[0]
+        if value is plan.source:
+            break
+        value = value.producer().inputs[0]
+    return head.channels
 
 
 # --------------------------------------------------------------------------- what nothing reads any more

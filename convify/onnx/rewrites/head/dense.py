@@ -34,7 +34,7 @@ from convify.onnx.values import attribute
 SPATIAL_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
-def make_dense(edit: GraphEditor, head: Head, plan: HeadPlan, map_outputs: list[ir.Value]) -> list[str]:
+def make_dense(edit: GraphEditor, head: Head, plan: HeadPlan, map_outputs: list[tuple[ir.Value, int]]) -> list[str]:
     """Free the input sizes and declare the score maps; notes on what changed."""
     notes = []
     freed = _free_input_sizes(edit.graph, head.dims)
@@ -45,9 +45,9 @@ def make_dense(edit: GraphEditor, head: Head, plan: HeadPlan, map_outputs: list[
         notes.append(f"dense: cleared the declared shapes of {cleared} intermediate maps (they held the exported size)")
     pinned = plan.removal is PoolRemoval.NONE and head.pool is not None and (head.pool.is_global or head.pool.fused)
     names = SPATIAL_NAMES[head.dims]
-    for out in map_outputs:
+    for out, channels in map_outputs:
         spatial = [1] * head.dims if pinned else [ir.SymbolicDim(f"out_{n}") for n in names]
-        out.shape = ir.Shape([head.batch, head.linears[-1].classes, *spatial])
+        out.shape = ir.Shape([head.batch, channels, *spatial])
     return notes
 
 

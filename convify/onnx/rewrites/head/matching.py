@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from convify.onnx.rewrites.head.reading import (CLASS_AXIS, Linear, is_batchnorm, is_linear_candidate, is_standard,
                                                 per_position, read_linear, spatial_axes)
-from convify.onnx.values import Dim, ShapeTable, attribute, constant_value, label, opset_of_node
+from convify.onnx.values import Dim, ShapeTable, ValueInfo, attribute, constant_value, label, opset_of_node
 
 #: The spatial dimensions a head's map may have (ONNX's Conv takes 1-, 2- and 3-d kernels here).
 MAX_DIMS = 3
@@ -112,6 +112,8 @@ class Head:
         """The row's ``old`` column: ``GlobalAveragePool -> Flatten(512x1x1) -> Gemm 512->1000``."""
         sizes = "->".join([str(self.first.features)] + [str(lin.classes) for lin in self.linears])
         ops = "/".join(dict.fromkeys(lin.describe() for lin in self.linears))
+        if self.pool is not None and self.pool.fused:
+            return f"{self.pool.desc} -> {ops} {sizes}"
         front = f"{self.pool.node.op_type} -> " if self.pool is not None and (
             self.pool.is_global or self.pool.fused) else ""
         space = "x".join(map(str, (self.channels, *self.spatial)))
@@ -173,7 +175,7 @@ def walk_back(linear: ir.Node, shapes: ShapeTable) -> Head | str | None:
                 tuple(between), tuple(pre_ops), info.shape[0], opset_of_node(flat), reshapes=tuple(reshapes))
 
 
-def _map_reason(info) -> str | None:
+def _map_reason(info: ValueInfo) -> str | None:
     if info.rank is None or info.rank < 3:
         return None if info.rank is not None else "the rank of the flattened map is unknown (no shape was inferred)"
     if info.rank - 2 > MAX_DIMS:
@@ -200,11 +202,13 @@ def _flattens(node: ir.Node, shapes: ShapeTable) -> bool:
     target = _reshape_target(node, shapes) if node.op_type == "Reshape" else None
     if target is not None and len(target) == 2:
         first, second = target
-        keeps_batch = first in (BATCH, -1 if second == features else BATCH) or (
-            first == 0 and not attribute(node, "allowzero", 0)) or (isinstance(inp.shape[0], int) and first == inp.shape[0])
-        return keeps_batch and second in (features, -1 if first != -1 else features)
-    same_batch = inp.shape[0] == out.shape[0] and inp.shape[0] is not None
-    return out.rank == 2 and same_batch and out.dim(1) == features
+        allowzero = attribute(node, "allowzero", 0)
+        keeps_batch = (first == BATCH or (first == 0 and not allowzero) or (first == -1 and second == features)
+                       or (isinstance(inp.shape[0], int) and first == inp.shape[0]))
+        return keeps_batch and (second == features or (second == -1 and first != -1))
+    if out.rank != 2 or inp.shape[0] is None or inp.shape[0] != out.shape[0]:
+        return False
+    return out.dim(1) == features
 
 
 def _keeps_vector(node: ir.Node | None, shapes: ShapeTable) -> bool:
@@ -228,7 +232,7 @@ def _reshape_target(node: ir.Node, shapes: ShapeTable) -> list[int | str] | None
     return _shape_entries(node.inputs[1] if len(node.inputs) > 1 else None, shapes.of(node.inputs[0]), shapes)
 
 
-def _shape_entries(value: ir.Value | None, data, shapes: ShapeTable) -> list[int | str] | None:
+def _shape_entries(value: ir.Value | None, data: ValueInfo, shapes: ShapeTable) -> list[int | str] | None:
     if value is None:
         return None
     const = constant_value(value)

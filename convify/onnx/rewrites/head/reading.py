@@ -171,14 +171,21 @@ def is_linear_candidate(node: ir.Node, ir_version: int) -> bool:
     return weight_value(node.inputs[1], ir_version) is not None
 
 
+def vector_reason(node: ir.Node, shapes: ShapeTable) -> str | None:
+    """Why a layer's input is no ``(N, F)`` vector, hence no head, or None."""
+    rank = shapes.of(node.inputs[0] if node.inputs else None).rank
+    if rank is None or rank == 2:
+        return None
+    return (f"not a head: its input has rank {rank} (a {node.op_type} on tokens or vectors of vectors), not a "
+            "flattened feature map (N, F)")
+
+
 def read_linear(node: ir.Node, shapes: ShapeTable, ir_version: int) -> Linear | str:
     """``node`` (a Gemm, or a MatMul for which :func:`is_linear_candidate`) as a
     :class:`Linear`, or why it cannot be one (a str)."""
-    inp = shapes.of(node.inputs[0] if node.inputs else None)
-    if inp.rank is not None and inp.rank != 2:
-        return (f"not a head: its input has rank {inp.rank} (a {node.op_type} on tokens or vectors of vectors), not "
-                "a flattened feature map (N, F)")
-    dtype = inp.dtype
+    if vector_reason(node, shapes):
+        return vector_reason(node, shapes)
+    dtype = shapes.of(node.inputs[0]).dtype
     if dtype not in NUMPY_FLOATS:
         return (f"its input is {dtype.name if dtype is not None else 'of unknown type'}; the head's convolutions "
                 f"are built in {', '.join(t.name for t in NUMPY_FLOATS)}")
