@@ -19,7 +19,7 @@ from convify.onnx.engine import report_of, rewrite_onnx
 from convify.onnx.files import to_proto, write_model
 
 from onnx_material import (Between, Head, WeightDelivery, light_with_random_weights, light_zoo, softmax_input,
-                           tf2onnx_style_classifier, torchvision_export, with_outputs)
+                           tf2onnx_style_classifier, torchvision_export, vnncomp_style_cnn, with_outputs)
 from onnx_models import reference, rel, run
 
 LAYERS = ("Gemm", "MatMul")
@@ -127,13 +127,16 @@ def as_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-@pytest.mark.parametrize("head", [Head.RESHAPE_MATMUL, Head.FLATTEN_GEMM, Head.REDUCE_MEAN_GEMM])
+@pytest.mark.parametrize("head", [Head.RESHAPE_MATMUL, Head.FLATTEN_GEMM, Head.REDUCE_MEAN_GEMM, "vnncomp"])
 def test_float64_is_exact_to_float64_rounding_by_the_reference_evaluator(head):
-    model = as_float64(tf2onnx_style_classifier(head=head, softmax=False))
+    rng = np.random.default_rng(1)
+    if head == "vnncomp":
+        model, x = as_float64(vnncomp_style_cnn()), rng.standard_normal((1, 1, 28, 28))
+    else:
+        model, x = as_float64(tf2onnx_style_classifier(head=head, softmax=False)), nhwc(rng).astype(np.float64)
     new = checked(rewrite(model))
     assert {t.data_type for t in new.graph.initializer if t.name.endswith((".weight", ".bias"))} == {
         TensorProto.DOUBLE}
-    x = nhwc(np.random.default_rng(1)).astype(np.float64)
     assert rel(reference(new, x)[0], reference(model, x)[0]) <= 1e-12
 
 
@@ -435,6 +438,19 @@ def test_dense_copies_the_ops_between_a_removed_pooling_and_its_flatten():
     assert rel(run(new, x)[0].mean(axis=(2, 3)), run(model, x)[0]) <= 1e-5
 
 
+def test_dense_keeps_a_global_max_pooling_and_its_map_is_one_position_at_any_size():
+    w, b = weights((3, 4), (3,))
+    model = small_model([node("GlobalMaxPool", ["x"], "g"), node("Flatten", ["g"], "f"),
+                         node("Gemm", ["f", "w", "b"], "y", transB=1)], {"w": w, "b": b})
+    new = checked(rewrite(model, HeadOptions(dense=True)))
+    (row,) = report_of(new).replaced
+    assert row.exact and row.detail.removal is PoolRemoval.NONE and "GlobalMaxPool is no average: kept" in row.notes[0]
+    assert dims(new.graph.input[0]) == [1, 4, "height", "width"] and dims(new.graph.output[0]) == [1, 3, 1, 1]
+    x = np.random.default_rng(14).standard_normal((1, 4, 3, 3)).astype(np.float32)
+    assert rel(run(new, x)[0].reshape(1, 3), run(model, x)[0]) <= 1e-5
+    assert run(new, np.ones((1, 4, 7, 5), np.float32))[0].shape == (1, 3, 1, 1)
+
+
 def test_two_heads_on_one_flattened_map():
     w1, w2 = weights((3, 36), (2, 36))
     nodes = [node("Flatten", ["x"], "f"), node("Gemm", ["f", "w1"], "y1", transB=1),
@@ -459,6 +475,8 @@ def test_gap_collapses_a_flattened_head_and_gap_mlp_is_exact_behind_a_global_ave
     constant = np.random.default_rng(12).standard_normal((1, 4, 1, 1)).astype(np.float32) * np.ones((1, 1, 3, 3),
                                                                                                     np.float32)
     assert rel(run(new, constant)[0], run(model, constant)[0]) <= 1e-5  # exact on spatially constant maps
+    dense = checked(rewrite(model, HeadOptions(mode="gap", dense=True)))
+    assert census(dense) == {"Conv": 1} and rel(run(dense, constant)[0][:, :, 1, 1], run(model, constant)[0]) <= 1e-5
     pooled = tf2onnx_style_classifier(head=Head.GLOBAL_POOL_GEMM, between=Between.DROPOUT)
     for mode in ("gap", "gap_mlp"):
         new = checked(rewrite(pooled, HeadOptions(mode=mode)))

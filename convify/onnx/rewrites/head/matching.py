@@ -72,7 +72,8 @@ class Head:
     channels last between P and the flatten (tf2onnx's NHWC flatten), whose
     order the first layer's weight is in; ``tree``: the layers and the
     per-position nodes after the first layer's input, in graph order;
-    ``class_ops``: Softmax/LogSoftmax nodes over the classes that read a value of the tree.
+    ``class_ops``: Softmax/LogSoftmax nodes over the classes that read a value of the tree;
+    ``reshapes``: Reshapes between the flatten and the first layer that leave the ``(N, F)`` vector as it is.
     """
 
     dims: int
