@@ -62,6 +62,9 @@ def test_exact_is_exact_in_float32_and_float64(case, before, form, grouped):
         assert all(i.data_type == (TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE)
                    for i in new.graph.initializer if i.name.endswith(".weight"))
         assert rel(execute(new, x.astype(dtype))[0], run(original, x.astype(dtype))[0]) <= bound
+        notes = report_of(new).replaced[0].notes
+        assert any("no DOUBLE Conv kernel" in n for n in notes) is (dtype == np.float64)
+        assert any("resolved at the input size" in n for n in notes) is ("same" in case)
 
 
 @pytest.mark.parametrize("before", [(), ("Relu",)], ids=["signed", "relu"])
@@ -171,7 +174,8 @@ def test_used_indices_are_skipped_and_unused_ones_dropped():
         pool_model([1, 2, 6, 6], kernel_shape=[2, 2], indices="output"))
     model = pool_model([1, 2, 6, 6], kernel_shape=[2, 2], indices="unused")
     new = checked(rewrite(model, mode="exact"))
-    assert "idx" not in {o for n in new.graph.node for o in n.output}
+    assert any(v.name == "idx" for v in model.graph.value_info)
+    assert "idx" not in {o for n in new.graph.node for o in n.output} | {v.name for v in new.graph.value_info}
     x = np.random.default_rng(3).standard_normal((1, 2, 6, 6)).astype(np.float32)
     assert rel(run(new, x)[0], run(model, x)[0]) <= 1e-6
 
@@ -196,6 +200,8 @@ def test_float16_takes_the_conv_mode():
     ([1, 2, "h", 6], dict(kernel_shape=[2, 2], pads=[2, 0, 0, 0]), "a window holds padding only"),
     ([1, 2, "h", 6], dict(kernel_shape=[2, 2], auto_pad="SAME_UPPER"), "dynamic along spatial axis 0"),
     ([1, 2, 7, 7], dict(kernel_shape=[3, 3], dilations=[2, 2], auto_pad="SAME_LOWER"), "as if the kernel"),
+    ([1, 2, 3, 6], dict(kernel_shape=[1, 1], strides=[3, 3], auto_pad="SAME_UPPER"), "pads spatial axis 0 by -2"),
+    ([1, 2, 2, 6], dict(kernel_shape=[3, 3], auto_pad="VALID"), "its output is empty along spatial axis 0"),
 ])
 def test_windows_it_cannot_build_are_skipped_with_the_reason(shape, attrs, reason):
     model = pool_model(shape, out_shape=["N", 2, "a", "b"], **attrs)

@@ -86,11 +86,9 @@ class GraphEditor:
         ``old``'s first output (its name, type and shape, its consumers, the
         graph output it may be); ``old`` and its other outputs, which nothing
         may use, go."""
-        out = old.outputs[0]
-        name = out.name
-        new_output.name = None  # the old value keeps the name until it goes: no two values share it
-        ir.convenience.replace_nodes_and_values(self.graph, old, [old], list(new_nodes), [out], [new_output])
-        new_output.name = name
+        # the new value takes the old one's name, type and shape; its uses, graph outputs included, move to it
+        ir.convenience.replace_nodes_and_values(self.graph, old, [old], list(new_nodes), [old.outputs[0]],
+                                                [new_output])
 
 
 def _free(base: str, taken: set[str]) -> str:

@@ -98,4 +98,12 @@ def replaced_notes(edit: GraphEditor, site: Site[PoolSite], first: int) -> tuple
     notes = [f"ONNX node {site.name} (MaxPool) replaced by {len(nodes)} nodes: {added}"]
     if weights:
         notes.append(f"initializers added: {', '.join(sorted(weights))}")
+    pool = site.params
+    if pool.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        size = "x".join(map(str, pool.spatial))
+        notes.append(f"auto_pad={pool.auto_pad} resolved at the input size {size}: pads "
+                     f"{list(pool.params.padding) + list(pool.params.pads_end)}; other sizes need another rewrite")
+    if pool.dtype == ir.DataType.DOUBLE:
+        notes.append("DOUBLE: onnxruntime's CPU provider has no DOUBLE Conv kernel (the original's MaxPool has "
+                     "one); run it in FLOAT, or with a runtime that has one (onnx.reference does)")
     return tuple(notes)

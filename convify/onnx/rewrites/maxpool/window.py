@@ -10,16 +10,24 @@ none of. ``auto_pad``:
 * ``VALID``: no padding;
 * ``SAME_UPPER`` / ``SAME_LOWER``: resolved at the input's static size to
   explicit pads, the odd one after (UPPER) or before (LOWER) the input,
-  as the ONNX spec computes them; a dynamic size along a pooled axis is
-  skipped (its padding would have to be computed in the graph at run time),
-  and so is a dilated axis (onnxruntime pads those as if the kernel were not
-  dilated, against the spec, so the two disagree on the output size);
+  as the ONNX spec computes them; skipped with the reason: a dynamic size
+  along a pooled axis (its padding would have to be computed in the graph
+  at run time), a dilated window (onnxruntime pads those as if the kernel
+  were not dilated, against the spec, so the two disagree on the output
+  size) and a negative padding (a window shorter than its stride: the spec
+  does not clamp it, ONNX's reference crops, onnxruntime refuses);
 * ``NOTSET``: ``pads``.
 
 ``ceil_mode``: the windows that overhang the end are made by
 ``PoolParams.extra_pad`` more zeros (or copies) after the input, which
 follows ONNX's rule that a window may not start in the end padding. Where the
 output's size is inferred, the convolution's is checked against it.
+
+At a static size, a window of padding only (the pooling gives -inf there)
+and an empty output are skipped. Along a dynamic axis the rewrite holds at
+every size where neither happens; at the sizes where one does, the
+rewritten graph differs (onnxruntime's Conv refuses an input shorter than
+its window, where the MaxPool returns an empty tensor).
 """
 from __future__ import annotations
 
@@ -140,7 +148,7 @@ def _resolve_pads(node: ir.Node, auto_pad: str, kernel: Sequence[int], strides: 
         return list(pads), None
     if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
         return [], f"auto_pad={auto_pad!r} is not one the ONNX spec defines"
-    if any(d != 1 for d in dilations):
+    if any(d != 1 and k > 1 for k, d in zip(kernel, dilations)):
         return [], (f"auto_pad={auto_pad} with dilations {list(dilations)}: onnxruntime pads it as if the kernel "
                     "were not dilated, against the ONNX spec, so the two give different sizes; write its pads "
                     "explicitly")
@@ -149,8 +157,11 @@ def _resolve_pads(node: ir.Node, auto_pad: str, kernel: Sequence[int], strides: 
         return [], (f"auto_pad={auto_pad} pads by the input's size, which is dynamic along spatial axis "
                     f"{dynamic[0]}; fix the input size to rewrite it")
     begin, end = [], []
-    for n, k, s, d in zip(spatial, kernel, strides, dilations):
-        total = max(0, (-(-n // s) - 1) * s + d * (k - 1) + 1 - n)
+    for axis, (n, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)):
+        total = (-(-n // s) - 1) * s + d * (k - 1) + 1 - n
+        if total < 0:  # the spec does not clamp it: the reference crops, onnxruntime refuses or differs
+            return [], (f"auto_pad={auto_pad} pads spatial axis {axis} by {total} at its size {n} (a window shorter "
+                        "than its stride): runtimes disagree on negative padding; write its pads explicitly")
         small, large = total // 2, total - total // 2
         begin.append(small if auto_pad == "SAME_UPPER" else large)
         end.append(large if auto_pad == "SAME_UPPER" else small)
@@ -176,7 +187,11 @@ def window_reason(params: PoolParams, spatial: Sequence[int | None]) -> str | No
                 return (f"its padding along spatial axis {axis} ({begin}, {end}) is longer than its window "
                         f"spans ({d * (k - 1) + 1}): a window holds padding only, where the max pooling gives -inf")
             continue
-        for o in range(output_size(params, axis, n)):
+        outputs = output_size(params, axis, n)
+        if outputs < 1:
+            return (f"its output is empty along spatial axis {axis} (its window spans {d * (k - 1) + 1}, the padded "
+                    f"input {n + begin + end}): nothing a convolution could compute")
+        for o in range(outputs):
             if not any(0 <= o * s - begin + i * d < n for i in range(k)):
                 return (f"at its input size ({n} along spatial axis {axis}) its window {o} holds padding only, "
                         "where the max pooling gives -inf and no convolution can")
