@@ -3,14 +3,17 @@ only/skip, the source left alone, errors; and the ONNX implementations' registry
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from convify.core.rewrites.head import HeadOptions
+from convify.core import registry
+from convify.core.options import RewriteOptions, option
 from convify.core.rewrites.maxpool import ExactTree, MaxPoolOptions, PoolParams, PoolRecord
+from convify.core.spec import RewriteSpec
 from convify.errors import ModelFileError, UsageError
 from convify.onnx.engine import REPORT_KEY, report_of, rewrite_onnx
 from convify.onnx.files import read_model, to_proto, write_model
@@ -88,10 +91,19 @@ def test_an_ir_model_given_is_not_changed():
     assert rewritten is not model and "MaxPool" not in {n.op_type for n in rewritten.graph}
 
 
+@dataclass(frozen=True)
+class ToyOptions(RewriteOptions):
+    mode: str = option("on", "a rewrite the ONNX frontend does not implement", choices=("on",))
+
+
 def test_a_rewrite_with_no_onnx_implementation_and_wrong_options_are_refused():
-    with pytest.raises(UsageError, match="rewrite 'head' has no ONNX implementation yet; implemented for ONNX: "
-                                         "maxpool"):
-        rewrite_onnx(two_pools(), [EXACT, HeadOptions()])
+    registry.register(RewriteSpec(name="toy_unimplemented", Options=ToyOptions, keyword="toy_unimplemented"))
+    try:
+        with pytest.raises(UsageError, match="rewrite 'toy_unimplemented' has no ONNX implementation yet; "
+                                             "implemented for ONNX: head, maxpool"):
+            rewrite_onnx(two_pools(), [EXACT, ToyOptions()])
+    finally:
+        registry.unregister("toy_unimplemented")
     with pytest.raises(UsageError, match="takes rewrite options"):
         rewrite_onnx(two_pools(), ["exact"])
     with pytest.raises(UsageError, match="at least one rewrite"):
