@@ -26,10 +26,17 @@ def refuse_torch_only(call: str, given: Mapping[str, Any]) -> None:
 
 
 def rewrite(model: Any, options: RewriteOptions | Sequence[RewriteOptions], only: Any, skip: Any) -> Any:
-    """The ONNX frontend's rewrite of ``model``, as an ``onnx.ModelProto`` that carries its report."""
-    from convify.onnx import rewrite_onnx, to_proto  # noqa: PLC0415
+    """The ONNX frontend's rewrite of ``model``, as an ``onnx.ModelProto`` that carries its report.
 
-    return to_proto(rewrite_onnx(model, options, only=only, skip=skip))
+    The proto holds every weight, also those the source kept in an external data file: a proto's
+    external references are relative to a file it no longer comes from, so ``onnx.save(result,
+    anywhere)`` would write a model that cannot find them. A model over the 2 GB a proto holds is
+    refused with the way to rewrite it file to file."""
+    from convify.onnx import rewrite_onnx, to_proto  # noqa: PLC0415
+    from convify.onnx.files import embed_external_data  # noqa: PLC0415
+
+    rewritten = rewrite_onnx(model, options, only=only, skip=skip)
+    return to_proto(embed_external_data(rewritten, model))
 
 
 def report(model: Any):

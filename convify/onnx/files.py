@@ -15,6 +15,7 @@ serializes one in memory.
 from __future__ import annotations
 
 import os
+from typing import Any
 from pathlib import Path
 
 import onnx
@@ -144,6 +145,19 @@ def _reads_from(model: ir.Model, data: Path) -> bool:
         if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == data.resolve():
             return True
     return False
+
+
+def embed_external_data(model: ir.Model, source: Any = None) -> ir.Model:
+    """``model`` with the tensors it reads from external data files loaded into memory, so that its
+    proto stands alone; ``ModelFileError`` when they would not fit in one protobuf (2 GB)."""
+    if not has_external_data(model):
+        return model
+    if initializer_bytes(model) > PROTOBUF_LIMIT - _GRAPH_ROOM:
+        where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
+        raise ModelFileError(f"{where}its weights exceed the 2 GB an onnx.ModelProto holds, so the rewrite cannot "
+                             "be returned as one: rewrite it file to file (convify rewrite MODEL.onnx -o OUT.onnx, "
+                             "or convify.onnx.rewrite_onnx then convify.onnx.write_model)")
+    return ir.external_data.load_to_model(model)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
