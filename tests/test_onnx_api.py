@@ -121,3 +121,20 @@ def test_verify_on_given_inputs_and_the_error_without_sizes(original):
     dynamic.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
     with pytest.raises(VerificationError, match=r"no size along axis 2 \('height'\): give inputs="):
         convify.verify(dynamic, dynamic)
+
+
+def test_nodes_of_unknown_domains_are_kept_as_they_were():
+    from onnx import TensorProto, helper
+    custom = helper.make_node("Brighten", ["x"], ["b"], name="vendor_op", domain="com.example", gain=2.0)
+    nodes = [custom, helper.make_node("Relu", ["b"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["y"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    out = convify.replace_maxpool(model, mode="exact")
+    assert convify.report(out).exact and [r.name for r in convify.report(out).replaced] == ["pool"]
+    assert out.graph.node[0] == custom and out.graph.node[1] == nodes[1]
+    assert {(o.domain, o.version) for o in out.opset_import} == {("", 17), ("com.example", 1)}
+    assert "MaxPool" not in {n.op_type for n in out.graph.node}
