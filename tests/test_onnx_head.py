@@ -16,7 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from convify.core.rewrites.head import Exactness, HeadOptions, HeadRecord, PoolRemoval
 from convify.core.rewrites.maxpool import MaxPoolOptions
 from convify.onnx.engine import report_of, rewrite_onnx
-from convify.onnx.files import to_proto, write_model
+from convify.onnx.files import read_model, to_proto, write_model
+from convify.onnx.rewrites.head.reading import read_linear
+from convify.onnx.values import infer_shapes
 
 from onnx_material import (Between, Head, WeightDelivery, light_with_random_weights, light_zoo, softmax_input,
                            tf2onnx_style_classifier, torchvision_export, vnncomp_style_cnn, with_outputs)
@@ -380,6 +382,23 @@ def test_a_gemm_bias_absent_empty_or_broadcast(bias):
     new = checked(rewrite(model))
     (conv,) = [n for n in new.graph.node if n.op_type == "Conv"]
     assert len(conv.input) == (2 if bias in ("absent", "empty", "beta0") else 3)
+    same_outputs(new, model)
+
+
+@pytest.mark.parametrize("trans_b, alpha", [(1, 1.0), (0, 1.0), (1, 0.5)])
+def test_a_gemm_weight_is_read_in_its_own_type_and_becomes_the_conv_weight_bit_for_bit(trans_b, alpha):
+    """No float64 copy of a layer's weight unless alpha scales it (vgg16's first is 400 MB; the copy cost 0.8 GB
+    and seconds: benchmarks/onnx_rewrite_speed.py)."""
+    (w,) = weights((3, 36))
+    model = small_model([node("Flatten", ["x"], "f"), node("Gemm", ["f", "w"], "y", transB=trans_b, alpha=alpha)],
+                        {"w": w if trans_b else w.T})
+    graph = read_model(model)
+    gemm = next(n for n in graph.graph if n.op_type == "Gemm")
+    linear = read_linear(gemm, infer_shapes(graph), graph.ir_version)
+    assert linear.weight.dtype == (np.float32 if alpha == 1.0 else np.float64) and linear.weight.flags.writeable
+    new = checked(rewrite(model))
+    (conv_weight,) = [numpy_helper.to_array(t) for t in new.graph.initializer if t.name.endswith("conv.weight")]
+    np.testing.assert_array_equal(conv_weight, (alpha * w.astype(np.float64)).astype(np.float32).reshape(3, 4, 3, 3))
     same_outputs(new, model)
 
 

@@ -140,8 +140,8 @@ def _rebuild_tree(edit: GraphEditor, head: Head, plan: HeadPlan, env: dict[ir.Va
 
 def _first_weight(head: Head, plan: HeadPlan) -> tuple[torch.Tensor, tuple[int, ...]]:
     weight = torch.from_numpy(head.channel_major_weight())
-    if plan.mode.averages:
-        return W.linear_to_gap_weight(weight, head.channels, head.spatial), (1,) * head.dims
+    if plan.mode.averages:  # a sum over the positions: in float64, like every weight that is computed
+        return W.linear_to_gap_weight(weight.double(), head.channels, head.spatial), (1,) * head.dims
     return W.linear_to_conv_weight(weight, head.channels, plan.kernel), plan.kernel
 
 
@@ -172,7 +172,8 @@ def head_steps(head: Head) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     for step in head.tree[:last + 1]:
         if isinstance(step, Linear):
             weight = head.channel_major_weight() if step is head.first else step.weight
-            steps.append((torch.from_numpy(weight), None if step.bias is None else torch.from_numpy(step.bias)))
+            steps.append((torch.from_numpy(weight).double(),  # summed over positions before compose_affine
+                          None if step.bias is None else torch.from_numpy(step.bias)))
         elif is_batchnorm(step):
             scale, shift = batchnorm_affine(step)
             steps.append((torch.from_numpy(scale), torch.from_numpy(shift)))
@@ -184,7 +185,7 @@ def _conv(edit: GraphEditor, linear: Linear, source: ir.Value, weight: torch.Ten
     """A Conv computing ``linear`` (with ``weight``, ``bias``) on ``source``, inserted before the layer."""
     base = f"{linear.name}/conv"
     dtype = linear.numpy_dtype
-    inputs = [source, edit.initializer(f"{base}.weight", weight.numpy().astype(dtype))]
+    inputs = [source, edit.initializer(f"{base}.weight", weight.numpy().astype(dtype, copy=False))]
     if bias is not None:
         inputs.append(edit.initializer(f"{base}.bias", np.asarray(bias).astype(dtype)))
     conv = edit.node("Conv", inputs, {"kernel_shape": list(kernel)}, base)

@@ -206,7 +206,9 @@ def _read_gemm(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray | N
     if b is None or b.ndim != 2:
         return _not_constant("weight B")
     alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
-    matrix = b.astype(np.float64) if attribute(node, "transB", 0) else b.astype(np.float64).T
+    matrix = b if attribute(node, "transB", 0) else b.T
+    if alpha != 1.0:
+        matrix = alpha * matrix.astype(np.float64)
     bias = None
     c_value = node.inputs[2] if len(node.inputs) > 2 else None
     if c_value is not None and beta != 0.0:
@@ -218,7 +220,7 @@ def _read_gemm(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray | N
             return (f"its bias C has shape {list(c.shape)}, which differs between samples; a convolution's bias is "
                     f"one value per class ({matrix.shape[0]})")
         bias = beta * bias
-    return alpha * matrix, bias, None
+    return _own(matrix), bias, None
 
 
 def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray | None]
@@ -226,7 +228,7 @@ def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray |
     b = weight(node.inputs[1])
     if b is None or b.ndim != 2:
         return _not_constant("2-d weight")
-    matrix = b.astype(np.float64).T
+    matrix = _own(b.T)
     out = node.outputs[0]
     users = list(dict.fromkeys(n for n, _ in out.uses()))
     if len(users) != 1 or out.is_graph_output() or not is_standard(users[0], "Add"):
@@ -238,6 +240,12 @@ def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray |
     if bias is None:
         return matrix, None, None  # an Add of something else: it reads the layer's result
     return matrix, bias, add
+
+
+def _own(matrix: np.ndarray) -> np.ndarray:
+    """``matrix``, copied only when it is a read-only view of the file's bytes
+    (so that the built weight owns its memory, as torch needs)."""
+    return np.require(matrix, requirements="W")
 
 
 def _per_class(c: np.ndarray, classes: int) -> np.ndarray | None:
