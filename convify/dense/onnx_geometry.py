@@ -7,8 +7,8 @@ geometry, the tensor axes that hold height and width (a ``Transpose`` moves
 them: tf2onnx's channels-last input, a Softmax between two Transposes), its
 channels where the graph says them, and, for a given input size, its spatial
 size. ``Conv``, ``MaxPool``, ``AveragePool`` and ``LpPool`` (kernel, strides,
-pads, dilations, ``ceil_mode``; ``auto_pad`` SAME only at stride 1, where its
-padding does not depend on the size) and ``Pad`` (constant pads) move the
+pads, dilations, ``ceil_mode``; ``auto_pad`` SAME, whose padding at a stride over 1
+depends on the size, is frozen at the one-pass size: :attr:`GraphWalk.frozen_pads`) and ``Pad`` (constant pads) move the
 window; elementwise ops, ``BatchNormalization``, ``LRN``, a Softmax off the
 spatial axes and a channel ``Concat`` keep it; a sum or product of maps takes
 the union. Anything else on the pixels' path (``Flatten``, ``Reshape``,
@@ -65,6 +65,7 @@ class GraphWalk:
     channels: int | None
     dtype: np.dtype
     peak_bytes: int
+    frozen_pads: dict[int, list[int]]  # node index -> the explicit pads its auto_pad SAME gives at this size
 
 
 def image_input(model: ir.Model) -> ir.Value:
@@ -94,16 +95,22 @@ def walk_graph(model: ir.Model, size: tuple[int, int] | None = None) -> GraphWal
     dtype = np.dtype(x.dtype.numpy()) if x.dtype is not None else np.dtype(np.float32)
     planes: dict[ir.Value, Plane] = {x: Plane(IDENTITY, axes, channels, size, 4, dtype.itemsize)}
     peak, widest = 0, channels or 1  # a map of unknown channels counts as the widest seen so far
-    for node in model.graph:
+    frozen: dict[int, list[int]] = {}
+    for index, node in enumerate(model.graph):
         reading = [planes[v] for v in node.inputs if v is not None and v in planes]
         if not reading or node.op_type in _NO_PIXELS:
             continue
-        out = _node_plane(node, reading)
+        if node.op_type in _SLIDING:
+            out, pads = _sliding_node(node, reading)
+            if pads is not None:
+                frozen[index] = pads
+        else:
+            out = _node_plane(node, reading)
         planes[node.outputs[0]] = out
         widest = max(widest, out.channels or 0)
         peak = max(peak, sum(p.elements(widest) * p.itemsize for p in (*reading, out)))
     plane = _output_plane(model, planes)
-    return GraphWalk(plane.geometry, plane.size, x.name, last, channels, dtype, peak)
+    return GraphWalk(plane.geometry, plane.size, x.name, last, channels, dtype, peak, frozen)
 
 
 def _output_plane(model: ir.Model, planes: dict[ir.Value, Plane]) -> Plane:
@@ -220,7 +227,11 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     return list(value) if value else default
 
 
-def _sliding(node: ir.Node, reading: list[Plane], kernel: list[int] | None, channels: int | None) -> Plane:
+def _sliding(node: ir.Node, reading: list[Plane], kernel: list[int] | None,
+             channels: int | None) -> tuple[Plane, list[int] | None]:
+    """The plane after a convolution or pooling, and the pads an ``auto_pad`` SAME at a stride over 1 gives
+    at this size (None otherwise): its padding depends on the map's size, so the scan freezes it at the
+    one-pass size, which keeps every tile's grid that of the one pass."""
     (plane,) = reading
     if plane.axes != (2, 3) or plane.rank != 4:
         raise not_tilable(node, f"it slides over axes 2 and 3, not over the map's height and width {plane.axes}")
@@ -230,13 +241,17 @@ def _sliding(node: ir.Node, reading: list[Plane], kernel: list[int] | None, chan
     dilations = _ints(node, "dilations", [1, 1])
     pads = _ints(node, "pads", [0, 0, 0, 0])
     auto_pad = attribute(node, "auto_pad", "NOTSET")
+    frozen = None
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if strides != [1, 1]:
+        if strides != [1, 1] and plane.size is None:
             raise not_tilable(node, f"auto_pad={auto_pad} at stride {strides} pads by an amount that depends on "
-                                    "the map's size; export it with explicit pads")
-        total = [d * (k - 1) for k, d in zip(kernel, dilations)]
+                                    "the map's size, and the size is not known")
+        lengths = plane.size or (1, 1)
+        total = [max(0, (-(-n // s) - 1) * s + d * (k - 1) + 1 - n)
+                 for n, k, s, d in zip(lengths, kernel, strides, dilations)]
         before = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in total]
         pads = [*before, *(t - b for t, b in zip(total, before))]
+        frozen = pads if strides != [1, 1] else None
     elif auto_pad == "VALID":
         pads = [0, 0, 0, 0]
     ceil = bool(attribute(node, "ceil_mode", 0))
@@ -248,7 +263,7 @@ def _sliding(node: ir.Node, reading: list[Plane], kernel: list[int] | None, chan
         if min(size) < 1:
             raise NotTilableError(f"ONNX node {label(node)!r} ({node.op_type}) gives an empty map on an input of "
                                   f"{plane.size[0]}x{plane.size[1]} at that layer: the image is too small")
-    return replace(plane, geometry=Geometry(axes), size=size, channels=channels)  # type: ignore[arg-type]
+    return replace(plane, geometry=Geometry(axes), size=size, channels=channels), frozen  # type: ignore[arg-type]
 
 
 def _slid(length: int, k: int, s: int, before: int, after: int, d: int, ceil: bool) -> int:
@@ -261,7 +276,13 @@ def _slid(length: int, k: int, s: int, before: int, after: int, d: int, ceil: bo
     return out - 1 if (out - 1) * s >= length + before else out
 
 
-def _conv(node: ir.Node, reading: list[Plane]) -> Plane:
+def _sliding_node(node: ir.Node, reading: list[Plane]) -> tuple[Plane, list[int] | None]:
+    if node.op_type == "Conv":
+        return _conv(node, reading)
+    return _sliding(node, reading, _ints(node, "kernel_shape", []), reading[0].channels)
+
+
+def _conv(node: ir.Node, reading: list[Plane]) -> tuple[Plane, list[int] | None]:
     weight = node.inputs[1]
     shape = list(weight.shape) if weight is not None and weight.shape is not None else None
     kernel = _ints(node, "kernel_shape", [d for d in shape[2:]] if shape else [])
@@ -269,10 +290,6 @@ def _conv(node: ir.Node, reading: list[Plane]) -> Plane:
     if len(reading) > 1:
         raise not_tilable(node, "its weights are computed from the image")
     return _sliding(node, reading, kernel if all(isinstance(k, int) for k in kernel) else None, out_channels)
-
-
-def _pool(node: ir.Node, reading: list[Plane]) -> Plane:
-    return _sliding(node, reading, _ints(node, "kernel_shape", []), reading[0].channels)
 
 
 def _pad(node: ir.Node, reading: list[Plane]) -> Plane:
@@ -294,7 +311,7 @@ def _pad(node: ir.Node, reading: list[Plane]) -> Plane:
 
 
 _RULES: dict[str, Callable[[ir.Node, list[Plane]], Plane]] = {
-    "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool, "LpPool": _pool, "Pad": _pad, "Concat": _concat,
+    "Pad": _pad, "Concat": _concat,
     "Softmax": _softmax, "LogSoftmax": _softmax, "Hardmax": _softmax, "Transpose": _transpose,
 }
 
@@ -306,6 +323,9 @@ _KEEPS = frozenset({
     "DequantizeLinear", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "ThresholdedRelu",
     "Shrink",
 })
+
+#: Convolutions and poolings: a window slides over the map.
+_SLIDING = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 
 #: Ops that broadcast their inputs numpy-style (a constant among them is checked along height and width).
 _BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"})

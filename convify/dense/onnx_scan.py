@@ -94,10 +94,10 @@ class SessionRunner:
     def __enter__(self) -> "SessionRunner":
         ep = execution_provider(self.provider)  # an unavailable provider fails before any work
         path = self.source
-        if not isinstance(path, (str, os.PathLike)):
+        if self.walk.frozen_pads or not isinstance(path, (str, os.PathLike)):
             self.tmp = tempfile.TemporaryDirectory(prefix="convify-dense-")
             path = Path(self.tmp.name) / "dense.onnx"
-            write_model(self.model, path)
+            write_model(_with_pads(self.model, self.walk.frozen_pads), path)
         self.session = open_session(path, ep)
         self.output = self.model.graph.outputs[0].name
         return self
@@ -110,6 +110,19 @@ class SessionRunner:
     def __exit__(self, *exc: Any) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
+
+
+def _with_pads(model: ir.Model, frozen: dict[int, list[int]]) -> ir.Model:
+    """A copy of ``model`` whose ``auto_pad`` SAME nodes at a stride over 1 pad explicitly as at the one-pass
+    size (``model`` itself when there are none): every tile then pads as the whole image does."""
+    if not frozen:
+        return model
+    copy = model.clone()
+    for index, node in enumerate(copy.graph):
+        if index in frozen:
+            node.attributes["auto_pad"] = ir.AttrString("auto_pad", "NOTSET")
+            node.attributes["pads"] = ir.AttrInt64s("pads", frozen[index])
+    return copy
 
 
 def scan_onnx(source: OnnxModel, image: Any, *, tile: int | None, batch_size: int | None, progress: bool,
