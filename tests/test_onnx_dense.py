@@ -18,7 +18,7 @@ from convify import dense as D
 from convify.dense.geometry import NotDenseError, NotTilableError, receptive_field
 from convify.dense.onnx_geometry import walk_graph
 from convify.errors import UsageError, VerificationError
-from convify.onnx import read_model, write_model
+from convify.onnx import read_model
 
 from cli_factories import tiny_net
 from conftest import reinit, rel_err

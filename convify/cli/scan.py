@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--onnx", action="store_true",
                    help="run the tiles through onnxruntime (the model exported with dynamic height and width)")
     g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                   help="with --onnx: onnxruntime provider (default: cpu)")
+                   help="with --onnx or a dense ONNX MODEL: onnxruntime provider (default: cpu)")
     json_argument(p)
 
 
