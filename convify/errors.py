@@ -40,6 +40,7 @@ PARAMETERS: dict[str, str] = {
     # a whole phrase: the library turns an option off, the command line leaves a flag out
     "no_compile": "pass compile=False",
     "make_dense": "replace_linear_head(..., dense=True)",
+    "make_dense_onnx": "convify.replace_linear_head(model, dense=True) (an ONNX model back)",
 }
 
 

@@ -15,6 +15,7 @@ FLAGS = {
     "calibration": "--calibration DIR", "precision": "--precision", "device": "--device", "dense": "--dense",
     "fixed_spatial": "--no-dynamic-spatial", "input_names": "--input-names", "output_names": "--output-names",
     "no_compile": "leave out --compile", "make_dense": "convify rewrite --dense",
+    "make_dense_onnx": "convify rewrite MODEL.onnx --dense -o OUT.onnx",
 }
 
 

@@ -5,6 +5,7 @@ import argparse
 import os
 from typing import Any
 
+from convify.cli import onnx_files
 from convify.cli.arguments import given_shape, json_argument, model_arguments, output_arguments
 from convify.cli.command import EXIT_OK, Command
 from convify.cli.console import Progress, note, print_json, shape_text
@@ -35,16 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--onnx", action="store_true",
                    help="run the tiles through onnxruntime (the model exported with dynamic height and width)")
     g.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                   help="with --onnx: onnxruntime provider (default: cpu)")
+                   help="with --onnx or a dense ONNX MODEL: onnxruntime provider (default: cpu)")
     json_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Score every window of IMAGE with MODEL made dense, in exact tiles; write OUT.npy (and a PNG)."""
-    import numpy as np  # noqa: PLC0415
-
     from convify import io as ck  # noqa: PLC0415
-    from convify.dense import heatmap, is_dense, load_image, scan  # noqa: PLC0415
+    from convify.dense import is_dense, load_image, scan  # noqa: PLC0415
     from convify.dense.images import conversion_of  # noqa: PLC0415
 
     check_suffix(args.output, "-o", NUMPY, f"--png {args.output} draws the heat map")
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         ck.check_output(args.png, force=args.force, inputs=inputs + [args.output])
     if not os.path.isfile(args.image):
         raise UsageError(f"{args.image}: no such image file")
+    if onnx_files.names_onnx(args):
+        return _run_onnx(args, inputs)
     shape = given_shape(args)
     with Progress(2) as progress:
         with progress.step("loading the model"):
@@ -74,6 +75,48 @@ def run(args: argparse.Namespace) -> int:
     result = scan(model, image, tile=args.tile, batch_size=args.batch_size, device=args.device,
                   progress=not args.json, onnx=True if args.onnx else None, provider=args.provider,
                   normalize=_IMAGENET if args.normalize == "imagenet" else None)
+    notes = [f"{conversion} ({src.label} takes {counted(channels, 'channel')})"] if conversion is not None else []
+    if converted:
+        notes.append(f"{src.label} is not dense: converted its head dense, as rewrite --dense does (weights kept)")
+    _write_outputs(args, src.label, result, inputs, notes)
+    note_random_weights(src, args, args.output)
+    return EXIT_OK
+
+
+def _run_onnx(args: argparse.Namespace, inputs: list[Any]) -> int:
+    """A dense ONNX MODEL: the tiles run in onnxruntime on --provider; a file that is not dense is refused."""
+    from convify.dense import scan  # noqa: PLC0415
+    from convify.dense.images import conversion_of, load_image  # noqa: PLC0415
+    from convify.dense.onnx_scan import image_channels, read_dense  # noqa: PLC0415
+
+    onnx_files.refuse_torch_flags(args)
+    if args.device is not None:
+        raise UsageError(f"{args.model} is an ONNX model: --device applies to PyTorch models only; it runs in "
+                         "onnxruntime on --provider")
+    with Progress(1) as progress:
+        with progress.step("reading the model"):
+            model = read_dense(args.model)
+            channels = image_channels(model)
+            try:
+                image = load_image(args.image, channels)
+            except DataError as e:
+                raise UsageError(str(e)) from e
+            conversion = conversion_of(args.image, channels)
+    result = scan(model, image, tile=args.tile, batch_size=args.batch_size, progress=not args.json,
+                  provider=args.provider, normalize=_IMAGENET if args.normalize == "imagenet" else None)
+    notes = [f"{conversion} ({args.model} takes {counted(channels, 'channel')})"] if conversion is not None else []
+    _write_outputs(args, str(args.model), result, inputs, notes)
+    return EXIT_OK
+
+
+def _write_outputs(args: argparse.Namespace, label: str, result: Any, inputs: list[Any], notes: list[str]) -> None:
+    """Write the map (and the heat map), print the summary, then the notes: after success, so that an error
+    stays one line."""
+    import numpy as np  # noqa: PLC0415
+
+    from convify import io as ck  # noqa: PLC0415
+    from convify.dense import heatmap  # noqa: PLC0415
+
     scores = result.scores
     assert scores is not None  # one process: rank 0
     written = [args.output]
@@ -91,19 +134,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--class {args.class_index}: the map has {counted(scores.shape[1], 'class', 'classes')} "
                          f"(0 .. {scores.shape[1] - 1})")
     ck.atomic_write(args.output, write, force=args.force, inputs=inputs)
-    summary = _scan_summary(src.label, result)
+    summary = _scan_summary(label, result)
     if args.json:
         print_json({**summary, "written": written})
     else:
         print(_scan_headline(summary))
-    if conversion is not None:  # notes after success, so that an error stays one line
-        note(f"{conversion} ({src.label} takes {counted(channels, 'channel')})")
-    if converted:
-        note(f"{src.label} is not dense: converted its head dense, as rewrite --dense does (weights kept)")
+    for text in notes:
+        note(text)
     for path in written:
         note(f"wrote {path}")
-    note_random_weights(src, args, args.output)
-    return EXIT_OK
 
 
 def _image_channels(label: str, shape: tuple[int, ...]) -> int:

@@ -3,6 +3,9 @@
 * :mod:`convify.dense.scanning`: ``dense_map`` and ``scan`` (run the tiles, stitch the map), ``is_dense``;
 * :mod:`convify.dense.tiles`: where the tiles start and end, and the memory budget that sizes them;
 * :mod:`convify.dense.runners`: the PyTorch, onnxruntime and ``torchrun`` runners of the tiles;
+* :mod:`convify.dense.stitching`: running a plan's tiles and stitching the outputs each owns;
+* :mod:`convify.dense.onnx_scan`, :mod:`convify.dense.onnx_geometry`: a dense ONNX model scanned in an
+  onnxruntime session, its geometry read from its graph (imported only when an ONNX model is given);
 * :mod:`convify.dense.images`: reading an image file, turning pixels into model input;
 * :mod:`convify.dense.heatmaps`: a score map drawn over its image;
 * :mod:`convify.dense.geometry`: the receptive field (stride, size, offset) of a dense model's graph;

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convify.errors import ConvifyError
+from convify.errors import ConvifyError, UsageError
 from convify.fx import ops, tracing
 
 
@@ -36,6 +36,11 @@ class NotTilableError(ConvifyError):
     """A model whose output positions do not each read a fixed window of the
     input (global or adaptive pooling, upsampling, a flatten): it cannot be
     scanned in tiles."""
+
+
+class NotDenseError(NotTilableError, UsageError):
+    """A model file that was not made dense (a report without ``dense=True``, a fixed input size): a usage
+    error too, since the caller chose the file."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ and stitches them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,12 +19,13 @@ import torch.nn as nn
 from convify.core.report import report
 from convify.core.rewrites.head import is_dense as dense_report
 from convify.dense.geometry import graph_geometry
-from convify.dense.images import as_image, convert_pixels, first_conv_channels
+from convify.dense.images import as_image, first_conv_channels
 from convify.dense.runners import Ranks, runner
-from convify.dense.tiles import Tile, TilePlan, default_batch_size, default_tile, output_size, plan_tiles
-from convify.errors import ConvifyError, UsageError
+from convify.dense.stitching import Scan, run_and_stitch
+from convify.dense.tiles import default_batch_size, default_tile, output_size, plan_tiles
+from convify.errors import UsageError
 from convify.fx import tracing
-from convify.progress import terminal_bar
+from convify.onnx.detect import is_onnx
 
 
 def is_dense(model: nn.Module) -> bool:
@@ -34,7 +34,7 @@ def is_dense(model: nn.Module) -> bool:
     return dense_report(report(model))
 
 
-def dense_map(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile: int | None = None,
+def dense_map(model: nn.Module | Any, image: torch.Tensor | str | os.PathLike, *, tile: int | None = None,
               batch_size: int | None = None, device: str | torch.device | None = None, progress: bool = True,
               onnx: str | os.PathLike | bool | None = None, provider: str = "cpu",
               normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> torch.Tensor | None:
@@ -42,7 +42,10 @@ def dense_map(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile
 
     Args:
         model: a fully convolutional 2-d model (``replace_linear_head(..., dense=True)``), in the
-            train/eval mode it should run in (eval for BatchNorm).
+            train/eval mode it should run in (eval for BatchNorm); or a dense ONNX model (a ``.onnx``
+            path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``, made by ``replace_linear_head(model.onnx,
+            dense=True)`` or exported with dynamic height and width), run in an onnxruntime session on
+            ``provider``, its geometry read from its graph (:mod:`convify.dense.onnx_scan`).
         image: a (C, H, W) or (1, C, H, W) tensor of any size and dtype, or a path to a PNG, JPEG or
             TIFF file. uint8 pixels (and files) become floats in [0, 1]; other dtypes are cast to the
             model's. The image is never copied whole: each tile is converted when it runs.
@@ -54,7 +57,7 @@ def dense_map(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile
         progress: show a progress bar on a terminal.
         onnx: run the tiles through onnxruntime: a path to the model's ONNX export with dynamic height
             and width, or ``True`` to export one to a temporary file. ``model`` still gives the geometry.
-        provider: with ``onnx``: ``"cpu"`` or ``"cuda"``; a provider that cannot run is an error,
+        provider: with ``onnx`` or an ONNX model: ``"cpu"`` or ``"cuda"``; a provider that cannot run is an error,
             never a quiet CPU run.
         normalize: ``(mean, std)`` per channel, applied after the [0, 1] scaling.
 
@@ -66,6 +69,7 @@ def dense_map(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile
     Raises:
         NotTilableError: the model is not fully convolutional (global or adaptive pooling,
             upsampling, a flatten); the message names the node.
+        NotDenseError: an ONNX model rewritten without ``dense=True``, or whose input has a fixed size.
 
     >>> dense = convify.replace_linear_head(model, torch.randn(1, 3, 224, 224), dense=True)
     >>> convify.dense_map(dense, torch.rand(3, 8192, 8192)).shape
@@ -75,22 +79,17 @@ def dense_map(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile
                 provider=provider, normalize=normalize).scores
 
 
-@dataclass(frozen=True)
-class Scan:
-    """What :func:`scan` did: the map (None on ranks other than 0), the image it read, and the plan."""
-
-    scores: torch.Tensor | None
-    image: torch.Tensor
-    plan: TilePlan
-    batch_size: int
-    runner: str
-
-
-def scan(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile: int | None = None,
+def scan(model: nn.Module | Any, image: torch.Tensor | str | os.PathLike, *, tile: int | None = None,
          batch_size: int | None = None, device: str | torch.device | None = None, progress: bool = True,
          onnx: str | os.PathLike | bool | None = None, provider: str = "cpu",
          normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> Scan:
     """:func:`dense_map` returning a :class:`Scan` record (the plan, the image as read)."""
+    if is_onnx(model):
+        _refuse_torch_only(onnx=onnx, device=device)
+        from convify.dense.onnx_scan import scan_onnx  # noqa: PLC0415  (onnx and onnxruntime load here)
+
+        return scan_onnx(model, image, tile=tile, batch_size=batch_size, progress=progress, provider=provider,
+                         normalize=normalize)
     gm = tracing.trace(model)
     geometry = graph_geometry(gm)
     param = next(model.parameters(), None)
@@ -110,49 +109,12 @@ def scan(model: nn.Module, image: torch.Tensor | str | os.PathLike, *, tile: int
     elif batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, not {batch_size}")
     with runner(model, dev, dtype, onnx, provider, (1, channels, height, width)) as run:
-        ranks = Ranks.start(dev)
-        pieces = _run_tiles(plan, img, run, batch_size, normalize, ranks, progress)
-        gathered = ranks.gather(pieces)
-    scores = None if gathered is None else _stitch(plan, full, gathered)
+        scores = run_and_stitch(plan, img, run, batch_size, normalize, Ranks.start(dev), progress)
     return Scan(scores, img, plan, batch_size, "torch" if onnx in (None, False) else f"onnxruntime ({provider})")
 
 
-def _run_tiles(plan: TilePlan, image: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-               normalize: Any, ranks: Ranks, progress: bool) -> list[tuple[Tile, torch.Tensor]]:
-    """This rank's tiles (round-robin over all tiles), batched by shape; each tile's owned outputs."""
-    mine = [t for i, t in enumerate(plan.tiles) if i % ranks.world == ranks.rank]
-    by_shape: dict[tuple[int, int], list[Tile]] = {}
-    for t in mine:
-        by_shape.setdefault(t.shape, []).append(t)
-    dtype = getattr(run, "dtype", torch.float32)
-    pieces: list[tuple[Tile, torch.Tensor]] = []
-    with terminal_bar(progress and ranks.rank == 0, total=len(mine), unit="tile", desc="convify: dense_map") as bar:
-        for tiles in by_shape.values():
-            for k in range(0, len(tiles), batch_size):
-                batch = tiles[k:k + batch_size]
-                x = torch.stack([image[:, t.rows.start:t.rows.stop, t.cols.start:t.cols.stop] for t in batch])
-                out = run(convert_pixels(x, dtype, normalize))
-                pieces.extend((t, _owned(plan, t, out[i:i + 1])) for i, t in enumerate(batch))
-                if bar is not None:
-                    bar.update(len(batch))
-    return pieces
-
-
-def _owned(plan: TilePlan, t: Tile, out: torch.Tensor) -> torch.Tensor:
-    """The outputs tile ``t`` owns, out of its whole output (tile output j is one-pass output j + start/S)."""
-    (sh, sw) = plan.geometry.stride
-    r0, c0 = t.rows.first - t.rows.start // sh, t.cols.first - t.cols.start // sw
-    r1, c1 = t.rows.end - t.rows.start // sh, t.cols.end - t.cols.start // sw
-    if r0 < 0 or c0 < 0 or r1 > out.shape[2] or c1 > out.shape[3]:
-        raise ConvifyError(f"internal error: the tile at rows {t.rows.start}:{t.rows.stop}, columns "
-                           f"{t.cols.start}:{t.cols.stop} gave a {out.shape[2]}x{out.shape[3]} map that lacks "
-                           f"outputs {r0}:{r1}, {c0}:{c1}; please report it with the model")
-    return out[:, :, r0:r1, c0:c1].clone()
-
-
-def _stitch(plan: TilePlan, full: tuple[int, ...], pieces: list[tuple[Tile, torch.Tensor]]) -> torch.Tensor:
-    first = pieces[0][1]
-    result = torch.empty((1, first.shape[1], full[2], full[3]), dtype=first.dtype)
-    for t, piece in pieces:
-        result[:, :, t.rows.first:t.rows.end, t.cols.first:t.cols.end] = piece
-    return result
+def _refuse_torch_only(**given: Any) -> None:
+    named = [name for name, value in given.items() if value is not None and value is not False]
+    if named:
+        raise UsageError(f"{', '.join(f'{n}=' for n in named)}: an ONNX model runs in onnxruntime on the provider "
+                         f"given by provider= ('cpu' or 'cuda'); leave {'it' if len(named) == 1 else 'them'} out")

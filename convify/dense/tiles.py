@@ -215,7 +215,13 @@ def default_tile(gm: fx.GraphModule, geometry: Geometry, channels: int, device: 
     """The largest tile side (a multiple of the stride) whose activations fit :func:`memory_budget`,
     never below :func:`minimum_tile`."""
     smallest = max(minimum_tile(a) for a in geometry.axes)
-    per_pixel = bytes_per_pixel(gm, channels, smallest, dtype)
+    return tile_for_budget(bytes_per_pixel(gm, channels, smallest, dtype), geometry, device)
+
+
+def tile_for_budget(per_pixel: float, geometry: Geometry, device: torch.device) -> int:
+    """The largest tile side (a multiple of the stride, at least :func:`minimum_tile`) whose ``per_pixel``
+    activation bytes fit :func:`memory_budget`."""
+    smallest = max(minimum_tile(a) for a in geometry.axes)
     side = int(math.sqrt(memory_budget(device) / max(per_pixel, 1.0)))
     stride = max(geometry.stride)
     return max(smallest, (side // stride) * stride)
@@ -225,5 +231,10 @@ def default_batch_size(gm: fx.GraphModule, plan: TilePlan, channels: int, device
                        dtype: torch.dtype = torch.float32) -> int:
     """How many of ``plan``'s largest tiles fit :func:`memory_budget` in one batch, at least 1."""
     per_pixel = bytes_per_pixel(gm, channels, max(minimum_tile(a) for a in plan.geometry.axes), dtype)
+    return batch_for_budget(per_pixel, plan, device)
+
+
+def batch_for_budget(per_pixel: float, plan: TilePlan, device: torch.device) -> int:
+    """How many of ``plan``'s largest tiles of ``per_pixel`` activation bytes fit :func:`memory_budget`."""
     biggest = max(t.shape[0] * t.shape[1] for t in plan.tiles)
     return max(1, int(memory_budget(device) // max(per_pixel * biggest, 1.0)))

@@ -172,7 +172,7 @@ def walk_back(linear: ir.Node, shapes: ShapeTable) -> Head | str | None:
     pool = _pool(walk.producer(), shapes)
     if pool is None:
         between = []  # nothing to move the head across: the map is P itself
-    return Head(info.rank - 2, info.channels, tuple(info.static[2:]), flat, map_value, transpose, pool,
+    return Head(info.rank - 2, info.channels, tuple(info.shape[2:]), flat, map_value, transpose, pool,
                 tuple(between), tuple(pre_ops), info.shape[0], opset_of_node(flat), reshapes=tuple(reshapes))
 
 
