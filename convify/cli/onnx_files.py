@@ -89,9 +89,10 @@ def _refuse_unsized(rep: Any, model: str) -> None:
     """The one skip the command line refuses (exit 2): a site needing channels the graph does not declare."""
     unsized = [s for s in rep.skipped if NO_STATIC_CHANNELS in s.reason]
     if unsized:
+        more = f", and {counted(len(unsized) - 1, 'more such site')}" if len(unsized) > 1 else ""
         raise ModelFileError(f"{model}: {unsized[0].name} ({unsized[0].op}) {unsized[0].reason.split('; ')[0]}; "
                              "fix the input's dimensions first (python -m onnxruntime.tools.make_dynamic_shape_fixed)"
-                             f"{f', and {len(unsized) - 1} more such site(s)' if len(unsized) > 1 else ''}")
+                             f"{more}")
 
 
 def _summary(args: argparse.Namespace, rep: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ maps and removes what pinned the size inside the head (the flatten, a
 global average pooling). What the file itself says about sizes is changed
 here:
 
-* the spatial axes of the graph's image input(s) become symbolic
+* the spatial axes of each image input of the graph become symbolic
   (``height``, ``width``; ``length`` in 1-d, ``depth`` first in 3-d): axes
   2 and on, or 1 and on for an input whose every reader is a Transpose from
   channels last (tf2onnx's NHWC input);

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from convify.core.report import Replaced
 from convify.core.rewrites.maxpool import POOL_MODES, MaxPoolOptions, PoolMode, register_pool_mode
 from convify.errors import UsageError
+from convify.wording import counted
 from convify.onnx.building import GraphEditor
 from convify.onnx.rewrites.base import Site
 from convify.onnx.rewrites.maxpool.window import PoolSite
@@ -95,7 +96,7 @@ def replaced_notes(edit: GraphEditor, site: Site[PoolSite], first: int) -> tuple
     nodes = edit.added[first:]
     added = ", ".join(f"{n.name} ({n.op_type})" for n in nodes)
     weights = {v.name for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
-    notes = [f"ONNX node {site.name} (MaxPool) replaced by {len(nodes)} nodes: {added}"]
+    notes = [f"ONNX node {site.name} (MaxPool) replaced by {counted(len(nodes), 'node')}: {added}"]
     if weights:
         notes.append(f"initializers added: {', '.join(sorted(weights))}")
     pool = site.params
