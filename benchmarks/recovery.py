@@ -231,7 +231,9 @@ def render_exact(args: argparse.Namespace, results: list[SeedResult], total: flo
         "section (`benchmarks/originals.py`, cached in `~/.cache/convify/recovery/`), each rewritten with "
         "`convify.replace_maxpool(original, x, mode=\"exact\")`: no data, no training. Test accuracy and top-1 "
         "agreement with the original on the 10,000 test images; the logit error is max |rewritten - original| "
-        "over max |original| over all test logits (float32).",
+        "over max |original| over all test logits (float32). Each original's accuracy is in the table: where the "
+        "cache was refilled after the recovery section was measured, these originals differ from its own by a few "
+        "tenths (training is not bitwise reproducible across thread counts); the exact rows hold for any original.",
         "",
         "| architecture | seed | original accuracy | exact rewrite accuracy | agreement | logit error | "
         "rewrite time (s) |",
