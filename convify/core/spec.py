@@ -62,6 +62,16 @@ class RewriteSpec:
         """The keyword (and command-line flag) of one option field."""
         return self.keyword if field_name == "mode" else field_name
 
+    def checked_options(self, options: RewriteOptions | None, values: Mapping[str, Any]) -> RewriteOptions:
+        """The options a frontend's rewrite is made with: an ``Options``
+        object or keywords for one, not both; ``UsageError`` otherwise."""
+        if options is not None and values:
+            raise UsageError(f"{self.name}: give options as an Options object or as keywords, not both")
+        made = options if options is not None else self.Options(**values)
+        if not isinstance(made, self.Options):
+            raise UsageError(f"{self.name}: options must be {self.Options.__name__}, not {type(made).__name__}")
+        return made
+
     def options_from_keywords(self, values: Mapping[str, Any]) -> RewriteOptions | None:
         """Its options from ``convify.convify`` keywords (absent ones take
         their defaults); None when its keyword is None (leave it out)."""

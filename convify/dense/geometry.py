@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -180,11 +180,18 @@ def _union(node: fx.Node, reading: list[Geometry]) -> Geometry:
         raise _not_tilable(node, f"it concatenates feature maps along dimension {_cat_dim(node)}, not channels")
     if not (_keeps_positions_multi(node)):
         raise _not_tilable(node, "it combines several feature maps in a way convify does not know")
+    return union_geometry(reading, lambda why: _not_tilable(node, why))
+
+
+def union_geometry(reading: Sequence[Geometry], refuse: Callable[[str], Exception]) -> Geometry:
+    """The geometry of a node that combines maps of these geometries (a sum,
+    a channel concatenation): per axis, the span of their windows; maps of
+    different strides are refused with ``refuse(why)`` (raised)."""
     axes = []
     for dim, group in enumerate(zip(*(g.axes for g in reading))):
         strides = {a.stride for a in group}
         if len(strides) > 1:
-            raise _not_tilable(node, f"it combines maps of strides {sorted(strides)} in spatial dimension {dim}")
+            raise refuse(f"it combines maps of strides {sorted(strides)} in spatial dimension {dim}")
         first = min(a.offset for a in group)
         last = max(a.offset + a.size - 1 for a in group)
         axes.append(Axis(group[0].stride, last - first + 1, first))

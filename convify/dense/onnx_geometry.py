@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from convify.dense.geometry import IDENTITY, Axis, Geometry, NotTilableError
+from convify.dense.geometry import IDENTITY, Geometry, NotTilableError, union_geometry
 from convify.onnx.values import attribute, constant_value, label, opset_of_node
 
 
@@ -165,16 +165,9 @@ def _combined(node: ir.Node, reading: list[Plane]) -> Plane:
     sizes = {p.size for p in reading}
     if len(sizes) > 1:
         raise not_tilable(node, f"it combines maps of sizes {sorted(s for s in sizes if s)}")
-    axes = []
-    for dim, group in enumerate(zip(*(p.geometry.axes for p in reading))):
-        strides = {a.stride for a in group}
-        if len(strides) > 1:
-            raise not_tilable(node, f"it combines maps of strides {sorted(strides)} in spatial dimension {dim}")
-        lo = min(a.offset for a in group)
-        hi = max(a.offset + a.size - 1 for a in group)
-        axes.append(Axis(group[0].stride, hi - lo + 1, lo))
+    geometry = union_geometry([p.geometry for p in reading], lambda why: not_tilable(node, why))
     channels = {p.channels for p in reading}
-    return replace(first, geometry=Geometry(tuple(axes)), channels=channels.pop() if len(channels) == 1 else None)
+    return replace(first, geometry=geometry, channels=channels.pop() if len(channels) == 1 else None)
 
 
 def _check_broadcast(node: ir.Node, value: ir.Value | None, plane: Plane) -> None:

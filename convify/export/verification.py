@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.nn as nn
 
 from convify.core.report import format_table
 from convify.errors import VerificationError, one_line
 from convify.export.census import CensusCheck
 from convify.export.comparison import Equivalence, Fidelity, Tolerance
+from convify.fx import copying
 
 DEFAULT_BATCH = 8
 DEFAULT_RTOL = 1e-4          # float32 and float64
@@ -148,3 +150,22 @@ def tolerance_for(batch: tuple[torch.Tensor, ...], atol: float | None, rtol: flo
     low = any(t.dtype in (torch.float16, torch.bfloat16) for t in batch)
     default = DEFAULT_RTOL_LOW if low else DEFAULT_RTOL
     return Tolerance(rtol=default if rtol is None else float(rtol), atol=0.0 if atol is None else float(atol))
+
+
+def eager_outputs(model: nn.Module, batch: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
+    """``model``'s output tensors on ``batch``, run in eval mode (its mode restored after)."""
+    try:
+        with torch.no_grad(), copying.eval_mode(model):
+            out = model(*batch)
+    except Exception as e:
+        raise VerificationError(f"the {which} model does not run on the verification inputs "
+                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
+    return [t.detach().cpu() for t in _leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _leaves(v)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    return [value]

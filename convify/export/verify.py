@@ -32,9 +32,8 @@ from convify.export.census import census_checks, op_census
 from convify.export.comparison import measure_equivalence, measure_fidelity
 from convify.export.onnx import ExportResult, export
 from convify.export.sessions import execution_provider, open_session
-from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Shape, Verification, joined_outputs,
-                                          tolerance_for)
-from convify.fx import copying
+from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Shape, Verification, eager_outputs,
+                                          joined_outputs, tolerance_for)
 from convify.fx.inputs import as_args
 from convify.onnx.detect import is_onnx
 from convify.wording import counted
@@ -111,8 +110,8 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         census_before = _original_census(original, example, exporter, opset, Path(tmp), notes)
         session = open_session(exported.path, ep)
         ran = joined_outputs([_run_session(session, b) for b in batches], "onnxruntime")
-    eager_new = joined_outputs([_eager(rewritten, b, "rewritten") for b in batches], "rewritten")
-    eager_old = joined_outputs([_eager(original, b, "original") for b in batches], "original")
+    eager_new = joined_outputs([eager_outputs(rewritten, b, "rewritten") for b in batches], "rewritten")
+    eager_old = joined_outputs([eager_outputs(original, b, "original") for b in batches], "original")
     fidelity = measure_fidelity(ran, eager_new, tol, notes)
     rep = report(rewritten)
     equivalence = measure_equivalence(eager_new, eager_old, rep, tol, min_agreement, notes)
@@ -230,21 +229,3 @@ def _run_session(session: Any, batch: tuple[torch.Tensor, ...]) -> list[torch.Te
     except Exception as e:
         raise VerificationError(f"onnxruntime failed to run the exported model on inputs "
                                 f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
-
-
-def _eager(model: nn.Module, batch: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
-    try:
-        with torch.no_grad(), copying.eval_mode(model):
-            out = model(*batch)
-    except Exception as e:
-        raise VerificationError(f"the {which} model does not run on the verification inputs "
-                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
-    return [t.detach().cpu() for t in _leaves(out) if isinstance(t, torch.Tensor)]
-
-
-def _leaves(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _leaves(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _leaves(v)]
-    return [value]

@@ -35,7 +35,8 @@ from convify.export.census import census_checks, op_census
 from convify.export.comparison import Fidelity, Tolerance, measure_equivalence, measure_fidelity
 from convify.export.onnx import export
 from convify.export.sessions import execution_provider, open_session
-from convify.export.verification import DEFAULT_BATCH, INPUT_SEED, Verification, joined_outputs, tolerance_for
+from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs, joined_outputs,
+                                          tolerance_for)
 from convify.onnx.detect import is_onnx
 from convify.wording import counted
 
@@ -133,11 +134,6 @@ class _Side:
             raise VerificationError(f"onnxruntime failed to run the {self.which} model on inputs "
                                     f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
 
-    def eager(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            out = self.model.eval()(*batch)
-        return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
-
     def report(self) -> Report:
         if isinstance(self.model, nn.Module):
             return torch_report(self.model)
@@ -156,7 +152,7 @@ def _fidelity(sides: dict[str, _Side], batches: list[tuple[torch.Tensor, ...]], 
     for which in ("rewritten", "original"):
         side = sides[which]
         if side.exporter:
-            eager = joined_outputs([side.eager(b) for b in batches], which)
+            eager = joined_outputs([eager_outputs(side.model, b, which) for b in batches], which)
             return measure_fidelity(outputs[which], eager, tol, notes)
     notes.append("export fidelity not applicable: both models are ONNX, nothing was exported")
     return None

@@ -26,7 +26,6 @@ import torch.nn as nn
 from convify.core.options import RewriteOptions
 from convify.core.report import Replaced
 from convify.core.spec import RewriteSpec
-from convify.errors import UsageError
 
 #: A rewrite's parameters of one site (``PoolParams`` for a max pooling, a ``HeadPlan`` for a head).
 P = TypeVar("P")
@@ -68,12 +67,7 @@ class Rewrite(abc.ABC, Generic[P]):
     leaf_modules: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(self, options: RewriteOptions | None = None, **values: Any) -> None:
-        Options = self.spec.Options
-        if options is not None and values:
-            raise UsageError(f"{self.name}: give options as an Options object or as keywords, not both")
-        self.options = options if options is not None else Options(**values)
-        if not isinstance(self.options, Options):
-            raise UsageError(f"{self.name}: options must be {Options.__name__}, not {type(self.options).__name__}")
+        self.options = self.spec.checked_options(options, values)
 
     @property
     def name(self) -> str:

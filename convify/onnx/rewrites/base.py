@@ -52,12 +52,7 @@ class OnnxRewrite(abc.ABC, Generic[P]):
     spec: ClassVar[RewriteSpec]
 
     def __init__(self, options: RewriteOptions | None = None, **values: Any) -> None:
-        Options = self.spec.Options
-        if options is not None and values:
-            raise UsageError(f"{self.name}: give options as an Options object or as keywords, not both")
-        self.options = options if options is not None else Options(**values)
-        if not isinstance(self.options, Options):
-            raise UsageError(f"{self.name}: options must be {Options.__name__}, not {type(self.options).__name__}")
+        self.options = self.spec.checked_options(options, values)
         calibration = self.options.calibration_option()
         if calibration is not None:
             name, value = calibration
