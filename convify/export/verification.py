@@ -169,3 +169,12 @@ def _leaves(value: Any) -> list[Any]:
     if isinstance(value, dict):
         return [x for v in value.values() for x in _leaves(v)]
     return [value]
+
+
+def total_shapes(batches: list[tuple[torch.Tensor, ...]]) -> tuple[Shape, ...]:
+    """The shapes of the batches put end to end (the first batch's where they do not line up)."""
+    first = batches[0]
+    if any(len(b) != len(first) or any(t.dim() == 0 or t.shape[1:] != f.shape[1:] for t, f in zip(b, first))
+           for b in batches):
+        return tuple(tuple(t.shape) for t in first)
+    return tuple((sum(b[i].shape[0] for b in batches), *t.shape[1:]) for i, t in enumerate(first))

@@ -32,8 +32,8 @@ from convify.export.census import census_checks, op_census
 from convify.export.comparison import measure_equivalence, measure_fidelity
 from convify.export.onnx import ExportResult, export
 from convify.export.sessions import execution_provider, open_session
-from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Shape, Verification, eager_outputs,
-                                          joined_outputs, tolerance_for)
+from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs,
+                                          joined_outputs, tolerance_for, total_shapes)
 from convify.fx.inputs import as_args
 from convify.onnx.detect import is_onnx
 from convify.wording import counted
@@ -125,7 +125,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
     return Verification(
         passed=passed, provider=ep, session_providers=tuple(session.get_providers()),
         exporter=exported.exporter, exporter_fallback=exported.fallback_reason,
-        input_shapes=_total_shapes(batches), fidelity=fidelity, equivalence=equivalence,
+        input_shapes=total_shapes(batches), fidelity=fidelity, equivalence=equivalence,
         census_original=census_before, census_rewritten=census_after, checks=tuple(checks),
         notes=tuple(dict.fromkeys(notes)), onnx_path=exported.path if onnx_path is not None else None,
         onnxruntime_version=ort.__version__, inputs_source="seeded random" if inputs is None else "given",
@@ -170,15 +170,6 @@ def _random_batch(original: nn.Module, example_input: Any) -> tuple[torch.Tensor
         else:  # token ids and masks: repeat the example rather than invent values
             batch.append(t[:1].expand(shape).clone() if t.dim() else t.clone())
     return tuple(batch)
-
-
-def _total_shapes(batches: list[tuple[torch.Tensor, ...]]) -> tuple[Shape, ...]:
-    """The shapes of the batches put end to end (the first batch's where they do not line up)."""
-    first = batches[0]
-    if any(len(b) != len(first) or any(t.dim() == 0 or t.shape[1:] != f.shape[1:] for t, f in zip(b, first))
-           for b in batches):
-        return tuple(tuple(t.shape) for t in first)
-    return tuple((sum(b[i].shape[0] for b in batches), *t.shape[1:]) for i, t in enumerate(first))
 
 
 def _export(model: nn.Module, which: str, path: Path, example: tuple, exporter: str,

@@ -36,7 +36,7 @@ from convify.export.comparison import Fidelity, Tolerance, measure_equivalence, 
 from convify.export.onnx import export
 from convify.export.sessions import execution_provider, open_session
 from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs, joined_outputs,
-                                          tolerance_for)
+                                          tolerance_for, total_shapes)
 from convify.onnx.detect import is_onnx
 from convify.wording import counted
 
@@ -77,7 +77,7 @@ def verify_onnx(original: Any, rewritten: Any, *, provider: str = "cpu", inputs:
     return Verification(
         passed=passed, provider=ep, session_providers=session_providers,
         exporter=exported[0] if exported else "none", exporter_fallback=None,
-        input_shapes=_total_shapes(batches), fidelity=fidelity, equivalence=equivalence,
+        input_shapes=total_shapes(batches), fidelity=fidelity, equivalence=equivalence,
         census_original=census_before, census_rewritten=census_after, checks=tuple(checks),
         notes=tuple(dict.fromkeys(notes)), onnxruntime_version=ort.__version__,
         inputs_source="seeded random" if inputs is None else "given")
@@ -205,8 +205,3 @@ def _random_input(i: Any, batch: int, rng: np.random.Generator) -> torch.Tensor:
         raise VerificationError(f"input {i.name!r} is {i.type}: random inputs are drawn for float inputs only; "
                                 "give inputs=")
     return torch.from_numpy(rng.standard_normal(shape).astype(dtype))
-
-
-def _total_shapes(batches: list[tuple[torch.Tensor, ...]]) -> tuple[tuple[int, ...], ...]:
-    first = batches[0]
-    return tuple((sum(b[i].shape[0] for b in batches), *t.shape[1:]) for i, t in enumerate(first))
