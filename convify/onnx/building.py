@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from convify.onnx.files import file_range
+
 #: The first IR version whose initializers need not be graph inputs too.
 IR_VERSION_INITIALIZERS_APART = 4
 
@@ -58,7 +60,9 @@ class GraphEditor:
         """A new initializer holding ``array``; a graph input too in a model of
         IR version 3, which requires it (the checker refuses it otherwise)."""
         name = self.value_name(base)
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+        # a reshaped weight of the file read stays a range of that file: written by a copy, never loaded
+        tensor = file_range(array, name) or ir.tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, const_value=tensor)
         self.graph.register_initializer(value)
         if (self.model.ir_version or IR_VERSION_INITIALIZERS_APART) < IR_VERSION_INITIALIZERS_APART:
             value.dtype, value.shape = value.const_value.dtype, ir.Shape(array.shape)

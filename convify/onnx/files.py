@@ -9,26 +9,78 @@ input is one :class:`~convify.errors.ModelFileError` line that names the file.
 it or when it would not fit in one protobuf (2 GB), and :func:`to_proto`
 serializes one in memory.
 
+A file's large weights are not loaded: each initializer of 1 MiB or more
+stays in the file (:class:`EmbeddedTensor`, memory-mapped when something
+reads it, :mod:`.wire`), and :func:`write_model` streams the weights into
+the new file one tensor at a time, as a kernel copy where a weight is a
+range of a file. Rewriting a 550 MB file so holds the graph and one tensor,
+not three copies of the model (``benchmarks/onnx_rewrite_speed.py``).
+
 >>> model = read_model("resnet18.onnx")
 >>> write_model(model, "out.onnx")          # None: everything inside out.onnx
 """
 from __future__ import annotations
 
+import mmap
 import os
+import tempfile
+import weakref
 from typing import Any
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from convify.errors import ModelFileError, one_line
+from convify.onnx.wire import Stream, WireError, scan_model, splice_model, streamable
 
 #: The most a protobuf message may hold; a model with more initializer bytes needs external data.
 PROTOBUF_LIMIT = 2**31 - 1
 
 #: How much room the graph itself (nodes, names, small tensors) is given below the limit.
 _GRAPH_ROOM = 64 * 2**20
+
+#: Initializers of at least this many bytes stay in the file when read and are streamed when written.
+DEFER_FROM = 2**20
+
+
+class EmbeddedTensor(ir.ExternalTensor):
+    """A tensor stored inside an ``.onnx`` file (its ``raw_data``), read on
+    demand by memory map as external data is. Unlike external data it belongs
+    in the file written: :func:`write_model` copies its bytes there."""
+
+    def _load(self) -> None:
+        super()._load()
+        if self.raw is not None:
+            _MAPPED.add(self)
+
+
+#: The embedded tensors whose file is mapped now: where a new weight may be a view of one (:func:`file_range`).
+_MAPPED: "weakref.WeakSet[EmbeddedTensor]" = weakref.WeakSet()
+
+
+def file_range(array: np.ndarray, name: str) -> EmbeddedTensor | None:
+    """``array`` as an :class:`EmbeddedTensor` named ``name`` when it is a
+    contiguous view of an embedded tensor's mapped file (a reshaped weight:
+    the same bytes), so that writing it copies them from the file; else None."""
+    if array.size == 0 or not array.flags.c_contiguous or array.dtype.byteorder == ">" or not _MAPPED:
+        return None
+    try:
+        dtype = ir.DataType.from_numpy(array.dtype)
+    except TypeError:
+        return None
+    start = array.__array_interface__["data"][0]
+    for tensor in list(_MAPPED):
+        raw = tensor.raw
+        if raw is None or raw.closed:
+            continue
+        base = np.frombuffer(raw, np.uint8).__array_interface__["data"][0]
+        if base <= start and start + array.nbytes <= base + len(raw):
+            return EmbeddedTensor(tensor.location, start - base, array.nbytes, dtype, shape=ir.Shape(array.shape),
+                                  name=name, base_dir=tensor.base_dir)
+    return None
 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
@@ -55,15 +107,49 @@ def _read_file(path: Path) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path} is empty, not an ONNX model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as e:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            skeleton = scan_model(buf, path.name, defer_from=DEFER_FROM)
+        proto = onnx.ModelProto.FromString(skeleton.data)
+    except (DecodeError, WireError, RuntimeError, ValueError) as e:
         raise ModelFileError(f"{path} is not an ONNX model, or is truncated ({one_line(e)}); pass a file written "
                              "by onnx.save or torch.onnx.export") from e
-    # The checker reads the file again, by its path: a model over 2 GB is checked with its external data
-    _check(str(path), str(path))
+    deferred = set(skeleton.deferred)
+    if _external_tensors(proto) > len(deferred):
+        _check(str(path), str(path))  # the checker reads the file by its path: with its external data (over 2 GB)
+    else:
+        _check(_checkable(proto, deferred), str(path))
     model = _deserialize(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)  # as onnx_ir.load does: external data beside the file
+    for name in deferred:
+        value = model.graph.initializers[name]
+        t = value.const_value
+        value.const_value = EmbeddedTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                           doc_string=t.doc_string, metadata_props=dict(t.metadata_props),
+                                           base_dir=t.base_dir)
     return model
+
+
+def _external_tensors(proto: onnx.ModelProto) -> int:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data  # noqa: PLC0415
+
+    return sum(1 for t in _get_all_tensors(proto) if uses_external_data(t))
+
+
+def _checkable(proto: onnx.ModelProto, deferred: set[str]) -> onnx.ModelProto:
+    """A copy of the skeleton for the checker: each deferred initializer one
+    element of its type (the checker would look for its reference in the
+    working directory; its size was checked when it was deferred)."""
+    if not deferred:
+        return proto
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for tensor in copy.graph.initializer:
+        if tensor.name in deferred:
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.ClearField("dims")
+            tensor.raw_data = bytes(ir.DataType(tensor.data_type).bitwidth // 8)
+    return copy
 
 
 def _deserialize(proto: onnx.ModelProto) -> ir.Model:
@@ -99,7 +185,8 @@ def _check(model: onnx.ModelProto | str, what: str) -> None:
 
 def has_external_data(model: ir.Model) -> bool:
     """Whether any initializer of ``model`` is stored outside its ``.onnx`` file."""
-    return any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(model))
+    return any(isinstance(v.const_value, ir.ExternalTensor) and not isinstance(v.const_value, EmbeddedTensor)
+               for v in _initializers(model))
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -118,20 +205,21 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool
     ``path``, tensors of 1 KiB and more) when the model read had some or
     when its initializers would not fit in one protobuf (2 GB); everything
     inside the ``.onnx`` file otherwise. True or False forces the choice.
+    A model inside one file is written to a temporary file beside ``path``
+    that replaces it when complete, its weights streamed one at a time.
     """
     path = Path(path)
     if external_data is None:
         external_data = has_external_data(model) or initializer_bytes(model) > PROTOBUF_LIMIT - _GRAPH_ROOM
     data = path.with_name(path.name + ".data") if external_data else None
-    if data is not None and _reads_from(model, data):
-        # ir.save replaces the data file; tensors still to be read from it would read the new one
-        ir.external_data.load_to_model(model)
+    # ir.save replaces the data file, and the new .onnx replaces the old: tensors still to be read from either
+    _load_from(model, [p for p in (data, path) if p is not None])
     try:
         if data is None:
             if initializer_bytes(model) > PROTOBUF_LIMIT - _GRAPH_ROOM:
                 raise ModelFileError(f"{path}: the model's initializers exceed the 2 GB a protobuf holds; "
                                      "write it with external_data=True (or None)")
-            ir.save(model, path)
+            _write_streaming(model, path)
         else:
             ir.save(model, path, external_data=data.name, size_threshold_bytes=1024)
     except OSError as e:
@@ -139,18 +227,81 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool
     return data
 
 
-def _reads_from(model: ir.Model, data: Path) -> bool:
+def _load_from(model: ir.Model, files: list[Path]) -> None:
+    """Loads into memory the tensors of ``model`` that read from one of ``files``, which are about to be replaced."""
+    targets = {f.resolve() for f in files}
     for value in _initializers(model):
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == data.resolve():
-            return True
-    return False
+        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() in targets:
+            value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name, dtype=tensor.dtype)
+            tensor.release()
+
+
+def _write_streaming(model: ir.Model, path: Path) -> None:
+    """``ir.save(model, path)``'s bytes, its large weights streamed: the model
+    is serialized with placeholders for them (:func:`~.wire.splice_model`)."""
+    streams = {v.name: v.const_value for v in model.graph.initializers.values()
+               if streamable(v.const_value) and v.const_value.nbytes >= DEFER_FROM}
+    with _placeholders(model, streams):
+        pieces = splice_model(ir.serde.serialize_model(model).SerializeToString(), streams)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _file_mode(path))
+        with os.fdopen(fd, "wb") as f:
+            for piece in pieces:
+                if isinstance(piece, Stream):
+                    _stream(piece, f, path)
+                else:
+                    f.write(piece)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a file written at ``path`` gets: the file's own where it exists, else what ``open`` gives
+    (0o666 less the umask; a temporary file is 0o600)."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _stream(piece: Stream, f: Any, path: Path) -> None:
+    f.flush()
+    start = f.tell()
+    piece.tensor.tofile(f)
+    f.flush()
+    f.seek(0, os.SEEK_END)
+    if f.tell() - start != piece.length:
+        raise ModelFileError(f"{path}: tensor {piece.tensor.name!r} wrote {f.tell() - start} bytes where its type "
+                             f"and shape need {piece.length}; the file is not written")
+
+
+class _placeholders:
+    """Within the block, each named initializer holds a data-less stand-in of its tensor (restored after)."""
+
+    def __init__(self, model: ir.Model, streams: dict[str, ir.TensorProtocol]) -> None:
+        self.values = [model.graph.initializers[name] for name in streams]
+
+    def __enter__(self) -> None:
+        self.kept = [v.const_value for v in self.values]
+        for value, t in zip(self.values, self.kept):
+            value.const_value = ir.ExternalTensor("placeholder", None, None, t.dtype, shape=t.shape, name=value.name,
+                                                  doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
+
+    def __exit__(self, *exc: Any) -> None:
+        for value, tensor in zip(self.values, self.kept):
+            value.const_value = tensor
 
 
 def embed_external_data(model: ir.Model, source: Any = None) -> ir.Model:
-    """``model`` with the tensors it reads from external data files loaded into memory, so that its
-    proto stands alone; ``ModelFileError`` when they would not fit in one protobuf (2 GB)."""
-    if not has_external_data(model):
+    """``model`` with the tensors it reads from files (external data, weights
+    left in the ``.onnx`` read) loaded into memory, so that its proto stands
+    alone; ``ModelFileError`` when they would not fit in one protobuf (2 GB)."""
+    if not any(isinstance(v.const_value, ir.ExternalTensor) for v in _initializers(model)):
         return model
     if initializer_bytes(model) > PROTOBUF_LIMIT - _GRAPH_ROOM:
         where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
@@ -161,6 +312,15 @@ def embed_external_data(model: ir.Model, source: Any = None) -> ir.Model:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """``model`` as an ``onnx.ModelProto`` (external tensors stay references
-    to their files: pass the proto to tools that read them from there)."""
-    return ir.serde.serialize_model(model)
+    """``model`` as an ``onnx.ModelProto``: weights left in the ``.onnx``
+    file read are copied in; external tensors stay references to their files
+    (pass the proto to tools that read them from there)."""
+    embedded = [v for v in _initializers(model) if isinstance(v.const_value, EmbeddedTensor)]
+    kept = [v.const_value for v in embedded]
+    try:
+        for value, tensor in zip(embedded, kept):
+            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name, dtype=tensor.dtype)
+        return ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in zip(embedded, kept):
+            value.const_value = tensor

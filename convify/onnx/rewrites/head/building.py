@@ -130,7 +130,7 @@ def _rebuild_tree(edit: GraphEditor, head: Head, plan: HeadPlan, env: dict[ir.Va
         if first:
             weight, kernel = _first_weight(head, plan)
         else:
-            weight, kernel = W.linear_to_pointwise_weight(torch.from_numpy(step.weight), head.dims), (1,) * head.dims
+            weight, kernel = W.linear_to_pointwise_weight(step.weight, head.dims), (1,) * head.dims
         out = _conv(edit, step, env[step.input], weight, step.bias, kernel, done)
         if first and plan.mode.averages and not plan.dense:
             out = _global_average(edit, step, out)
@@ -138,10 +138,13 @@ def _rebuild_tree(edit: GraphEditor, head: Head, plan: HeadPlan, env: dict[ir.Va
         handed.append(step.output)
 
 
-def _first_weight(head: Head, plan: HeadPlan) -> tuple[torch.Tensor, tuple[int, ...]]:
-    weight = torch.from_numpy(head.channel_major_weight())
+def _first_weight(head: Head, plan: HeadPlan) -> tuple[torch.Tensor | np.ndarray, tuple[int, ...]]:
+    """The first convolution's weight and kernel. A reshape stays a numpy view
+    of the layer's weight, which may lie in the file read (written by a copy,
+    never loaded: :func:`convify.onnx.files.file_range`)."""
+    weight = head.channel_major_weight()
     if plan.mode.averages:  # a sum over the positions: in float64, like every weight that is computed
-        return W.linear_to_gap_weight(weight.double(), head.channels, head.spatial), (1,) * head.dims
+        return W.linear_to_gap_weight(_float64(weight), head.channels, head.spatial), (1,) * head.dims
     return W.linear_to_conv_weight(weight, head.channels, plan.kernel), plan.kernel
 
 
@@ -172,20 +175,27 @@ def head_steps(head: Head) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     for step in head.tree[:last + 1]:
         if isinstance(step, Linear):
             weight = head.channel_major_weight() if step is head.first else step.weight
-            steps.append((torch.from_numpy(weight).double(),  # summed over positions before compose_affine
-                          None if step.bias is None else torch.from_numpy(step.bias)))
+            steps.append((_float64(weight),  # summed over positions before compose_affine
+                          None if step.bias is None else torch.tensor(step.bias)))
         elif is_batchnorm(step):
             scale, shift = batchnorm_affine(step)
-            steps.append((torch.from_numpy(scale), torch.from_numpy(shift)))
+            steps.append((torch.tensor(scale), torch.tensor(shift)))
     return steps
 
 
-def _conv(edit: GraphEditor, linear: Linear, source: ir.Value, weight: torch.Tensor, bias: np.ndarray | None,
+def _float64(array: np.ndarray) -> torch.Tensor:
+    """A float64 copy of a weight as torch (the weight itself may be a read-only view of the file)."""
+    return torch.tensor(array, dtype=torch.float64)
+
+
+def _conv(edit: GraphEditor, linear: Linear, source: ir.Value, weight: torch.Tensor | np.ndarray,
+          bias: np.ndarray | None,
           kernel: tuple[int, ...], done: Rebuilt, before: Linear | None = None) -> ir.Value:
     """A Conv computing ``linear`` (with ``weight``, ``bias``) on ``source``, inserted before the layer."""
     base = f"{linear.name}/conv"
     dtype = linear.numpy_dtype
-    inputs = [source, edit.initializer(f"{base}.weight", weight.numpy().astype(dtype, copy=False))]
+    array = weight.numpy() if isinstance(weight, torch.Tensor) else weight
+    inputs = [source, edit.initializer(f"{base}.weight", array.astype(dtype, copy=False))]
     if bias is not None:
         inputs.append(edit.initializer(f"{base}.bias", np.asarray(bias).astype(dtype)))
     conv = edit.node("Conv", inputs, {"kernel_shape": list(kernel)}, base)

@@ -115,8 +115,10 @@ def _reshaped(data: np.ndarray, shape: np.ndarray, allowzero: bool) -> np.ndarra
 @dataclass(frozen=True)
 class Linear:
     """One fully connected layer: ``node`` (a Gemm or a MatMul), the ``Add``
-    of a MatMul's bias, ``weight`` ``(K, F)`` and ``bias`` ``(K,)`` or None,
-    in float64 (cast to ``dtype`` when the convolution is built)."""
+    of a MatMul's bias, ``weight`` ``(K, F)`` (in the file's type, float64
+    where alpha scaled it; a read-only view of the file's bytes where it can
+    be) and ``bias`` ``(K,)`` in float64 or None; both cast to ``dtype`` when
+    the convolution is built."""
 
     node: ir.Node
     bias_add: ir.Node | None
@@ -220,7 +222,7 @@ def _read_gemm(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray | N
             return (f"its bias C has shape {list(c.shape)}, which differs between samples; a convolution's bias is "
                     f"one value per class ({matrix.shape[0]})")
         bias = beta * bias
-    return _own(matrix), bias, None
+    return matrix, bias, None
 
 
 def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray | None]
@@ -228,7 +230,7 @@ def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray |
     b = weight(node.inputs[1])
     if b is None or b.ndim != 2:
         return _not_constant("2-d weight")
-    matrix = _own(b.T)
+    matrix = b.T
     out = node.outputs[0]
     users = list(dict.fromkeys(n for n, _ in out.uses()))
     if len(users) != 1 or out.is_graph_output() or not is_standard(users[0], "Add"):
@@ -240,12 +242,6 @@ def _read_matmul(node: ir.Node, weight: Callable[[ir.Value | None], np.ndarray |
     if bias is None:
         return matrix, None, None  # an Add of something else: it reads the layer's result
     return matrix, bias, add
-
-
-def _own(matrix: np.ndarray) -> np.ndarray:
-    """``matrix``, copied only when it is a read-only view of the file's bytes
-    (so that the built weight owns its memory, as torch needs)."""
-    return np.require(matrix, requirements="W")
 
 
 def _per_class(c: np.ndarray, classes: int) -> np.ndarray | None:
