@@ -223,6 +223,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also profile the library path's steps")
     parser.add_argument("--write", action="store_true", help="replace this benchmark's section of RESULTS.md")
+    parser.add_argument("--sharing", default="", help="what else ran on the machine meanwhile, for RESULTS.md")
     parser.add_argument("--child", nargs=3, metavar=("WHAT", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -300,8 +301,9 @@ def main() -> None:
         write_section("onnx-rewrite-speed", "\n".join([
             "## Rewriting a large ONNX file against load + save (`benchmarks/onnx_rewrite_speed.py`)", "",
             f"`python benchmarks/onnx_rewrite_speed.py --repeats {args.repeats}{' --profile' if args.profile else ''}"
-            f" --write` on {platform.machine()}, {os.cpu_count()} cores shared with a training job running "
-            f"meanwhile (load averages 1/5/15 min: {loads(load_before)} before, {loads(load_after)} after), "
+            f" --write` on {platform.machine()}, {os.cpu_count()} cores"
+            f"{f' shared with {args.sharing} running meanwhile' if args.sharing else ''} (load averages "
+            f"1/5/15 min: {loads(load_before)} before, {loads(load_after)} after), "
             f"Python {platform.python_version()}, onnx {onnx.__version__}. The file: torchvision vgg16, random "
             f"weights, legacy exporter, 224x224, {size:.0f} MiB. Each run is a fresh process; {args.repeats} "
             "interleaved rounds; median seconds; peak RSS is the process's own `ru_maxrss`, nothing subtracted. "
