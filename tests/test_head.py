@@ -866,3 +866,27 @@ def test_layer_norm_over_flattened_features_is_skipped_with_its_reason():
     new = convify.replace_linear_head(model, torch.randn(1, 3, 4, 4))
     rep = convify.report(new)
     assert rep.replaced == () and "LayerNorm normalizes the flattened C*H*W features" in rep.skipped[0].reason
+
+
+@pytest.mark.parametrize("mode, dense, collapsed, removal, point, source_point, front, tail, class_op, verdict", [
+    ("conv", False, False, "none", False, False, False, False, None, "exact"),
+    ("conv", True, False, "global", False, False, True, True, None, "score map mean"),
+    ("conv", True, False, "global", False, True, False, False, None, "exact"),       # a 1x1 map in front
+    ("conv", True, False, "global", False, False, True, True, "Softmax", "per-position"),
+    ("conv", True, False, "global", False, False, True, False, None, "per-position"),
+    ("gap", False, True, "none", False, False, True, True, None, "approximate"),
+    ("gap_mlp", False, False, "none", True, False, True, True, None, "exact"),      # the first layer reads 1x1
+    ("gap_mlp", False, False, "none", False, False, True, True, None, "approximate"),
+    ("gap_mlp", False, False, "global", False, False, True, True, None, "exact"),
+    ("gap_mlp", False, False, "global", False, False, False, True, None, "approximate"),
+])
+def test_the_core_judges_a_head_from_what_a_frontend_saw(mode, dense, collapsed, removal, point, source_point, front,
+                                                          tail, class_op, verdict):
+    from convify.core.rewrites.head import Exactness, HeadFacts, HeadMode, PoolRemoval, judge_head  # noqa: PLC0415
+
+    exactness, why = judge_head(HeadFacts(HeadMode(mode), dense, collapsed, PoolRemoval(removal), point,
+                                          source_point, front, tail, class_op))
+    assert exactness is Exactness(verdict)
+    assert (why is None) == exactness.exact
+    if class_op:
+        assert f"a map of {class_op} at each position" in why

@@ -46,6 +46,71 @@ class Exactness(enum.Enum):
 
 
 @dataclass(frozen=True)
+class HeadFacts:
+    """What a frontend saw of one head and its plan, in the core's terms:
+    all :func:`judge_head` needs. ``reads_point``: the first layer reads one
+    position (its map is 1x1); ``source_is_point``: so is the map in front of
+    a removed global pooling; ``affine_front``: the per-position ops between
+    that pooling and the first layer are affine; ``affine_tail``: so is
+    everything from the first layer on (layers, BatchNorm, identities);
+    ``class_op``: with ``dense``, the op applied to the classes at each
+    position (a Softmax), or None."""
+
+    mode: HeadMode
+    dense: bool
+    collapsed: bool
+    removal: PoolRemoval
+    reads_point: bool
+    source_is_point: bool
+    affine_front: bool
+    affine_tail: bool
+    class_op: str | None = None
+
+
+def judge_head(facts: HeadFacts) -> tuple[Exactness, str | None]:
+    """How a rebuilt head's output relates to the original's, and a note
+    saying why when it is not exact; the same verdict in every frontend.
+
+    >>> judge_head(HeadFacts(HeadMode.CONV, False, False, PoolRemoval.NONE, False, False, True, True))
+    (<Exactness.EXACT: 'exact'>, None)
+    """
+    removed_global = facts.removal is PoolRemoval.GLOBAL
+    point_map = not removed_global or facts.source_is_point
+    if facts.mode is HeadMode.CONV and (not facts.dense or point_map):
+        return Exactness.EXACT, None
+    if facts.collapsed:
+        return Exactness.APPROXIMATE, (
+            "not exact: the paper's GAP head replaces the MLP (one 1x1 convolution to the classes, global "
+            "average pooling; the hidden layers are gone); initialized with the product of the head's weight "
+            "matrices summed over the positions (exact on spatially constant maps when the activations between "
+            "the layers are identities)")
+    if facts.mode.averages and not removed_global:
+        if facts.reads_point:
+            return Exactness.EXACT, None
+        return Exactness.APPROXIMATE, (
+            f"{facts.mode.value}: the first layer read a flattened map, so a global-average head cannot be exact; "
+            "initialized with its weights summed over the positions (exact on spatially constant maps)")
+    if facts.mode.averages and not facts.dense:
+        if facts.affine_front:
+            return Exactness.EXACT, None
+        return Exactness.APPROXIMATE, ("gap: the ops between the pooling and the first layer are not affine (a "
+                                       "LayerNorm, an activation): averaging after them differs")
+    if point_map:
+        return Exactness.EXACT, None
+    if facts.class_op is not None:
+        return Exactness.PER_POSITION, (
+            f"dense: the output is a map of {facts.class_op} at each position; its mean over the positions is not "
+            "the original output")
+    if facts.affine_front and facts.affine_tail:
+        return Exactness.SCORE_MAP_MEAN, (
+            "dense: the output is a score map; the head after the pooling is affine, so its mean over the "
+            "positions equals the original output at any input size")
+    return Exactness.PER_POSITION, (
+        "dense: the output is a per-position classifier (the head after the pooling is not affine: a "
+        "non-linear MLP or a LayerNorm); its mean over the positions is not the original output")
+
+
+@dataclass(frozen=True)
 class HeadRecord:
     """The typed record of one converted head (``Replaced.detail``).
 

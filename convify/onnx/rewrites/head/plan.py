@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from convify.core.rewrites.head import Exactness, HeadMode, PoolRemoval
+from convify.core.rewrites.head import Exactness, HeadFacts, HeadMode, PoolRemoval, judge_head
 from convify.onnx.rewrites.head.matching import Head, PoolKind, step_output
 from convify.onnx.rewrites.head.reading import IDENTITIES, Linear, is_batchnorm, is_standard
 
@@ -118,40 +118,13 @@ def _collapse(head: Head, dense: bool) -> HeadPlan:
 
 
 def judge(head: Head, plan: HeadPlan) -> tuple[Exactness, str | None]:
-    """How the head rebuilt by ``plan`` relates to the original, and a note saying why when it is not exact."""
-    affine_front = all(is_standard(n, *IDENTITIES) for n in head.between + head.pre_ops)
-    removed_global = plan.removal is PoolRemoval.GLOBAL
-    point_map = not removed_global or all(s == 1 for s in head.pool.source_spatial)
-    if plan.mode is HeadMode.CONV and (not plan.dense or point_map):
-        return Exactness.EXACT, None
-    if plan.collapsed:
-        return Exactness.APPROXIMATE, (
-            "not exact: the paper's GAP head replaces the MLP (one 1x1 convolution to the classes, global average "
-            "pooling; the hidden layers are gone); initialized with the product of the head's weight matrices summed "
-            "over the positions (exact on spatially constant maps when the activations between the layers are "
-            "identities)")
-    if plan.mode.averages and not removed_global:
-        if all(s == 1 for s in head.spatial):
-            return Exactness.EXACT, None
-        return Exactness.APPROXIMATE, (
-            f"{plan.mode.value}: the first layer read a flattened map, so a global-average head cannot be exact; "
-            "initialized with its weights summed over the positions (exact on spatially constant maps)")
-    if plan.mode.averages and not plan.dense:
-        if affine_front:
-            return Exactness.EXACT, None
-        return Exactness.APPROXIMATE, ("gap: the ops between the pooling and the first layer are not affine (an "
-                                       "activation): averaging after them differs")
-    if point_map:
-        return Exactness.EXACT, None
-    if head.class_ops:
-        return Exactness.PER_POSITION, (
-            f"dense: the output is a map of {head.class_ops[0].op_type} at each position; its mean over the positions "
-            "is not the original output")
-    if affine_front and all(isinstance(s, Linear) or is_standard(s, *IDENTITIES) or is_batchnorm(s)
-                            for s in head.tree):
-        return Exactness.SCORE_MAP_MEAN, (
-            "dense: the output is a score map; the head after the pooling is affine, so its mean over the "
-            "positions equals the original output at any input size")
-    return Exactness.PER_POSITION, (
-        "dense: the output is a per-position classifier (the head after the pooling is not affine: a non-linear "
-        "MLP); its mean over the positions is not the original output")
+    """How the head rebuilt by ``plan`` relates to the original, and a note
+    saying why when it is not exact: the core's verdict (:func:`judge_head`)
+    on what this graph shows."""
+    return judge_head(HeadFacts(
+        plan.mode, plan.dense, plan.collapsed, plan.removal,
+        reads_point=all(s == 1 for s in head.spatial),
+        source_is_point=head.pool is not None and all(s == 1 for s in head.pool.source_spatial),
+        affine_front=all(is_standard(n, *IDENTITIES) for n in head.between + head.pre_ops),
+        affine_tail=all(isinstance(s, Linear) or is_standard(s, *IDENTITIES) or is_batchnorm(s) for s in head.tree),
+        class_op=head.class_ops[0].op_type if head.class_ops else None))
