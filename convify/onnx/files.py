@@ -130,9 +130,21 @@ def _read_file(path: Path) -> ir.Model:
 
 
 def _external_tensors(proto: onnx.ModelProto) -> int:
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data  # noqa: PLC0415
+    """How many tensors of ``proto`` (initializers and attributes, in every graph and function) are external data."""
+    return sum(1 for t in _tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL)
 
-    return sum(1 for t in _get_all_tensors(proto) if uses_external_data(t))
+
+def _tensors(proto: onnx.ModelProto):
+    graphs, nodes = [proto.graph], [n for f in proto.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            yield from graph.initializer
+            nodes.extend(graph.node)
+            continue
+        for attr in nodes.pop().attribute:
+            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            graphs.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
 
 
 def _checkable(proto: onnx.ModelProto, deferred: set[str]) -> onnx.ModelProto:
