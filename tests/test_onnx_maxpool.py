@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnx_models import pool_model, reference, rel, run
 
 from convify.core.maxtree import TreeForm
+from convify.core.report import SkipCause
 from convify.core.rewrites.maxpool import ExactTree, MaxPoolOptions, PoolRecord
 from convify.errors import UsageError
 from convify.onnx.engine import report_of, rewrite_onnx
 from convify.onnx.files import to_proto
-
-from onnx_models import pool_model, reference, rel, run
 
 FORMS = [f.value for f in TreeForm]
 
@@ -186,7 +186,10 @@ def test_used_indices_are_skipped_and_unused_ones_dropped():
     ([1, 2, 6, 6], np.float16, 13, {"mode": "exact"}, "FLOAT16; this mode builds FLOAT, DOUBLE weights"),
 ])
 def test_inputs_a_convolution_cannot_take_are_skipped(shape, dtype, opset, options, reason):
-    assert reason in skipped_reason(pool_model(shape, dtype=dtype, opset=opset, kernel_shape=[2, 2]), **options)
+    model = pool_model(shape, dtype=dtype, opset=opset, kernel_shape=[2, 2])
+    assert reason in skipped_reason(model, **options)
+    (row,) = report_of(rewrite(model, **options)).skipped  # read back from the file's metadata, the cause typed
+    assert row.cause is (SkipCause.UNSIZED if "channel" in reason else None)
 
 
 def test_float16_takes_the_conv_mode():

@@ -27,6 +27,7 @@ from convify.cli.command import EXIT_FAILED, EXIT_OK
 from convify.cli.console import Progress, note, print_json
 from convify.cli.outputs import ONNX, check_suffix
 from convify.cli.summary import verification_dict
+from convify.core.report import SkipCause
 from convify.errors import CheckpointError, ModelFileError, UsageError
 from convify.wording import counted
 
@@ -38,8 +39,6 @@ _TORCH_ONLY = (("arch", "--arch"), ("arch_kwargs", "--arch-kwargs"), ("weights",
                ("onnx", "--onnx"), ("exporter", None), ("opset", "--opset"), ("dynamic_spatial", "--dynamic-spatial"),
                ("input_names", "--input-names"), ("output_names", "--output-names"), ("inputs", "--inputs"))
 
-#: What a skipped pooling's reason says when its input has no static channel count (the CLI's exit 2).
-NO_STATIC_CHANNELS = "has no static channel count"
 
 
 def names_onnx(args: argparse.Namespace) -> bool:
@@ -87,7 +86,7 @@ def _rewrite(args: argparse.Namespace, progress: Progress) -> tuple[Any, Any]:
 
 def _refuse_unsized(rep: Any, model: str) -> None:
     """The one skip the command line refuses (exit 2): a site needing channels the graph does not declare."""
-    unsized = [s for s in rep.skipped if NO_STATIC_CHANNELS in s.reason]
+    unsized = [s for s in rep.skipped if s.cause is SkipCause.UNSIZED]
     if unsized:
         more = f", and {counted(len(unsized) - 1, 'more such site')}" if len(unsized) > 1 else ""
         raise ModelFileError(f"{model}: {unsized[0].name} ({unsized[0].op}) {unsized[0].reason.split('; ')[0]}; "

@@ -112,9 +112,16 @@ class Replaced(Generic[D]):
     reconstruction: Reconstruction | None = None
 
 
+class SkipCause(enum.Enum):
+    """Why a site was left alone, where a caller acts on it (``reason`` says it in words for everyone)."""
+
+    UNSIZED = "unsized"  # a size the rewrite needs is not in the graph (an ONNX input without static channels)
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A site that was looked at and left alone, with the reason."""
+    """A site that was looked at and left alone, with the reason (and its
+    cause where a caller acts on it: the command line refuses an unsized site)."""
 
     rewrite: str
     name: str
@@ -122,6 +129,7 @@ class Skipped:
     reason: str
     in_shape: Shape | None = None
     out_shape: Shape | None = None
+    cause: SkipCause | None = None
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ def _apply(model: ir.Model, rewrite: OnnxRewrite, patterns: _Patterns) -> Pass:
     for site in rewrite.find_sites(model, shapes):
         reason = site.skip_reason or patterns.reason(site.name)
         if reason:
-            skipped.append(Skipped(rewrite.name, site.name, site.op, reason, site.in_shape, site.out_shape))
+            skipped.append(Skipped(rewrite.name, site.name, site.op, reason, site.in_shape, site.out_shape,
+                                   site.skip_cause if site.skip_reason else None))
         else:
             planned.append(site)
     edit = GraphEditor(model)

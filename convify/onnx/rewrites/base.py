@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, Sequence, TypeVar
 import onnx_ir as ir
 
 from convify.core.options import RewriteOptions
-from convify.core.report import Replaced, Shape
+from convify.core.report import Replaced, Shape, SkipCause
 from convify.core.spec import RewriteSpec
 from convify.errors import UsageError
 from convify.onnx.building import GraphEditor
@@ -44,6 +44,7 @@ class Site(Generic[P]):
     params: P | None = None
     in_shape: Shape | None = None
     out_shape: Shape | None = None
+    skip_cause: SkipCause | None = None
 
 
 class OnnxRewrite(abc.ABC, Generic[P]):

@@ -69,7 +69,7 @@ class ReplaceMaxPool(OnnxRewrite[PoolSite]):
         site = Site(label(node), node, OP_TYPE, in_shape=inp.static, out_shape=out.static)
         reason = indices_reason(node)
         if reason is None:
-            pool, reason = read_pool(node, shapes)
+            pool, reason, site.skip_cause = read_pool(node, shapes)
             if pool is not None:
                 site.params, site.op = pool, pool.describe()
         site.skip_reason = reason

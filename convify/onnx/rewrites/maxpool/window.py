@@ -37,6 +37,7 @@ from typing import Sequence
 import onnx_ir as ir
 
 from convify.core import weights as W
+from convify.core.report import SkipCause
 from convify.core.rewrites.maxpool import PoolParams
 from convify.onnx.values import ShapeTable, ValueInfo, attribute, consumers, label, opset_of_node
 
@@ -96,27 +97,31 @@ def indices_reason(node: ir.Node) -> str | None:
     return f"its Indices output is used (by {', '.join(readers)}); a convolution has no indices"
 
 
-def read_pool(node: ir.Node, shapes: ShapeTable) -> tuple[PoolSite | None, str | None]:
-    """The site's :class:`PoolSite`, or None and why it is skipped."""
+def read_pool(node: ir.Node, shapes: ShapeTable) -> tuple[PoolSite | None, str | None, SkipCause | None]:
+    """The site's :class:`PoolSite`, or None; why it is skipped, or None; and
+    the cause a caller acts on (``UNSIZED``: no static channel count)."""
     inp, out = shapes.of(node.inputs[0]), shapes.of(node.outputs[0])
     kernel = attribute(node, "kernel_shape")
     if not kernel:
-        return None, "it has no kernel_shape (the ONNX spec requires one); fix the model"
+        return None, "it has no kernel_shape (the ONNX spec requires one); fix the model", None
     dims = len(kernel)
     reason = _input_reason(inp, dims)
     if reason:
-        return None, reason
+        return None, reason, None
+    if inp.channels is None:
+        return None, (f"its input ({inp.describe()}) has no static channel count, which a convolution's weight "
+                      "needs; give the model a fixed channel dimension"), SkipCause.UNSIZED
     strides = attribute(node, "strides") or [1] * dims
     dilations = attribute(node, "dilations") or [1] * dims
     auto_pad = attribute(node, "auto_pad", "NOTSET") or "NOTSET"
     spatial = tuple(inp.dim(2 + a) for a in range(dims))
     pads, reason = _resolve_pads(node, auto_pad, kernel, strides, dilations, spatial)
     if reason:
-        return None, reason
+        return None, reason, None
     params = PoolParams.of(dims, kernel, strides, pads[:dims], dilations, attribute(node, "ceil_mode", 0),
                            len(node.outputs) > 1 and node.outputs[1] is not None, padding_end=pads[dims:])
     site = PoolSite(params, inp.channels, spatial, inp.dtype, opset_of_node(node), auto_pad)
-    return site, window_reason(params, spatial) or _output_reason(site, out)
+    return site, window_reason(params, spatial) or _output_reason(site, out), None
 
 
 def _input_reason(inp: ValueInfo, dims: int) -> str | None:
@@ -130,9 +135,6 @@ def _input_reason(inp: ValueInfo, dims: int) -> str | None:
         return f"its input has rank {inp.rank}, its kernel_shape {dims} dimensions: expected (N, C, *spatial)"
     if dims > MAX_DIMS:
         return f"a {dims}-d window; convify rewrites 1-, 2- and 3-d max pooling"
-    if inp.channels is None:
-        return (f"its input ({inp.describe()}) has no static channel count, which a convolution's weight "
-                "needs; give the model a fixed channel dimension")
     return None
 
 
