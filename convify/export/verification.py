@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -15,6 +16,7 @@ from convify.errors import VerificationError, one_line
 from convify.export.census import CensusCheck
 from convify.export.comparison import Equivalence, Fidelity, Tolerance
 from convify.fx import copying
+from convify.wording import counted
 
 DEFAULT_BATCH = 8
 DEFAULT_RTOL = 1e-4          # float32 and float64
@@ -143,6 +145,22 @@ def joined_outputs(outputs: list[list[torch.Tensor]], which: str) -> list[torch.
     except (RuntimeError, ValueError) as e:
         raise VerificationError(f"the {which} outputs of the batches of inputs do not line up ({one_line(e)}); "
                                 "give batches of one shape") from e
+
+
+def session_outputs(session: Any, batch: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
+    """The outputs of an onnxruntime ``session`` on ``batch``, as tensors;
+    a wrong input count or a failed run is a :class:`VerificationError`
+    naming the ``which`` model and the input shapes."""
+    inputs = session.get_inputs()
+    if len(inputs) != len(batch):
+        raise VerificationError(f"the {which} graph takes {counted(len(inputs), 'input')} "
+                                f"({', '.join(i.name for i in inputs)}) but got {len(batch)}")
+    feed = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, batch)}
+    try:
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feed)]
+    except Exception as e:
+        raise VerificationError(f"onnxruntime failed to run the {which} model on inputs "
+                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
 
 
 def tolerance_for(batch: tuple[torch.Tensor, ...], atol: float | None, rtol: float | None) -> Tolerance:

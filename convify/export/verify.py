@@ -27,16 +27,15 @@ import torch
 import torch.nn as nn
 
 from convify.core.report import report
-from convify.errors import ConvifyError, ExportError, VerificationError, one_line
+from convify.errors import ConvifyError, ExportError, VerificationError
 from convify.export.census import census_checks, op_census
 from convify.export.comparison import measure_equivalence, measure_fidelity
 from convify.export.onnx import ExportResult, export
 from convify.export.sessions import execution_provider, open_session
-from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs,
-                                          joined_outputs, tolerance_for, total_shapes)
+from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs, joined_outputs,
+                                         session_outputs, tolerance_for, total_shapes)
 from convify.fx.inputs import as_args
 from convify.onnx.detect import is_onnx
-from convify.wording import counted
 
 # --------------------------------------------------------------------------- verify
 
@@ -109,7 +108,7 @@ def verify(original: nn.Module, rewritten: nn.Module, example_input: Any = None,
         census_after = op_census(exported.path)
         census_before = _original_census(original, example, exporter, opset, Path(tmp), notes)
         session = open_session(exported.path, ep)
-        ran = joined_outputs([_run_session(session, b) for b in batches], "onnxruntime")
+        ran = joined_outputs([session_outputs(session, b, "exported") for b in batches], "onnxruntime")
     eager_new = joined_outputs([eager_outputs(rewritten, b, "rewritten") for b in batches], "rewritten")
     eager_old = joined_outputs([eager_outputs(original, b, "original") for b in batches], "original")
     fidelity = measure_fidelity(ran, eager_new, tol, notes)
@@ -209,14 +208,3 @@ def _original_census(original: nn.Module, example: tuple, exporter: str, opset: 
     return census
 
 
-def _run_session(session: Any, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(batch):
-        raise VerificationError(f"the exported graph takes {counted(len(names), 'input')} ({', '.join(names)}) "
-                                f"but got {len(batch)}")
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, batch)}
-    try:
-        return [torch.from_numpy(o) for o in session.run(None, feed)]
-    except Exception as e:
-        raise VerificationError(f"onnxruntime failed to run the exported model on inputs "
-                                f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e

@@ -36,9 +36,8 @@ from convify.export.comparison import Fidelity, Tolerance, measure_equivalence, 
 from convify.export.onnx import export
 from convify.export.sessions import execution_provider, open_session
 from convify.export.verification import (DEFAULT_BATCH, INPUT_SEED, Verification, eager_outputs, joined_outputs,
-                                          tolerance_for, total_shapes)
+                                         session_outputs, tolerance_for, total_shapes)
 from convify.onnx.detect import is_onnx
-from convify.wording import counted
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8}
@@ -123,16 +122,7 @@ class _Side:
         self.session = open_session(self.path, ep)
 
     def run(self, batch: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        inputs = self.session.get_inputs()
-        if len(inputs) != len(batch):
-            raise VerificationError(f"the {self.which} graph takes {counted(len(inputs), 'input')} "
-                                    f"({', '.join(i.name for i in inputs)}) but got {len(batch)}")
-        feed = {i.name: t.detach().cpu().numpy() for i, t in zip(inputs, batch)}
-        try:
-            return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
-        except Exception as e:
-            raise VerificationError(f"onnxruntime failed to run the {self.which} model on inputs "
-                                    f"{[tuple(t.shape) for t in batch]}: {one_line(e)}") from e
+        return session_outputs(self.session, batch, self.which)
 
     def report(self) -> Report:
         if isinstance(self.model, nn.Module):
