@@ -209,3 +209,21 @@ def test_a_file_written_gets_the_usual_mode_or_keeps_its_own(tmp_path, defer_sma
         assert (tmp_path / "old.onnx").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(umask)
+
+
+def test_a_model_read_through_a_symlink_reads_its_weights(tmp_path, defer_small):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "links").mkdir()
+    proto = head_model()
+    onnx.save(proto, tmp_path / "real" / "m.onnx")
+    (tmp_path / "links" / "m.onnx").symlink_to(tmp_path / "real" / "m.onnx")
+    model = read_model(tmp_path / "links" / "m.onnx")
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(),
+                                  numpy_helper.to_array(proto.graph.initializer[0]))
+    model.graph.name = "a longer name, so that the weights move"
+    write_model(model, tmp_path / "links" / "m.onnx")  # through the link, as open() writes: the link stays
+    assert (tmp_path / "links" / "m.onnx").is_symlink()
+    again = read_model(tmp_path / "real" / "m.onnx")
+    assert again.graph.name == "a longer name, so that the weights move"
+    np.testing.assert_array_equal(again.graph.initializers["w"].const_value.numpy(),
+                                  numpy_helper.to_array(proto.graph.initializer[0]))

@@ -120,12 +120,13 @@ def _read_file(path: Path) -> ir.Model:
         _check(_checkable(proto, deferred), str(path))
     model = _deserialize(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)  # as onnx_ir.load does: external data beside the file
+    real = path.resolve()  # the file named, wherever a symlink leads (onnx-ir refuses a link out of base_dir)
     for name in deferred:
         value = model.graph.initializers[name]
         t = value.const_value
-        value.const_value = EmbeddedTensor(t.location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+        value.const_value = EmbeddedTensor(real.name, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
                                            doc_string=t.doc_string, metadata_props=dict(t.metadata_props),
-                                           base_dir=t.base_dir)
+                                           base_dir=real.parent)
     return model
 
 
@@ -251,7 +252,9 @@ def _load_from(model: ir.Model, files: list[Path]) -> None:
 
 def _write_streaming(model: ir.Model, path: Path) -> None:
     """``ir.save(model, path)``'s bytes, its large weights streamed: the model
-    is serialized with placeholders for them (:func:`~.wire.splice_model`)."""
+    is serialized with placeholders for them (:func:`~.wire.splice_model`).
+    A symlink at ``path`` stays: the file it leads to is the one replaced."""
+    path = Path(os.path.realpath(path))
     streams = {v.name: v.const_value for v in model.graph.initializers.values()
                if streamable(v.const_value) and v.const_value.nbytes >= DEFER_FROM}
     with _placeholders(model, streams):
