@@ -152,8 +152,9 @@ def cache_file(args: argparse.Namespace, train_size: int) -> Path | None:
 
 
 def train_model_c(model: nn.Module, data: _data.Data, args: argparse.Namespace
-                  ) -> tuple[list[float], float, Path | None]:
-    """Model C trained by :func:`train`, or read back from the cache; the path it was read from, if it was."""
+                  ) -> tuple[list[float], float, tuple[Path, int | None] | None]:
+    """Model C trained by :func:`train`, or read back from the cache; the path it was read from, if it was,
+    and the CPU threads it was trained with there (None where the cache does not say)."""
     path = cache_file(args, len(data.train.labels))
     if path is not None and path.is_file():
         try:
@@ -163,7 +164,7 @@ def train_model_c(model: nn.Module, data: _data.Data, args: argparse.Namespace
             print(f"{path}: unreadable ({e}); training Model C again")
         else:
             print(f"{MODEL_C}: read from {path} (trained earlier with the same settings)")
-            return list(saved["curve"]), float(saved["seconds"]), path
+            return list(saved["curve"]), float(saved["seconds"]), (path, saved.get("threads"))
     print(f"{MODEL_C}: training {args.epochs} epochs from scratch")
     curve, seconds = train(model, data, args.epochs, args.lr, args.batch_size)
     if path is not None:
@@ -354,7 +355,7 @@ def exact_rewrite(model: nn.Module, x: torch.Tensor, data: _data.Data, teacher: 
           f"relative logit error {error:.1e}")
     return Result(EXACT, [teacher.epochs[-1]], [accuracy], parameters(exact), count_macs(exact, x),
                   teacher.seconds + seconds, f"{teacher.budget} + 0",
-                  f"Model C's training ({teacher.seconds:.0f} s), rewritten with `mode=\"exact\"` in {seconds:.1f} s, "
+                  f"Model C's training ({teacher.seconds:.0f} s), rewritten with `mode=\"exact\"` in {seconds:.2f} s, "
                   f"no data: top-1 agreement with Model C {agreement:.2%}, relative logit error {error:.1e}")
 
 
@@ -421,8 +422,10 @@ def main() -> None:
               f"epochs, batch {args.batch_size}; test accuracy after the last epoch. "
               f"`{command(sys.argv[1:])}`.")
     if cached is not None:
-        header += (f" Model C was read from the cache ({cached.name}): its accuracies and time are those "
-                   "measured when this script trained it with the same settings.")
+        path, threads = cached
+        with_threads = f" and {threads} CPU thread(s)" if threads not in (None, torch.get_num_threads()) else ""
+        header += (f" Model C was read from the cache ({path.name}): its accuracies and time are those "
+                   f"measured when this script trained it with the same settings{with_threads}.")
     table = write_table(results, stem.with_suffix(".md"), header, data, args.distill_epochs)
     print(table)
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
