@@ -233,7 +233,7 @@ def plot(results: list[Result], path: Path, title: str, source: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="lower right")
 
-    short = {EXACT: "Model C ->\nall-conv,\nexact", RECOVERED: "Model C ->\nAll-CNN-C,\nreconstructed\n+ distilled"}
+    short = {EXACT: "Model C ->\nexact", RECOVERED: "Model C ->\nrecovered"}  # two lines a row: the legend says more
     ours = {PAPER_NAME.get(r.name) or short[r.name]: r.error for r in results}
     names = list(PAPER_ERROR) + [n for n in ours if n not in PAPER_ERROR]
     ys = range(len(names))
