@@ -83,6 +83,12 @@ def test_a_skeleton_leaves_the_large_raw_weights_in_the_file_and_keeps_the_rest(
     assert proto.producer_name == "wire-test" and proto.opset_import == model.opset_import
 
 
+def test_an_unnamed_weight_stays_for_the_checker_to_name():
+    unnamed = numpy_helper.from_array(np.zeros((64, 32), np.float32), "")
+    skeleton = scan_model(model_with([unnamed]).SerializeToString(), "m.onnx", defer_from=16)
+    assert skeleton.deferred == []
+
+
 def test_a_raw_weight_of_the_wrong_size_stays_for_the_checker_to_name():
     bad = numpy_helper.from_array(np.zeros((64, 32), np.float32), "bad")
     bad.raw_data = bad.raw_data[:-4]

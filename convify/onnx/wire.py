@@ -162,7 +162,7 @@ def _deferred_tensor(buf: Any, initializer: Field, location: str, defer_from: in
     if raw is None or raw.end - raw.value < max(defer_from, 1):
         return None
     tensor = onnx.TensorProto.FromString(bytes(header))
-    if (tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _WHOLE_BYTES
+    if (not tensor.name or tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.data_type not in _WHOLE_BYTES
             or any(d < 0 for d in tensor.dims)):
         return None
     if math.prod(tensor.dims) * (ir.DataType(tensor.data_type).bitwidth // 8) != raw.end - raw.value:
