@@ -329,7 +329,7 @@ BAD_INPUTS = {
     "output folder missing": (["rewrite", *TINY, "-o", "no/such/out.pt"], r"folder no/such does not exist"),
     # an ONNX file as MODEL is rewritten by the ONNX frontend (tests/test_onnx_cli.py); one that is not ONNX:
     "a text file named .onnx": (["inspect", "notes.onnx"],
-                                r"notes\.onnx is not an ONNX model, or is truncated \(DecodeError"),
+                                r"notes\.onnx is not an ONNX model, or is truncated \(WireError: wire type"),
     "a text file named .pt": (["inspect", "notes.pt"], r"notes\.pt is a text file, not a PyTorch model file"),
     # runs as one unbatched 1x3x224 image, so the forward check alone lets it through
     "input shape of another rank": (["rewrite", "--arch", "cli_factories:all_conv_net", "--arch-kwargs", "channels=1",
