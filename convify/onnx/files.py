@@ -21,12 +21,13 @@ not three copies of the model (``benchmarks/onnx_rewrite_speed.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
 import weakref
-from typing import Any
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -243,11 +244,11 @@ def write_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool
 def _load_from(model: ir.Model, files: list[Path]) -> None:
     """Loads into memory the tensors of ``model`` that read from one of ``files``, which are about to be replaced."""
     targets = {f.resolve() for f in files}
-    for value in _initializers(model):
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() in targets:
-            value.const_value = ir.Tensor(np.array(tensor.numpy()), name=tensor.name, dtype=tensor.dtype)
-            tensor.release()
+    reading = [v for v in _initializers(model)
+               if isinstance(v.const_value, ir.ExternalTensor) and Path(v.const_value.path).resolve() in targets]
+    loaded = ir.external_data.convert_tensors_from_external([v.const_value for v in reading])
+    for value, tensor in zip(reading, loaded):
+        value.const_value = tensor
 
 
 def _write_streaming(model: ir.Model, path: Path) -> None:
@@ -257,7 +258,10 @@ def _write_streaming(model: ir.Model, path: Path) -> None:
     path = Path(os.path.realpath(path))
     streams = {v.name: v.const_value for v in model.graph.initializers.values()
                if streamable(v.const_value) and v.const_value.nbytes >= DEFER_FROM}
-    with _placeholders(model, streams):
+    placeholders = {name: ir.ExternalTensor("placeholder", None, None, t.dtype, shape=t.shape, name=name,
+                                            doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
+                    for name, t in streams.items()}
+    with _standing_in(model, placeholders):
         pieces = splice_model(ir.serde.serialize_model(model).SerializeToString(), streams)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -295,20 +299,18 @@ def _stream(piece: Stream, f: Any, path: Path) -> None:
                              f"and shape need {piece.length}; the file is not written")
 
 
-class _placeholders:
-    """Within the block, each named initializer holds a data-less stand-in of its tensor (restored after)."""
-
-    def __init__(self, model: ir.Model, streams: dict[str, ir.TensorProtocol]) -> None:
-        self.values = [model.graph.initializers[name] for name in streams]
-
-    def __enter__(self) -> None:
-        self.kept = [v.const_value for v in self.values]
-        for value, t in zip(self.values, self.kept):
-            value.const_value = ir.ExternalTensor("placeholder", None, None, t.dtype, shape=t.shape, name=value.name,
-                                                  doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
-
-    def __exit__(self, *exc: Any) -> None:
-        for value, tensor in zip(self.values, self.kept):
+@contextlib.contextmanager
+def _standing_in(model: ir.Model, tensors: dict[str, ir.TensorProtocol]) -> Iterator[None]:
+    """Within the block, each initializer named in ``tensors`` of the main
+    graph holds that tensor instead of its own (restored after)."""
+    values = [model.graph.initializers[name] for name in tensors]
+    kept = [v.const_value for v in values]
+    try:
+        for value in values:
+            value.const_value = tensors[value.name]
+        yield
+    finally:
+        for value, tensor in zip(values, kept):
             value.const_value = tensor
 
 
@@ -330,12 +332,7 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
     """``model`` as an ``onnx.ModelProto``: weights left in the ``.onnx``
     file read are copied in; external tensors stay references to their files
     (pass the proto to tools that read them from there)."""
-    embedded = [v for v in _initializers(model) if isinstance(v.const_value, EmbeddedTensor)]
-    kept = [v.const_value for v in embedded]
-    try:
-        for value, tensor in zip(embedded, kept):
-            value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name, dtype=tensor.dtype)
+    in_memory = {v.name: ir.Tensor(v.const_value.numpy(), name=v.name, dtype=v.const_value.dtype)
+                 for v in model.graph.initializers.values() if isinstance(v.const_value, EmbeddedTensor)}
+    with _standing_in(model, in_memory):  # only the main graph's initializers are left in the file (read_model)
         return ir.serde.serialize_model(model)
-    finally:
-        for value, tensor in zip(embedded, kept):
-            value.const_value = tensor
