@@ -227,3 +227,26 @@ def test_a_model_read_through_a_symlink_reads_its_weights(tmp_path, defer_small)
     assert again.graph.name == "a longer name, so that the weights move"
     np.testing.assert_array_equal(again.graph.initializers["w"].const_value.numpy(),
                                   numpy_helper.to_array(proto.graph.initializer[0]))
+
+
+def test_a_small_view_of_a_weight_left_in_the_file_is_written_inside_the_new_file(tmp_path):
+    """A new initializer that is a view of part of a mapped weight is a range of the file read, whatever its
+    size; the file written holds its bytes, never a reference to the file read."""
+    import convify.onnx.files as files  # noqa: PLC0415
+    from convify.onnx.building import GraphEditor  # noqa: PLC0415
+
+    big = np.arange(2**19, dtype=np.float32)
+    raw = numpy_helper.from_array(big, "big")
+    proto = head_model()
+    proto.graph.initializer.append(raw)
+    onnx.save(proto, tmp_path / "big.onnx")
+    model = read_model(tmp_path / "big.onnx")  # the default threshold: "big" (2 MiB) stays in the file, w does not
+    mapped = model.graph.initializers["big"].const_value
+    assert isinstance(mapped, EmbeddedTensor)
+    piece = GraphEditor(model).initializer("piece", mapped.numpy()[:8])
+    assert isinstance(piece.const_value, EmbeddedTensor) and piece.const_value.nbytes < files.DEFER_FROM
+    write_model(model, tmp_path / "out.onnx")
+    written = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    assert not any(t.external_data for t in written.graph.initializer)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(t for t in written.graph.initializer if t.name == "piece")), big[:8])

@@ -256,8 +256,8 @@ def _write_streaming(model: ir.Model, path: Path) -> None:
     is serialized with placeholders for them (:func:`~.wire.splice_model`).
     A symlink at ``path`` stays: the file it leads to is the one replaced."""
     path = Path(os.path.realpath(path))
-    streams = {v.name: v.const_value for v in model.graph.initializers.values()
-               if streamable(v.const_value) and v.const_value.nbytes >= DEFER_FROM}
+    streams = {v.name: v.const_value for v in model.graph.initializers.values() if streamable(v.const_value) and (
+        v.const_value.nbytes >= DEFER_FROM or isinstance(v.const_value, EmbeddedTensor))}  # which belongs inside
     placeholders = {name: ir.ExternalTensor("placeholder", None, None, t.dtype, shape=t.shape, name=name,
                                             doc_string=t.doc_string, metadata_props=dict(t.metadata_props))
                     for name, t in streams.items()}
