@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -131,24 +131,34 @@ def scan_model(buf: Any, location: str, *, defer_from: int) -> Skeleton:
     type need, becomes a reference to ``location`` (the file's name) at the
     raw data's offset. Anything else (small tensors, other encodings, a size
     the checker would refuse) stays in the skeleton as it was."""
-    out = bytearray()
     deferred: list[str] = []
+
+    def defer(initializer: Field) -> list[bytes | Stream] | None:
+        tensor = _deferred_tensor(buf, initializer, location, defer_from)
+        if tensor is None:
+            return None
+        proto, name = tensor
+        deferred.append(name)
+        return [length_prefix(GRAPH_INITIALIZER, len(proto)), proto]
+
+    return Skeleton(b"".join(_with_initializers(buf, defer)), deferred)  # no Stream: each piece is bytes
+
+
+def _with_initializers(buf: Any, replace: Callable[[Field], list[bytes | Stream] | None]) -> list[bytes | Stream]:
+    """The serialized model in ``buf`` as pieces, each main-graph initializer
+    field replaced by ``replace(field)`` where that is not None (whole fields,
+    tag and length included); the graph's length is redone to match."""
+    out: list[bytes | Stream] = []
     for f in fields(buf, 0, len(buf)):
         if f.number != MODEL_GRAPH or f.wire_type != LENGTH:
-            out += buf[f.start:f.end]
+            out.append(bytes(buf[f.start:f.end]))
             continue
-        graph = bytearray()
+        graph: list[bytes | Stream] = []
         for g in fields(buf, f.value, f.end):
-            tensor = _deferred_tensor(buf, g, location, defer_from) if (
-                g.number == GRAPH_INITIALIZER and g.wire_type == LENGTH) else None
-            if tensor is None:
-                graph += buf[g.start:g.end]
-                continue
-            proto, name = tensor
-            graph += length_prefix(GRAPH_INITIALIZER, len(proto)) + proto
-            deferred.append(name)
-        out += length_prefix(MODEL_GRAPH, len(graph)) + graph
-    return Skeleton(bytes(out), deferred)
+            replaced = replace(g) if g.number == GRAPH_INITIALIZER and g.wire_type == LENGTH else None
+            graph += replaced if replaced is not None else [bytes(buf[g.start:g.end])]
+        out += [length_prefix(MODEL_GRAPH, _size(graph)), *graph]
+    return out
 
 
 def _deferred_tensor(buf: Any, initializer: Field, location: str, defer_from: int) -> tuple[bytes, str] | None:
@@ -191,18 +201,7 @@ def splice_model(data: bytes, streams: dict[str, ir.TensorProtocol]) -> list[byt
     ``TensorProto`` without data): that tensor's ``raw_data`` comes from
     ``streams[name]``, where ``onnx.save`` would put it (after ``name``,
     before ``doc_string``), and its placeholder's external-data fields go."""
-    out: list[bytes | Stream] = []
-    for f in fields(data, 0, len(data)):
-        if f.number != MODEL_GRAPH or f.wire_type != LENGTH:
-            out.append(data[f.start:f.end])
-            continue
-        graph: list[bytes | Stream] = []
-        for g in fields(data, f.value, f.end):
-            streamed = _streamed_tensor(data, g, streams) if (
-                g.number == GRAPH_INITIALIZER and g.wire_type == LENGTH) else None
-            graph += streamed or [data[g.start:g.end]]
-        out += [length_prefix(MODEL_GRAPH, _size(graph)), *graph]
-    return out
+    return _with_initializers(data, lambda initializer: _streamed_tensor(data, initializer, streams))
 
 
 def _streamed_tensor(data: bytes, initializer: Field, streams: dict[str, ir.TensorProtocol]
