@@ -250,3 +250,15 @@ def test_a_small_view_of_a_weight_left_in_the_file_is_written_inside_the_new_fil
     assert not any(t.external_data for t in written.graph.initializer)
     np.testing.assert_array_equal(
         numpy_helper.to_array(next(t for t in written.graph.initializer if t.name == "piece")), big[:8])
+
+
+def test_a_skeleton_holds_the_graph_and_metadata_without_the_large_weights(tmp_path, defer_small):
+    from convify.onnx.files import read_skeleton  # noqa: PLC0415
+
+    proto = head_model()
+    helper.set_model_props(proto, {"convify.report": "{}"})
+    onnx.save(proto, tmp_path / "m.onnx")
+    skeleton = read_skeleton(tmp_path / "m.onnx")
+    assert skeleton.graph.node == proto.graph.node and skeleton.metadata_props == proto.metadata_props
+    assert skeleton.ByteSize() < proto.ByteSize() // 10
+    assert all(t.data_location == TensorProto.EXTERNAL for t in skeleton.graph.initializer)

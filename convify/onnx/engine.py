@@ -27,7 +27,7 @@ from convify.core.options import RewriteOptions
 from convify.core.report import Pass, Replaced, Report, Skipped
 from convify.errors import ConvifyError, ModelFileError, RewriteError, UsageError, one_line
 from convify.onnx.building import GraphEditor
-from convify.onnx.files import read_model
+from convify.onnx.files import read_model, read_skeleton
 from convify.onnx.rewrites import OnnxRewrite, Site, implementation
 from convify.onnx.values import infer_shapes
 
@@ -152,7 +152,7 @@ def report_of(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> Report:
     if not isinstance(source, (str, os.PathLike)):
         raise ModelFileError(f"expected a path, an onnx.ModelProto or an onnx_ir.Model, got {type(source).__name__}")
     try:
-        proto = onnx.load(os.fspath(source), load_external_data=False)
+        proto = read_skeleton(source)
     except FileNotFoundError as e:
         raise ModelFileError(f"{source}: no such file") from e
     except Exception as e:
